@@ -1,5 +1,5 @@
-// Argument checks and shape helpers shared by the CPU and CUDA implementations. The Python wrappers in
-// curvkern/ops.py and their register_fake functions repeat them with the same messages.
+// Argument checks and shape helpers shared by the CPU and CUDA implementations. The Python wrappers
+// in curvkern/ops.py and their register_fake functions repeat them with the same messages.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -32,7 +32,8 @@ inline void check_ids(const at::Tensor& ids, int64_t batch, const at::Tensor& li
               " like ", like_name, ", got ", ids.device());
 }
 
-inline void check_probe_range(int64_t seed, int64_t n_probes, int64_t probe_offset, const char* op) {
+inline void check_probe_range(int64_t seed, int64_t n_probes, int64_t probe_offset,
+                              const char* op) {
   TORCH_CHECK(seed >= 0, "curvkern::", op, ": seed must be >= 0, got ", seed);
   TORCH_CHECK(n_probes >= 0, "curvkern::", op, ": n_probes must be >= 0, got ", n_probes);
   TORCH_CHECK(probe_offset >= 0 && probe_offset + n_probes <= kMaxProbe, "curvkern::", op,
@@ -72,14 +73,18 @@ inline void check_probe_reduce_args(const at::Tensor& g0, const at::Tensor& g,
   TORCH_CHECK(g0.dim() == 2 && g0.size(0) == g.size(1) && g0.size(1) == g.size(2),
               "curvkern::probe_reduce: g0 must have shape (B, D) = (", g.size(1), ", ", g.size(2),
               ") to match g, got ", g0.sizes());
-  TORCH_CHECK(g0.scalar_type() == g.scalar_type(), "curvkern::probe_reduce: g0 must have the "
-              "dtype of g (", g.scalar_type(), "), got ", g0.scalar_type());
+  TORCH_CHECK(g0.scalar_type() == g.scalar_type(),
+              "curvkern::probe_reduce: g0 must have the "
+              "dtype of g (",
+              g.scalar_type(), "), got ", g0.scalar_type());
   TORCH_CHECK(g0.device() == g.device(), "curvkern::probe_reduce: g0 must be on ", g.device(),
               " like g, got ", g0.device());
   check_ids(ids, g.size(1), g, op, "g");
   check_probe_range(seed, g.size(0), probe_offset, op);
-  TORCH_CHECK(std::isfinite(h) && h > 0, "curvkern::probe_reduce: h must be positive and finite, "
-              "got ", h);
+  TORCH_CHECK(std::isfinite(h) && h > 0,
+              "curvkern::probe_reduce: h must be positive and finite, "
+              "got ",
+              h);
   check_sample_size(g.size(2), op);
 }
 
@@ -92,16 +97,20 @@ inline at::Tensor make_rademacher_output(int64_t seed, const at::Tensor& ids, in
   TORCH_CHECK(ids.scalar_type() == at::kLong, "curvkern::rademacher: ids must be int64, got ",
               ids.scalar_type());
   check_probe_range(seed, n_probes, probe_offset, op);
-  TORCH_CHECK(stream >= 0 && stream < kMaxStream, "curvkern::rademacher: stream must lie in "
-              "[0, 256), got ", stream);
+  TORCH_CHECK(stream >= 0 && stream < kMaxStream,
+              "curvkern::rademacher: stream must lie in "
+              "[0, 256), got ",
+              stream);
   for (const int64_t s : sample_shape) {
     TORCH_CHECK(s >= 0, "curvkern::rademacher: sample_shape must be non-negative, got ",
                 sample_shape);
   }
   check_sample_size(c10::multiply_integers(sample_shape), op);
   const at::ScalarType st = dtype.value_or(at::kFloat);
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble, "curvkern::rademacher: dtype must be "
-              "float32 or float64, got ", st);
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble,
+              "curvkern::rademacher: dtype must be "
+              "float32 or float64, got ",
+              st);
   std::vector<int64_t> shape{n_probes, ids.size(0)};
   shape.insert(shape.end(), sample_shape.begin(), sample_shape.end());
   return at::empty(shape, ids.options().dtype(st));

@@ -76,8 +76,7 @@ CURVKERN_HD ProbeWords philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint
 CURVKERN_HD ProbeWords probe_block(uint64_t seed, uint32_t stream, uint64_t id, uint64_t probe,
                                    uint64_t block) {
   return philox4x32_10(static_cast<uint32_t>(block), static_cast<uint32_t>(probe),
-                       static_cast<uint32_t>(id),
-                       static_cast<uint32_t>(id >> 32) | (stream << 24),
+                       static_cast<uint32_t>(id), static_cast<uint32_t>(id >> 32) | (stream << 24),
                        static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
 }
 

@@ -112,7 +112,7 @@ def _ids_or_positions(x: Tensor, ids: Tensor | None) -> Tensor:
 def perturb(
     x: Tensor, ids: Tensor | None, seed: int, n_probes: int, h: float, probe_offset: int = 0
 ) -> Tensor:
-    """x (B, ...) -> (n_probes * B, ...): row k * B + b is x[b] + h * r(seed, ids[b], offset + k)."""
+    """x (B, ...) -> (n_probes * B, ...); row k * B + b is x[b] + h r(seed, ids[b], offset + k)."""
     ids = _ids_or_positions(x, ids)
     r = rademacher(seed, ids, n_probes, x.shape[1:], probe_offset, 0, x.dtype)
     return (x.unsqueeze(0) + h * r).reshape(-1, *x.shape[1:])
@@ -136,7 +136,7 @@ def perturb_zo(
 def probe_reduce(
     g0: Tensor, g: Tensor, ids: Tensor | None, seed: int, h: float, probe_offset: int = 0
 ) -> Tensor:
-    """Per-sample sums over probes of ||dg_k|| / h, ||dg_k||^2 / h^2, r_k.dg_k / h, (r_k.dg_k / h)^2.
+    """Per-sample sums over probes k of ||dg_k|| / h, ||dg_k||^2 / h^2, r_k.dg_k / h, its square.
 
     Args:
         g0: (B, D) gradients at x.

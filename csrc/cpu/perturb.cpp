@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "common.h"
+#include "cpu/sign_table.h"
 #include "probes.h"
 
 namespace curvkern {
@@ -12,9 +13,9 @@ namespace {
 // Work items are (sample b, probe block) pairs; each writes that block of every perturbed copy,
 // so x is read once and every output element written once.
 template <typename scalar_t>
-void perturb_cpu_kernel(const scalar_t* x,     // (B, D)
-                        const int64_t* ids,    // (B,)
-                        scalar_t* out,         // (n, B, D)
+void perturb_cpu_kernel(const scalar_t* x,   // (B, D)
+                        const int64_t* ids,  // (B,)
+                        scalar_t* out,       // (n, B, D)
                         uint64_t seed, int64_t n, int64_t batch, int64_t dim, scalar_t h,
                         int64_t offset) {
   const int64_t nblk = (dim + kProbeBlock - 1) / kProbeBlock;
@@ -27,8 +28,14 @@ void perturb_cpu_kernel(const scalar_t* x,     // (B, D)
       for (int64_t k = 0; k < n; ++k) {
         const ProbeWords r = probe_block(seed, 0, ids[b], offset + k, blk);
         scalar_t* o = out + (k * batch + b) * dim + j0;
-        for (int j = 0; j < len; ++j) {
-          o[j] = xb[j] + probe_sign_at<scalar_t>(r, j) * h;
+        if (len == kProbeBlock) {
+          for (int byte = 0; byte < cpu::kBytesPerBlock; ++byte) {
+            const scalar_t* sign = cpu::signs_of_byte<scalar_t>(r, byte);
+            const int j = byte * cpu::kSignsPerByte;
+            for (int i = 0; i < cpu::kSignsPerByte; ++i) o[j + i] = xb[j + i] + sign[i] * h;
+          }
+        } else {
+          for (int j = 0; j < len; ++j) o[j] = xb[j] + probe_sign_at<scalar_t>(r, j) * h;
         }
       }
     }
@@ -46,15 +53,14 @@ at::Tensor perturb_cpu(const at::Tensor& x, const at::Tensor& ids, int64_t seed,
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "perturb_cpu", [&] {
     perturb_cpu_kernel<scalar_t>(xc.data_ptr<scalar_t>(), idc.data_ptr<int64_t>(),
                                  out.data_ptr<scalar_t>(), static_cast<uint64_t>(seed), n_probes,
-                                 x.size(0), sample_numel(x), static_cast<scalar_t>(h), probe_offset);
+                                 x.size(0), sample_numel(x), static_cast<scalar_t>(h),
+                                 probe_offset);
   });
   return out;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(curvkern, CPU, m) {
-  m.impl("perturb", &perturb_cpu);
-}
+TORCH_LIBRARY_IMPL(curvkern, CPU, m) { m.impl("perturb", &perturb_cpu); }
 
 }  // namespace curvkern

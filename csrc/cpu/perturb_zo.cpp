@@ -53,17 +53,15 @@ at::Tensor perturb_zo_cpu(const at::Tensor& x, const at::Tensor& ids, int64_t se
   const at::Tensor xc = x.contiguous();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "perturb_zo_cpu", [&] {
     perturb_zo_cpu_kernel<scalar_t>(xc.data_ptr<scalar_t>(), idc.data_ptr<int64_t>(),
-                                    out.data_ptr<scalar_t>(), static_cast<uint64_t>(seed),
-                                    n_probes, x.size(0), sample_numel(x),
-                                    static_cast<scalar_t>(h), probe_offset);
+                                    out.data_ptr<scalar_t>(), static_cast<uint64_t>(seed), n_probes,
+                                    x.size(0), sample_numel(x), static_cast<scalar_t>(h),
+                                    probe_offset);
   });
   return out;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(curvkern, CPU, m) {
-  m.impl("perturb_zo", &perturb_zo_cpu);
-}
+TORCH_LIBRARY_IMPL(curvkern, CPU, m) { m.impl("perturb_zo", &perturb_zo_cpu); }
 
 }  // namespace curvkern

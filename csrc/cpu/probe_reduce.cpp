@@ -1,5 +1,6 @@
 // CPU kernel of curvkern::probe_reduce: per-sample probe statistics in one pass over g.
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
@@ -7,23 +8,23 @@
 #include <cmath>
 
 #include "common.h"
+#include "cpu/sign_table.h"
 #include "probes.h"
 
 namespace curvkern {
 namespace {
 
-// Independent accumulators per row: they break the add-latency chain and let the compiler keep
-// them in vector registers. Fixed, so a row's result does not depend on the batch it is in.
-constexpr int kLanes = 8;
-
-// Pass 1, one work item per row (k, b): ||dg|| / h and r . dg / h, accumulated in double.
+// Pass 1, one work item per row (k, b): ||dg|| / h and r . dg / h. Eight independent
+// accumulators (one per lane of a sign-table row) break the add-latency chain and vectorize; they
+// are combined in a fixed order, so a row's result does not depend on the batch it is in.
 template <typename scalar_t>
-void row_norms_cpu(const scalar_t* g0,   // (B, D)
-                   const scalar_t* g,    // (n, B, D)
-                   const int64_t* ids,   // (B,)
-                   double* partial,      // (n, B, 2)
-                   uint64_t seed, int64_t n, int64_t batch, int64_t dim, double h,
-                   int64_t offset) {
+void row_norms_cpu(const scalar_t* g0,  // (B, D)
+                   const scalar_t* g,   // (n, B, D)
+                   const int64_t* ids,  // (B,)
+                   double* partial,     // (n, B, 2)
+                   uint64_t seed, int64_t n, int64_t batch, int64_t dim, double h, int64_t offset) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int kLanes = cpu::kSignsPerByte;
   const int64_t nblk = (dim + kProbeBlock - 1) / kProbeBlock;
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(dim, 1));
   at::parallel_for(0, n * batch, grain, [&](int64_t begin, int64_t end) {
@@ -31,25 +32,25 @@ void row_norms_cpu(const scalar_t* g0,   // (B, D)
       const int64_t k = row / batch, b = row % batch;
       const scalar_t* gr = g + row * dim;
       const scalar_t* g0r = g0 + b * dim;
-      double sq[kLanes] = {}, rd[kLanes] = {};
+      acc_t sq[kLanes] = {}, rd[kLanes] = {};
       for (int64_t blk = 0; blk < nblk; ++blk) {
         const ProbeWords r = probe_block(seed, 0, ids[b], offset + k, blk);
         const int64_t j0 = blk * kProbeBlock;
         const int len = static_cast<int>(std::min(kProbeBlock, dim - j0));
-        double sign[kProbeBlock];
-        for (int j = 0; j < kProbeBlock; ++j) sign[j] = probe_sign_at<double>(r, j);
-        int j = 0;
-        for (; j + kLanes <= len; j += kLanes) {
+        const int full_bytes = len / kLanes;
+        for (int byte = 0; byte < full_bytes; ++byte) {
+          const acc_t* sign = cpu::signs_of_byte<acc_t>(r, byte);
+          const int64_t j = j0 + byte * kLanes;
           for (int l = 0; l < kLanes; ++l) {
-            const double d = static_cast<double>(gr[j0 + j + l]) - g0r[j0 + j + l];
+            const acc_t d = static_cast<acc_t>(gr[j + l]) - static_cast<acc_t>(g0r[j + l]);
             sq[l] += d * d;
-            rd[l] += sign[j + l] * d;
+            rd[l] += sign[l] * d;
           }
         }
-        for (; j < len; ++j) {
-          const double d = static_cast<double>(gr[j0 + j]) - g0r[j0 + j];
+        for (int j = full_bytes * kLanes; j < len; ++j) {
+          const acc_t d = static_cast<acc_t>(gr[j0 + j]) - static_cast<acc_t>(g0r[j0 + j]);
           sq[0] += d * d;
-          rd[0] += sign[j] * d;
+          rd[0] += probe_sign_at<acc_t>(r, j) * d;
         }
       }
       double sq_sum = 0, rd_sum = 0;
@@ -97,16 +98,13 @@ at::Tensor probe_reduce_cpu(const at::Tensor& g0, const at::Tensor& g, const at:
     row_norms_cpu<scalar_t>(g0c.data_ptr<scalar_t>(), gc.data_ptr<scalar_t>(),
                             idc.data_ptr<int64_t>(), partial.data_ptr<double>(),
                             static_cast<uint64_t>(seed), n, batch, dim, h, probe_offset);
-    sum_over_probes_cpu<scalar_t>(partial.data_ptr<double>(), stats.data_ptr<scalar_t>(), n,
-                                  batch);
+    sum_over_probes_cpu<scalar_t>(partial.data_ptr<double>(), stats.data_ptr<scalar_t>(), n, batch);
   });
   return stats;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(curvkern, CPU, m) {
-  m.impl("probe_reduce", &probe_reduce_cpu);
-}
+TORCH_LIBRARY_IMPL(curvkern, CPU, m) { m.impl("probe_reduce", &probe_reduce_cpu); }
 
 }  // namespace curvkern

@@ -11,9 +11,9 @@ namespace curvkern {
 namespace cuda {
 
 template <typename scalar_t>
-void launch_perturb(const scalar_t* x,    // (B, D)
-                    const int64_t* ids,   // (B,)
-                    scalar_t* out,        // (n, B, D)
+void launch_perturb(const scalar_t* x,   // (B, D)
+                    const int64_t* ids,  // (B,)
+                    scalar_t* out,       // (n, B, D)
                     uint64_t seed, int64_t n, int64_t batch, int64_t dim, scalar_t h,
                     int64_t offset, int sm_count, cudaStream_t stream);
 
@@ -25,10 +25,10 @@ void launch_perturb_zo(const scalar_t* x,   // (B, D)
                        int64_t offset, int sm_count, cudaStream_t stream);
 
 template <typename scalar_t>
-void launch_probe_reduce(const scalar_t* g0,   // (B, D)
-                         const scalar_t* g,    // (n, B, D)
-                         const int64_t* ids,   // (B,)
-                         scalar_t* stats,      // (B, 4)
+void launch_probe_reduce(const scalar_t* g0,  // (B, D)
+                         const scalar_t* g,   // (n, B, D)
+                         const int64_t* ids,  // (B,)
+                         scalar_t* stats,     // (B, 4)
                          uint64_t seed, int64_t n, int64_t batch, int64_t dim, double h,
                          int64_t offset, cudaStream_t stream);
 

@@ -49,9 +49,8 @@ at::Tensor perturb_zo_cuda(const at::Tensor& x, const at::Tensor& ids, int64_t s
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "perturb_zo_cuda", [&] {
     launch_perturb_zo<scalar_t>(xc.data_ptr<scalar_t>(), idc.data_ptr<int64_t>(),
                                 out.data_ptr<scalar_t>(), static_cast<uint64_t>(seed), n_probes,
-                                x.size(0), sample_numel(x), static_cast<scalar_t>(h),
-                                probe_offset, current_sm_count(),
-                                c10::cuda::getCurrentCUDAStream());
+                                x.size(0), sample_numel(x), static_cast<scalar_t>(h), probe_offset,
+                                current_sm_count(), c10::cuda::getCurrentCUDAStream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
@@ -84,11 +83,10 @@ at::Tensor rademacher_cuda(int64_t seed, const at::Tensor& ids, int64_t n_probes
   if (out.numel() == 0) return out;
   const at::Tensor idc = ids.contiguous();
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "rademacher_cuda", [&] {
-    launch_rademacher<scalar_t>(idc.data_ptr<int64_t>(), out.data_ptr<scalar_t>(),
-                                static_cast<uint64_t>(seed), static_cast<uint32_t>(stream),
-                                n_probes, ids.size(0), c10::multiply_integers(sample_shape),
-                                probe_offset, current_sm_count(),
-                                c10::cuda::getCurrentCUDAStream());
+    launch_rademacher<scalar_t>(
+        idc.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), static_cast<uint64_t>(seed),
+        static_cast<uint32_t>(stream), n_probes, ids.size(0), c10::multiply_integers(sample_shape),
+        probe_offset, current_sm_count(), c10::cuda::getCurrentCUDAStream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;

@@ -12,11 +12,11 @@ namespace {
 // the probe block of probe k0 + l.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
-    perturb_kernel(const scalar_t* __restrict__ x,    // (B, D)
-                   const int64_t* __restrict__ ids,   // (B,)
-                   scalar_t* __restrict__ out,        // (n, B, D)
-                   uint64_t seed, int64_t n, int64_t batch, int64_t dim, int64_t nblk,
-                   scalar_t h, int64_t offset) {
+    perturb_kernel(const scalar_t* __restrict__ x,   // (B, D)
+                   const int64_t* __restrict__ ids,  // (B,)
+                   scalar_t* __restrict__ out,       // (n, B, D)
+                   uint64_t seed, int64_t n, int64_t batch, int64_t dim, int64_t nblk, scalar_t h,
+                   int64_t offset) {
   const int lane = threadIdx.x % kWarpSize;
   for (int64_t item = global_warp(); item < batch * nblk; item += grid_warps()) {
     const int64_t b = item / nblk, blk = item - b * nblk;

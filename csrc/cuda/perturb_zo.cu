@@ -64,16 +64,14 @@ void launch_perturb_zo(const scalar_t* x, const int64_t* ids, scalar_t* out, uin
                        int64_t n, int64_t batch, int64_t dim, scalar_t h, int64_t offset,
                        int sm_count, cudaStream_t stream) {
   const int64_t nblk = (dim + kProbeBlock - 1) / kProbeBlock;
-  perturb_zo_kernel<scalar_t>
-      <<<grid_for_warp_items(batch * nblk, sm_count), kThreads, 0, stream>>>(
-          x, ids, out, seed, n, batch, dim, nblk, h, offset);
+  perturb_zo_kernel<scalar_t><<<grid_for_warp_items(batch * nblk, sm_count), kThreads, 0, stream>>>(
+      x, ids, out, seed, n, batch, dim, nblk, h, offset);
 }
 
 template void launch_perturb_zo<float>(const float*, const int64_t*, float*, uint64_t, int64_t,
                                        int64_t, int64_t, float, int64_t, int, cudaStream_t);
-template void launch_perturb_zo<double>(const double*, const int64_t*, double*, uint64_t,
-                                        int64_t, int64_t, int64_t, double, int64_t, int,
-                                        cudaStream_t);
+template void launch_perturb_zo<double>(const double*, const int64_t*, double*, uint64_t, int64_t,
+                                        int64_t, int64_t, double, int64_t, int, cudaStream_t);
 
 }  // namespace cuda
 }  // namespace curvkern

@@ -20,8 +20,8 @@ __global__ void __launch_bounds__(kThreads)
                         const scalar_t* __restrict__ g,   // (n, B, D)
                         const int64_t* __restrict__ ids,  // (B,)
                         scalar_t* __restrict__ stats,     // (B, 4)
-                        uint64_t seed, int64_t n, int64_t batch, int64_t dim, int64_t nblk,
-                        acc_t h, int64_t offset) {
+                        uint64_t seed, int64_t n, int64_t batch, int64_t dim, int64_t nblk, acc_t h,
+                        int64_t offset) {
   using WarpReduce = cub::WarpReduce<acc_t>;
   __shared__ typename WarpReduce::TempStorage reduce_storage[kWarpsPerBlock];
   __shared__ acc_t warp_sums[kWarpsPerBlock][4];
@@ -81,9 +81,9 @@ __global__ void __launch_bounds__(kThreads)
 }  // namespace
 
 template <typename scalar_t>
-void launch_probe_reduce(const scalar_t* g0, const scalar_t* g, const int64_t* ids,
-                         scalar_t* stats, uint64_t seed, int64_t n, int64_t batch, int64_t dim,
-                         double h, int64_t offset, cudaStream_t stream) {
+void launch_probe_reduce(const scalar_t* g0, const scalar_t* g, const int64_t* ids, scalar_t* stats,
+                         uint64_t seed, int64_t n, int64_t batch, int64_t dim, double h,
+                         int64_t offset, cudaStream_t stream) {
   // float accumulates in float, double in double (at::acc_type on CUDA).
   using acc_t = scalar_t;
   const int64_t nblk = (dim + kProbeBlock - 1) / kProbeBlock;

@@ -49,8 +49,8 @@ void launch_rademacher(const int64_t* ids, scalar_t* out, uint64_t seed, uint32_
           ids, out, seed, stream_id, n, batch, dim, nblk, offset);
 }
 
-template void launch_rademacher<float>(const int64_t*, float*, uint64_t, uint32_t, int64_t,
-                                       int64_t, int64_t, int64_t, int, cudaStream_t);
+template void launch_rademacher<float>(const int64_t*, float*, uint64_t, uint32_t, int64_t, int64_t,
+                                       int64_t, int64_t, int, cudaStream_t);
 template void launch_rademacher<double>(const int64_t*, double*, uint64_t, uint32_t, int64_t,
                                         int64_t, int64_t, int64_t, int, cudaStream_t);
 

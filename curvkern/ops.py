@@ -1,0 +1,240 @@
+"""Typed wrappers of the compiled ops ``torch.ops.curvkern.*``, and their fake (meta) kernels.
+
+Every op regenerates its probes from (seed, stream, sample id, probe index, element index); see
+``csrc/probes.h``. ``curvkern.torch_ops`` holds a pure-PyTorch twin of each, with the same
+signature. ``ids=None`` means ids 0 .. B-1 (the position in the batch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ._extension import has_kernels, missing_kernels_message
+
+__all__ = ["perturb", "perturb_zo", "probe_reduce", "rademacher", "cuda_version"]
+
+
+def _require_kernels() -> None:
+    if not has_kernels():
+        raise RuntimeError(missing_kernels_message("cpu"))
+
+
+def _as_ids(ids: Tensor | Sequence[int] | None, batch: int, device: torch.device) -> Tensor:
+    """(B,) int64 ids on ``device``; None means 0 .. B-1."""
+    if ids is None:
+        return torch.arange(batch, device=device)
+    ids = torch.as_tensor(ids, device=device)
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise TypeError(f"ids must be an integer tensor, got dtype {ids.dtype}")
+    return ids.to(torch.int64)
+
+
+def perturb(
+    x: Tensor,
+    ids: Tensor | Sequence[int] | None,
+    seed: int,
+    n_probes: int,
+    h: float,
+    probe_offset: int = 0,
+) -> Tensor:
+    """All probe-perturbed copies of a batch, written in one pass.
+
+    Args:
+        x: (B, ...) float32 or float64 batch.
+        ids: (B,) sample ids, or None for 0 .. B-1.
+        seed: probe seed, 0 <= seed < 2^63.
+        n_probes: number of probes n.
+        h: step.
+        probe_offset: index of the first probe.
+    Returns:
+        (n * B, ...) tensor: row k * B + b is x[b] + h * r(seed, ids[b], probe_offset + k).
+    """
+    _require_kernels()
+    ids = _as_ids(ids, x.shape[0] if x.dim() else 0, x.device)
+    return torch.ops.curvkern.perturb.default(
+        x, ids, int(seed), int(n_probes), float(h), int(probe_offset)
+    )
+
+
+def perturb_zo(
+    x: Tensor,
+    ids: Tensor | Sequence[int] | None,
+    seed: int,
+    n_probes: int,
+    h: float,
+    probe_offset: int = 0,
+) -> Tensor:
+    """The four copies x +- h r_k +- h s_k of every probe pair, for the zeroth-order estimator.
+
+    Args:
+        x: (B, ...) float32 or float64 batch.
+        ids: (B,) sample ids, or None for 0 .. B-1.
+        seed, n_probes, h, probe_offset: as in :func:`perturb`; r is probe stream 0, s stream 1.
+    Returns:
+        (4 * n * B, ...) tensor: row (c * n + k) * B + b holds sign pattern c of (r_k, s_k),
+        in the order (+,+), (-,+), (+,-), (-,-).
+    """
+    _require_kernels()
+    ids = _as_ids(ids, x.shape[0] if x.dim() else 0, x.device)
+    return torch.ops.curvkern.perturb_zo.default(
+        x, ids, int(seed), int(n_probes), float(h), int(probe_offset)
+    )
+
+
+def probe_reduce(
+    g0: Tensor,
+    g: Tensor,
+    ids: Tensor | Sequence[int] | None,
+    seed: int,
+    h: float,
+    probe_offset: int = 0,
+) -> Tensor:
+    """Per-sample probe statistics in one pass over the probe gradients.
+
+    With dg_k = g[k] - g0 and r_k the probes of :func:`perturb`:
+
+    Args:
+        g0: (B, D) input gradients at x.
+        g: (n, B, D) input gradients at x + h r_k.
+        ids: (B,) sample ids, or None for 0 .. B-1.
+        seed: probe seed.
+        h: step, > 0.
+        probe_offset: index of the first probe.
+    Returns:
+        (B, 4) tensor of g's dtype, per sample the sums over k of ||dg_k|| / h,
+        ||dg_k||^2 / h^2, r_k . dg_k / h and (r_k . dg_k / h)^2.
+    """
+    _require_kernels()
+    ids = _as_ids(ids, g0.shape[0] if g0.dim() else 0, g0.device)
+    return torch.ops.curvkern.probe_reduce.default(
+        g0, g, ids, int(seed), float(h), int(probe_offset)
+    )
+
+
+def rademacher(
+    seed: int,
+    ids: Tensor | Sequence[int],
+    n_probes: int,
+    sample_shape: Sequence[int],
+    probe_offset: int = 0,
+    stream: int = 0,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    """Materialized probes k = probe_offset .. probe_offset + n_probes - 1 (tests, references).
+
+    Args:
+        seed: probe seed.
+        ids: (B,) sample ids; the output is on their device.
+        n_probes: number of probes n.
+        sample_shape: shape of one sample.
+        probe_offset: index of the first probe.
+        stream: 0 for the probes r, 1 for the second probes s of the zeroth-order estimator.
+        dtype: float32 (default) or float64.
+    Returns:
+        (n, B, *sample_shape) tensor of +-1.
+    """
+    _require_kernels()
+    ids = _as_ids(ids, len(ids), ids.device if isinstance(ids, Tensor) else torch.device("cpu"))
+    return torch.ops.curvkern.rademacher.default(
+        int(seed),
+        ids,
+        int(n_probes),
+        [int(s) for s in sample_shape],
+        int(probe_offset),
+        int(stream),
+        dtype,
+    )
+
+
+def cuda_version() -> int:
+    """CUDA version the kernels were built with (e.g. 13000), or -1 for a CPU-only build."""
+    _require_kernels()
+    return int(torch.ops.curvkern.cuda_version())
+
+
+# Fake kernels: shapes and dtypes for torch.compile / FakeTensor tracing, with the C++ checks.
+
+
+def _check(cond: bool, op: str, message: str) -> None:
+    torch._check(cond, lambda: f"curvkern::{op}: {message}")
+
+
+def _check_ids(ids: Tensor, batch: int, like: Tensor, op: str, like_name: str) -> None:
+    _check(ids.dtype == torch.int64, op, f"ids must be int64, got {ids.dtype}")
+    _check(
+        ids.dim() == 1 and ids.shape[0] == batch,
+        op,
+        f"ids must have shape (B,) with B = {batch} (the batch size of {like_name}), "
+        f"got {tuple(ids.shape)}",
+    )
+    _check(ids.device == like.device, op, f"ids must be on {like.device} like {like_name}")
+
+
+def _check_probes(seed: int, n_probes: int, probe_offset: int, op: str) -> None:
+    _check(seed >= 0, op, f"seed must be >= 0, got {seed}")
+    _check(n_probes >= 0, op, f"n_probes must be >= 0, got {n_probes}")
+    _check(
+        probe_offset >= 0 and probe_offset + n_probes <= 1 << 32,
+        op,
+        "probe indices probe_offset .. probe_offset + n_probes - 1 must lie in [0, 2^32)",
+    )
+
+
+def _check_perturb(
+    x: Tensor, ids: Tensor, seed: int, n_probes: int, probe_offset: int, op: str
+) -> None:
+    _check(x.dim() >= 1, op, "x must have shape (B, ...), got a 0-d tensor")
+    _check(
+        x.dtype in (torch.float32, torch.float64),
+        op,
+        f"x must be float32 or float64, got {x.dtype}",
+    )
+    _check_ids(ids, x.shape[0], x, op, "x")
+    _check_probes(seed, n_probes, probe_offset, op)
+
+
+if has_kernels():
+
+    @torch.library.register_fake("curvkern::perturb")
+    def _perturb_fake(x, ids, seed, n_probes, h, probe_offset=0):
+        _check_perturb(x, ids, seed, n_probes, probe_offset, "perturb")
+        return x.new_empty((n_probes * x.shape[0], *x.shape[1:]))
+
+    @torch.library.register_fake("curvkern::perturb_zo")
+    def _perturb_zo_fake(x, ids, seed, n_probes, h, probe_offset=0):
+        _check_perturb(x, ids, seed, n_probes, probe_offset, "perturb_zo")
+        return x.new_empty((4 * n_probes * x.shape[0], *x.shape[1:]))
+
+    @torch.library.register_fake("curvkern::probe_reduce")
+    def _probe_reduce_fake(g0, g, ids, seed, h, probe_offset=0):
+        op = "probe_reduce"
+        _check(
+            g.dtype in (torch.float32, torch.float64),
+            op,
+            f"g must be float32 or float64, got {g.dtype}",
+        )
+        _check(g.dim() == 3, op, f"g must have shape (n_probes, B, D), got {tuple(g.shape)}")
+        _check(
+            g0.dim() == 2 and g0.shape[0] == g.shape[1] and g0.shape[1] == g.shape[2],
+            op,
+            f"g0 must have shape (B, D) = ({g.shape[1]}, {g.shape[2]}) to match g, "
+            f"got {tuple(g0.shape)}",
+        )
+        _check(g0.dtype == g.dtype, op, f"g0 must have the dtype of g ({g.dtype}), got {g0.dtype}")
+        _check_ids(ids, g.shape[1], g, op, "g")
+        _check_probes(seed, g.shape[0], probe_offset, op)
+        _check(h > 0, op, f"h must be positive and finite, got {h}")
+        return g.new_empty((g.shape[1], 4))
+
+    @torch.library.register_fake("curvkern::rademacher")
+    def _rademacher_fake(seed, ids, n_probes, sample_shape, probe_offset=0, stream=0, dtype=None):
+        op = "rademacher"
+        _check(ids.dim() == 1, op, f"ids must have shape (B,), got {tuple(ids.shape)}")
+        _check(ids.dtype == torch.int64, op, f"ids must be int64, got {ids.dtype}")
+        _check_probes(seed, n_probes, probe_offset, op)
+        _check(0 <= stream < 256, op, f"stream must lie in [0, 256), got {stream}")
+        dtype = torch.float32 if dtype is None else dtype
+        return ids.new_empty((n_probes, ids.shape[0], *sample_shape), dtype=dtype)

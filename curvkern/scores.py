@@ -1,0 +1,128 @@
+"""CurvatureScores: the per-sample result of a scorer."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["CurvatureScores", "SCORE_FIELDS"]
+
+# The float fields, each a (B,) tensor.
+SCORE_FIELDS = (
+    "curvature",
+    "curvature_stderr",
+    "trace",
+    "trace_stderr",
+    "frobenius_sq",
+    "loss",
+    "grad_norm",
+)
+
+
+@dataclasses.dataclass
+class CurvatureScores:
+    """Per-sample curvature scores of a batch or a data set; every tensor field has shape (B,).
+
+    Attributes:
+        curvature: mean_k ||H r_k|| (fd: ||dg_k|| / h; zo: mean_k |r_k^T H s_k|), the
+            memorization score of Garg, Ravikumar & Roy (2024) up to the constant h / B.
+        curvature_stderr: standard error of ``curvature`` over the probes (0 with one probe).
+        trace: Hutchinson estimate of tr(H), mean_k r_k . H r_k.
+        trace_stderr: its standard error over the probes.
+        frobenius_sq: estimate of ||H||_F^2 = tr(H^2), mean_k ||H r_k||^2.
+        loss: per-sample loss L(x, y).
+        grad_norm: ||grad_x L(x, y)|| (NaN for method "zo", which takes no gradient).
+        ids: (B,) int64 sample ids.
+        n_probes: (B,) int64 number of probes each sample got.
+        h: the finite-difference step the scores were computed with.
+        method: "fd", "hvp" or "zo".
+    """
+
+    curvature: Tensor
+    curvature_stderr: Tensor
+    trace: Tensor
+    trace_stderr: Tensor
+    frobenius_sq: Tensor
+    loss: Tensor
+    grad_norm: Tensor
+    ids: Tensor
+    n_probes: Tensor
+    h: float
+    method: str
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    def to_dict(self) -> dict[str, Tensor]:
+        """The per-sample tensors by name: the float fields, ``ids`` and ``n_probes``."""
+        out = {name: getattr(self, name) for name in SCORE_FIELDS}
+        out["ids"] = self.ids
+        out["n_probes"] = self.n_probes
+        return out
+
+    def paper_score(self, batch_size: int | Tensor) -> Tensor:
+        """The score of the published code: h / B * curvature.
+
+        The published implementation differentiates the batch-mean loss and does not divide by
+        h, so its score of a sample scored in a batch of B samples is h / B times ``curvature``
+        (up to its probe offset of 1e-7).
+
+        Args:
+            batch_size: B, an int, or a (B,) tensor of the size of the batch each sample was in.
+        """
+        if isinstance(batch_size, Tensor):
+            batch_size = batch_size.to(self.curvature)
+        elif batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        return self.h / batch_size * self.curvature
+
+    def to(self, device: torch.device | str) -> CurvatureScores:
+        """A copy with every tensor on ``device``."""
+        return dataclasses.replace(
+            self, **{name: t.to(device) for name, t in self.to_dict().items()}
+        )
+
+    def __getitem__(self, index) -> CurvatureScores:
+        """The rows ``index`` (a slice, an index tensor or a boolean mask)."""
+        return dataclasses.replace(self, **{name: t[index] for name, t in self.to_dict().items()})
+
+    @classmethod
+    def empty(
+        cls,
+        h: float,
+        method: str,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        size: int = 0,
+    ) -> CurvatureScores:
+        """``size`` rows of NaN scores, ids 0 .. size-1 and no probes."""
+        nan = torch.full((size,), math.nan, dtype=dtype, device=device)
+        return cls(
+            **{name: nan.clone() for name in SCORE_FIELDS},
+            ids=torch.arange(size, device=device),
+            n_probes=torch.zeros(size, dtype=torch.int64, device=device),
+            h=h,
+            method=method,
+        )
+
+    @classmethod
+    def cat(cls, parts: Sequence[CurvatureScores]) -> CurvatureScores:
+        """The rows of ``parts`` one after the other (all from the same h and method)."""
+        if not parts:
+            raise ValueError("CurvatureScores.cat needs at least one part")
+        first = parts[0]
+        for p in parts[1:]:
+            if p.h != first.h or p.method != first.method:
+                raise ValueError(
+                    "cannot concatenate scores of different h or method: "
+                    f"(h={first.h}, {first.method}) and (h={p.h}, {p.method})"
+                )
+        tensors = {
+            name: torch.cat([getattr(p, name) for p in parts])
+            for name in (*SCORE_FIELDS, "ids", "n_probes")
+        }
+        return cls(**tensors, h=first.h, method=first.method)

@@ -1,0 +1,67 @@
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import curvkern
+
+CUDA = torch.cuda.is_available() and curvkern.has_cuda_kernels()
+DEVICES = ["cpu", "cuda"] if CUDA else ["cpu"]
+
+requires_kernels = pytest.mark.skipif(
+    not curvkern.has_kernels(), reason="curvkern's compiled ops are not built"
+)
+
+
+def pytest_sessionstart(session):
+    # CI sets this, so that a failed build fails the run instead of skipping the kernel tests.
+    if os.environ.get("CURVKERN_REQUIRE_KERNELS") == "1" and not curvkern.has_kernels():
+        raise RuntimeError("CURVKERN_REQUIRE_KERNELS=1 but curvkern._C did not load")
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> torch.device:
+    return torch.device(request.param)
+
+
+@pytest.fixture(params=[torch.float32, torch.float64], ids=["float32", "float64"])
+def dtype(request) -> torch.dtype:
+    return request.param
+
+
+def smooth_classifier(
+    sample_shape=(6,),
+    classes: int = 4,
+    hidden: int = 16,
+    activation: type[nn.Module] = nn.Tanh,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+) -> nn.Module:
+    """A small MLP with a smooth activation: its input Hessian exists everywhere."""
+    gen = torch.Generator().manual_seed(seed)
+    d_in = 1
+    for s in sample_shape:
+        d_in *= s
+    model = nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(d_in, hidden),
+        activation(),
+        nn.Linear(hidden, hidden),
+        activation(),
+        nn.Linear(hidden, classes),
+    ).to(dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            # Weights large enough that the Hessian is far from zero and far from diagonal.
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=dtype) * 1.5 / p.shape[-1] ** 0.5)
+    return model
+
+
+def labelled_batch(
+    batch: int, sample_shape=(6,), classes: int = 4, seed: int = 1, dtype=torch.float64
+):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, *sample_shape, generator=gen, dtype=dtype)
+    y = torch.randint(0, classes, (batch,), generator=gen)
+    return x, y

@@ -1,0 +1,437 @@
+"""CurvatureScorer: agreement with the published algorithm, invariances, and its contract."""
+
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import curvkern
+from curvkern import CurvatureScorer, CurvatureScores, reference, torch_ops
+
+from .conftest import labelled_batch, smooth_classifier
+
+# float64 throughout unless a test is about float32: differences between two computations of
+# the same scores are then rounding of order 1e-16 amplified by 1 / h, far below the 1e-8
+# relative tolerance used, while a wrong probe, id or scaling changes the scores at order one.
+EXACT = dict(rtol=1e-8, atol=1e-12)
+
+
+def small_cnn(dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Dropout(0.5),
+        nn.Linear(4 * 4 * 4, 5),
+    ).to(dtype)
+
+
+@pytest.mark.parametrize("method", ["fd", "hvp", "zo"])
+def test_backends_agree(method):
+    model = smooth_classifier()
+    x, y = labelled_batch(10)
+    kw = dict(method=method, n_probes=6, seed=4, h=1e-3 if method != "zo" else 1e-2)
+    a = CurvatureScorer(model, backend="kernels", **kw).score(x, y)
+    b = CurvatureScorer(model, backend="torch", **kw).score(x, y)
+    for field, value in a.to_dict().items():
+        torch.testing.assert_close(value, getattr(b, field), equal_nan=True, **EXACT)
+
+
+def test_paper_score_equals_published_algorithm():
+    model = small_cnn().eval()
+    x = torch.randn(12, 3, 8, 8, dtype=torch.float64)
+    y = torch.randint(0, 5, (12,))
+    h, n = 1e-3, 5
+    scores = CurvatureScorer(model, h=h, n_probes=n, seed=9).score(x, y)
+    probes = torch_ops.rademacher(9, torch.arange(12), n, x.shape[1:], dtype=torch.float64)
+    curv, eig = reference.paper_curvature(model, x, y, h=h, n_probes=n, probes=probes)
+    # The published probe is h (r + 1e-7): relative differences of order 1e-7 sqrt(D).
+    torch.testing.assert_close(scores.paper_score(12), curv, rtol=1e-4, atol=0)
+    scale = eig.abs().max()
+    torch.testing.assert_close(h * h / 12 * scores.trace, eig, rtol=0, atol=1e-4 * scale)
+
+
+def test_paper_score_float32_relu():
+    # The published setting: a ReLU CNN in float32. Both compute g(x + h r) - g(x) in float32,
+    # with rounding of order 1e-7 ||g|| / (h ||H r||) ~ 1e-3 relative.
+    model = small_cnn(torch.float32).eval()
+    x = torch.randn(16, 3, 8, 8)
+    y = torch.randint(0, 5, (16,))
+    scores = CurvatureScorer(model, n_probes=4, seed=1).score(x, y)
+    probes = torch_ops.rademacher(1, torch.arange(16), 4, x.shape[1:])
+    curv, _ = reference.paper_curvature(model, x, y, 1e-3, 4, probes=probes)
+    torch.testing.assert_close(scores.paper_score(16), curv, rtol=2e-2, atol=0)
+
+
+def test_independent_of_batch_mates_order_and_max_batch():
+    model = smooth_classifier()
+    x, y = labelled_batch(12)
+    ids = torch.arange(100, 112)
+    ref = CurvatureScorer(model, n_probes=7, seed=2).score(x, y, ids)
+    perm = torch.randperm(12, generator=torch.Generator().manual_seed(0))
+    cases = {
+        "shuffled": (perm, {}),
+        "half batch": (perm[:6], {}),
+        "one sample": (perm[:1], {}),
+        "max_batch=5": (perm, {"max_batch": 5}),
+        "max_batch=1": (perm, {"max_batch": 1}),
+        "max_batch=200": (perm, {"max_batch": 200}),
+    }
+    for name, (index, kw) in cases.items():
+        got = CurvatureScorer(model, n_probes=7, seed=2, **kw).score(x[index], y[index], ids[index])
+        for field, value in got.to_dict().items():
+            torch.testing.assert_close(
+                value, getattr(ref, field)[index], msg=f"{name}: {field}", **EXACT
+            )
+
+
+def test_ids_select_the_probes():
+    model = smooth_classifier()
+    x, y = labelled_batch(4)
+    same = CurvatureScorer(model, n_probes=3).score(x, y, torch.arange(4))
+    default = CurvatureScorer(model, n_probes=3).score(x, y)
+    other = CurvatureScorer(model, n_probes=3).score(x, y, torch.arange(4) + 1)
+    torch.testing.assert_close(same.curvature, default.curvature, rtol=0, atol=0)
+    assert not torch.allclose(same.curvature, other.curvature, rtol=1e-3)
+    assert default.ids.tolist() == [0, 1, 2, 3] and other.ids.tolist() == [1, 2, 3, 4]
+
+
+def test_seed_changes_scores_within_their_error():
+    model = smooth_classifier()
+    x, y = labelled_batch(32)
+    a = CurvatureScorer(model, n_probes=32, seed=0, method="hvp").score(x, y)
+    b = CurvatureScorer(model, n_probes=32, seed=1, method="hvp").score(x, y)
+    assert not torch.equal(a.curvature, b.curvature)
+    z = (a.curvature - b.curvature) / torch.sqrt(a.curvature_stderr**2 + b.curvature_stderr**2)
+    assert z.abs().max() < 4.5  # 32 independent differences of two estimates
+
+
+def test_field_shapes_dtypes_and_n_probes():
+    model = smooth_classifier(dtype=torch.float32)
+    x, y = labelled_batch(5, dtype=torch.float32)
+    s = CurvatureScorer(model, n_probes=3).score(x, y)
+    for name in curvkern.scores.SCORE_FIELDS:
+        t = getattr(s, name)
+        assert t.shape == (5,) and t.dtype == torch.float32, name
+    assert s.ids.dtype == torch.int64 and s.n_probes.tolist() == [3] * 5
+    assert set(s.to_dict()) == {*curvkern.scores.SCORE_FIELDS, "ids", "n_probes"}
+    assert (s.curvature_stderr > 0).all()
+    one = CurvatureScorer(model, n_probes=1).score(x, y)
+    assert (one.curvature_stderr == 0).all() and (one.trace_stderr == 0).all()
+    torch.testing.assert_close(s.paper_score(5), 1e-3 / 5 * s.curvature)
+    torch.testing.assert_close(
+        s.paper_score(torch.tensor([5, 5, 5, 2, 2])),
+        1e-3 / torch.tensor([5.0, 5, 5, 2, 2]) * s.curvature,
+    )
+
+
+def test_empty_batch():
+    model = smooth_classifier()
+    s = CurvatureScorer(model).score(
+        torch.empty(0, 6, dtype=torch.float64), torch.empty(0, dtype=torch.long)
+    )
+    assert len(s) == 0 and s.curvature.shape == (0,) and s.curvature.dtype == torch.float64
+
+
+def test_scores_concatenate_and_index():
+    model = smooth_classifier()
+    x, y = labelled_batch(6)
+    s = CurvatureScorer(model, n_probes=2).score(x, y)
+    joined = CurvatureScores.cat([s[:2], s[2:]])
+    for field, value in joined.to_dict().items():
+        assert torch.equal(value, getattr(s, field))
+    other_h = CurvatureScorer(model, n_probes=2, h=1e-2).score(x, y)
+    with pytest.raises(ValueError, match="different h or method"):
+        CurvatureScores.cat([s, other_h])
+
+
+# --- the model is left exactly as found ------------------------------------------------------
+
+
+def _snapshot(model):
+    return {
+        "training": [m.training for m in model.modules()],
+        "requires_grad": [p.requires_grad for p in model.parameters()],
+        "grad": [p.grad for p in model.parameters()],
+        "state": {k: v.clone() for k, v in model.state_dict().items()},
+    }
+
+
+def _assert_unchanged(model, before):
+    after = _snapshot(model)
+    assert after["training"] == before["training"]
+    assert after["requires_grad"] == before["requires_grad"]
+    assert all(a is b for a, b in zip(after["grad"], before["grad"], strict=True))
+    for k, v in before["state"].items():
+        assert torch.equal(after["state"][k], v), k
+
+
+def _prepared_model():
+    model = small_cnn()
+    model.train()
+    model[1].eval()  # a mix of flags
+    model[0].weight.requires_grad_(False)
+    model[6].weight.grad = torch.ones_like(model[6].weight)
+    with torch.no_grad():
+        model[1].running_mean.uniform_()
+    return model
+
+
+@pytest.mark.parametrize("method", ["fd", "hvp", "zo"])
+def test_model_left_as_found(method):
+    model = _prepared_model()
+    before = _snapshot(model)
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    y = torch.randint(0, 5, (4,))
+    a = CurvatureScorer(model, method=method, n_probes=2).score(x, y)
+    _assert_unchanged(model, before)
+    # eval mode: dropout off and BatchNorm on running statistics, so scores are deterministic
+    b = CurvatureScorer(model, method=method, n_probes=2).score(x, y)
+    torch.testing.assert_close(a.curvature, b.curvature, rtol=0, atol=0)
+
+
+def test_model_left_as_found_after_an_exception():
+    model = _prepared_model()
+    before = _snapshot(model)
+    calls = []
+
+    def failing_loss(out, y):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("loss failed mid-way")
+        return nn.functional.cross_entropy(out, y, reduction="none")
+
+    with pytest.raises(RuntimeError, match="loss failed mid-way"):
+        CurvatureScorer(model, failing_loss, n_probes=3).score(
+            torch.randn(4, 3, 8, 8, dtype=torch.float64), torch.randint(0, 5, (4,))
+        )
+    assert len(calls) == 2
+    _assert_unchanged(model, before)
+
+
+class _CountingModel(nn.Module):
+    """Changes a buffer in forward, as some custom modules do, even in eval mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(6, 3).double()
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        self.calls += 1
+        return self.linear(x)
+
+
+def test_buffers_restored():
+    model = _CountingModel()
+    x, y = labelled_batch(3, classes=3)
+    CurvatureScorer(model, n_probes=2).score(x, y)
+    assert model.calls.item() == 0
+
+
+def test_plain_callable_and_custom_loss():
+    weight = torch.randn(6, 3, dtype=torch.float64)
+
+    def model(x):
+        return torch.tanh(x @ weight)
+
+    def loss_fn(out, target):  # a regression loss with (B, 3) targets
+        return ((out - target) ** 2).sum(dim=1)
+
+    x = torch.randn(5, 6, dtype=torch.float64)
+    target = torch.randn(5, 3, dtype=torch.float64)
+    s = CurvatureScorer(model, loss_fn, method="hvp", n_probes=4).score(x, target)
+    hess = reference.input_hessians(model, x, target, loss_fn)
+    assert (s.curvature > 0).all()
+    z = (s.trace - reference.hessian_trace(hess)) / reference.standard_error(
+        reference.hutchinson_variance(hess), 4
+    )
+    assert z.abs().max() < 4.5
+
+
+def test_grad_mode_and_inference_mode():
+    model = smooth_classifier()
+    x, y = labelled_batch(4)
+    ref = CurvatureScorer(model, n_probes=2).score(x, y)
+    with torch.no_grad():
+        a = CurvatureScorer(model, n_probes=2).score(x, y)
+    with torch.inference_mode():
+        xi, yi = x.clone(), y.clone()
+        b = CurvatureScorer(model, n_probes=2).score(xi, yi)
+    torch.testing.assert_close(a.curvature, ref.curvature, rtol=0, atol=0)
+    torch.testing.assert_close(b.curvature, ref.curvature, rtol=0, atol=0)
+
+
+# --- bad input -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({"h": 0.0}, ValueError, "h must be a positive finite number"),
+        ({"h": -1e-3}, ValueError, "h must be a positive finite number"),
+        ({"h": math.nan}, ValueError, "h must be a positive finite number"),
+        ({"h": math.inf}, ValueError, "h must be a positive finite number"),
+        ({"n_probes": 0}, ValueError, r"n_probes must be >= 1"),
+        ({"n_probes": 2.5}, TypeError, "n_probes must be an int"),
+        ({"seed": -1}, ValueError, "seed must be"),
+        ({"seed": 2**63}, ValueError, "seed must be"),
+        ({"method": "exact"}, ValueError, "method must be one of"),
+        ({"backend": "cuda"}, ValueError, "backend must be one of"),
+        ({"max_batch": 0}, ValueError, "max_batch must be >= 1"),
+        ({"rtol": 0.0}, ValueError, "rtol must be a positive finite number"),
+        ({"rtol": 0.1, "max_probes": 5}, ValueError, r"max_probes must be >= 10"),
+        ({"max_probes": 50}, ValueError, "max_probes caps the adaptive rounds and needs rtol"),
+    ],
+)
+def test_bad_settings(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        CurvatureScorer(smooth_classifier(), **kwargs)
+
+
+def test_bad_model_or_loss_fn():
+    with pytest.raises(TypeError, match="model must be an nn.Module or a callable"):
+        CurvatureScorer("resnet")
+    with pytest.raises(TypeError, match="loss_fn must be callable"):
+        CurvatureScorer(smooth_classifier(), loss_fn=3)
+
+
+def test_bad_batches():
+    model = smooth_classifier()
+    scorer = CurvatureScorer(model, n_probes=2)
+    x, y = labelled_batch(4)
+    with pytest.raises(TypeError, match="x must be a floating-point tensor"):
+        scorer.score(x.long(), y)
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        scorer.score(x.numpy(), y)
+    with pytest.raises(ValueError, match=r"y must have one row per sample of x \(B = 4\)"):
+        scorer.score(x, y[:3])
+    with pytest.raises(ValueError, match=r"ids must have shape \(B,\) = \(4,\)"):
+        scorer.score(x, y, torch.arange(5))
+    with pytest.raises(TypeError, match="ids must be an integer tensor"):
+        scorer.score(x, y, torch.zeros(4))
+    with pytest.raises(ValueError, match=r"ids must lie in \[0, 2\^56\), got ids\[2\] = -1"):
+        scorer.score(x, y, torch.tensor([0, 1, -1, 3]))
+    bad = x.clone()
+    bad[2, 3] = math.nan
+    with pytest.raises(ValueError, match=r"non-finite values \(NaN or inf\) in sample 2 \(id 12\)"):
+        scorer.score(bad, y, torch.arange(10, 14))
+    bad[2, 3] = math.inf
+    with pytest.raises(ValueError, match="in sample 2"):
+        scorer.score(bad, y)
+
+
+@pytest.mark.parametrize("method", ["fd", "zo"])
+@pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
+def test_half_precision_refused(method, half):
+    model = smooth_classifier(dtype=half)
+    x, y = labelled_batch(4, dtype=half)
+    with pytest.raises(TypeError, match=f"method='{method}' needs float32 or float64 input, got"):
+        CurvatureScorer(model, method=method).score(x, y)
+
+
+def test_autocast_refused():
+    model = smooth_classifier(dtype=torch.float32)
+    x, y = labelled_batch(4, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(RuntimeError, match="cannot run under autocast"):
+            CurvatureScorer(model).score(x, y)
+
+
+def test_loss_fn_must_return_per_sample_losses():
+    model = smooth_classifier()
+    x, y = labelled_batch(4)
+    with pytest.raises(ValueError, match=r"one loss per sample, shape \(4,\), got \(\)"):
+        CurvatureScorer(model, nn.CrossEntropyLoss()).score(x, y)
+    with pytest.raises(ValueError, match=r"shape \(4,\), got \(4, 1\)"):
+        CurvatureScorer(model, lambda o, t: o[:, :1]).score(x, y)
+
+
+def test_model_without_input_gradient():
+    frozen = lambda x: torch.zeros(x.shape[0], 3, dtype=x.dtype)  # noqa: E731
+    x, y = labelled_batch(4, classes=3)
+    with pytest.raises(RuntimeError, match="does not depend on x through autograd"):
+        CurvatureScorer(frozen).score(x, y)
+    # zo needs loss values only
+    s = CurvatureScorer(frozen, method="zo", n_probes=2).score(x, y)
+    assert torch.equal(s.curvature, torch.zeros(4, dtype=torch.float64))
+
+
+class _PoisonedRows(nn.Module):
+    """Returns NaN logits for inputs with x[:, 0] > 10, the model's output elsewhere."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        out = self.inner(x)
+        return torch.where((x[:, 0] > 10).unsqueeze(1), math.nan, out)
+
+
+def test_non_finite_loss_gives_nan_for_that_sample_only():
+    model = smooth_classifier()
+    x, y = labelled_batch(5)
+    x[3, 0] = 50.0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        s = CurvatureScorer(_PoisonedRows(model), n_probes=3).score(x, y)
+    messages = [str(w.message) for w in caught]
+    assert messages == ["1 of 5 samples had a non-finite loss or gradient; their scores are NaN"]
+    for name in curvkern.scores.SCORE_FIELDS:
+        value = getattr(s, name)
+        assert torch.isnan(value[3]), name
+        assert torch.isfinite(value[[0, 1, 2, 4]]).all(), name
+    keep = [0, 1, 2, 4]
+    clean = CurvatureScorer(model, n_probes=3).score(x[keep], y[keep], keep)
+    torch.testing.assert_close(s.curvature[keep], clean.curvature, **EXACT)
+
+
+# --- backends and memory ---------------------------------------------------------------------
+
+
+def test_kernels_backend_errors_where_missing(monkeypatch):
+    from curvkern import scorer as scorer_module
+
+    monkeypatch.setattr(scorer_module, "kernels_available", lambda device: False)
+    model = smooth_classifier()
+    x, y = labelled_batch(3)
+    with pytest.raises(RuntimeError, match="backend='kernels'"):
+        CurvatureScorer(model, backend="kernels").score(x, y)
+    auto = CurvatureScorer(model, n_probes=2)
+    with pytest.warns(UserWarning, match="Falling back to backend='torch'") as caught:
+        a = auto.score(x, y)
+        auto.score(x, y)  # warned once per scorer and device
+    assert len(caught) == 1
+    b = CurvatureScorer(model, n_probes=2, backend="kernels")
+    monkeypatch.undo()
+    torch.testing.assert_close(a.curvature, b.score(x, y).curvature, **EXACT)
+
+
+def test_out_of_memory_halves_the_passes():
+    model = smooth_classifier()
+    x, y = labelled_batch(8)
+    seen = []
+
+    def limited(inp):
+        seen.append(inp.shape[0])
+        if inp.shape[0] > 12:
+            raise torch.cuda.OutOfMemoryError("simulated: too many rows")
+        return model(inp)
+
+    scorer = CurvatureScorer(limited, n_probes=5)
+    s = scorer.score(x, y)
+    assert max(seen[-6:]) <= 12
+    ref = CurvatureScorer(model, n_probes=5, max_batch=8).score(x, y)
+    torch.testing.assert_close(s.curvature, ref.curvature, **EXACT)
+    # the budget is remembered: no further failures
+    seen.clear()
+    scorer.score(x, y)
+    assert max(seen) <= 12
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # with max_batch set, no retry
+        CurvatureScorer(limited, n_probes=5, max_batch=40).score(x, y)
