@@ -6,8 +6,9 @@ Quick use::
     scores = CurvatureScorer(model).score(x, y, ids)   # per-sample CurvatureScores
 """
 
-from . import ops, reference, torch_ops
+from . import metrics, ops, reference, torch_ops
 from ._extension import has_cuda_kernels, has_kernels, kernels_available
+from .dataset import CurvatureTracker, IndexedDataset, score_checkpoints, score_dataset
 from .scorer import CurvatureScorer
 from .scores import CurvatureScores
 
@@ -16,6 +17,11 @@ __version__ = "0.1.0"
 __all__ = [
     "CurvatureScorer",
     "CurvatureScores",
+    "CurvatureTracker",
+    "IndexedDataset",
+    "score_checkpoints",
+    "score_dataset",
+    "metrics",
     "has_cuda_kernels",
     "has_kernels",
     "kernels_available",
