@@ -34,6 +34,13 @@ CPU_PASS_ELEMENTS = 1 << 18
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
+_NO_INPUT_GRADIENT = (
+    "loss_fn(model(x), y) does not depend on x through autograd, so it has no input gradient; "
+    "methods 'fd' and 'hvp' need a model that can be backpropagated to its input (a detach(), "
+    "numpy round trip or torch.no_grad inside the model cuts that path). method='zo' needs "
+    "loss values only."
+)
+
 
 def _cross_entropy(output: Tensor, y: Tensor) -> Tensor:
     return F.cross_entropy(output, y, reduction="none")
@@ -322,15 +329,11 @@ class CurvatureScorer:
         xr = x.detach().requires_grad_(True)
         with torch.enable_grad():
             loss = self._losses(self.model(xr), y, xr.shape[0])
-            if not loss.requires_grad:
-                raise RuntimeError(
-                    "loss_fn(model(x), y) does not depend on x through autograd, so it has no "
-                    "input gradient; methods 'fd' and 'hvp' need a model that can be "
-                    "backpropagated to its input (method='zo' needs loss values only)"
-                )
-            (grad,) = torch.autograd.grad(loss.sum(), xr, allow_unused=True)
+            grad = None
+            if loss.requires_grad:
+                (grad,) = torch.autograd.grad(loss.sum(), xr, allow_unused=True)
         if grad is None:
-            grad = torch.zeros_like(xr)
+            raise RuntimeError(_NO_INPUT_GRADIENT)
         return loss.detach(), grad.detach()
 
     def _hessian_vector(self, x: Tensor, y: Tensor, v: Tensor) -> Tensor:
@@ -338,13 +341,12 @@ class CurvatureScorer:
         xr = x.detach().requires_grad_(True)
         with torch.enable_grad():
             loss = self._losses(self.model(xr), y, xr.shape[0])
-            if not loss.requires_grad:
-                raise RuntimeError(
-                    "loss_fn(model(x), y) does not depend on x through autograd; method='hvp' "
-                    "needs a model that can be backpropagated to its input twice"
-                )
-            (grad,) = torch.autograd.grad(loss.sum(), xr, create_graph=True, allow_unused=True)
-            if grad is None or not grad.requires_grad:
+            grad = None
+            if loss.requires_grad:
+                (grad,) = torch.autograd.grad(loss.sum(), xr, create_graph=True, allow_unused=True)
+            if grad is None:
+                raise RuntimeError(_NO_INPUT_GRADIENT)
+            if not grad.requires_grad:
                 return torch.zeros_like(xr)  # the loss is at most linear in x here
             (hv,) = torch.autograd.grad(grad, xr, grad_outputs=v, allow_unused=True)
         return torch.zeros_like(xr) if hv is None else hv.detach()
