@@ -381,78 +381,113 @@ class CurvatureScorer:
             grad_norm = torch.linalg.vector_norm(grad.double(), dim=1)
         sums = torch.zeros(batch, 4, dtype=torch.float64, device=x.device)
         count = torch.zeros(batch, dtype=torch.int64, device=x.device)
-        active = torch.arange(batch, device=x.device)
-        offset = 0
+        active = torch.arange(batch, device=x.device)  # samples still drawing probes
+        offset = 0  # probes drawn so far by every active sample
         while active.numel():
-            n_round = min(self.n_probes, self.max_probes - offset)
+            sizes = self._round_sizes(offset, active.numel(), rows)
             everyone = active.numel() == batch
             xa, ya, ia = (x, y, ids) if everyone else (x[active], y[active], ids[active])
             if self.method == "fd":
                 ga = grad if everyone else grad[active]
-                stats = self._fd_round(ops, xa, ya, ia, ga, offset, n_round, rows)
+                stats = self._fd_rounds(ops, xa, ya, ia, ga, offset, sizes, rows)
             elif self.method == "hvp":
-                stats = self._hvp_round(ops, xa, ya, ia, offset, n_round, rows)
+                stats = self._hvp_rounds(ops, xa, ya, ia, offset, sizes, rows)
             else:
                 la = loss if everyone else loss[active]
-                stats = self._zo_round(ops, xa, ya, ia, la, offset, n_round, rows)
-            sums[active] += stats
-            count[active] += n_round
-            offset += n_round
-            if self.rtol is None:
-                break
-            active = active[~self._converged(sums[active], offset)]
+                stats = self._zo_rounds(ops, xa, ya, ia, la, offset, sizes, rows)
+            # Rounds in order; a sample takes no rounds after the one where it converged.
+            live = torch.ones(active.numel(), dtype=torch.bool, device=x.device)
+            for r, size in enumerate(sizes):
+                rows_live = active[live]
+                sums[rows_live] += stats[r][live]
+                count[rows_live] += size
+                offset += size
+                if self.rtol is not None:
+                    live[live.clone()] = ~self._converged(sums[rows_live], offset)
+            active = active[live] if self.rtol is not None else active[:0]
         return sums, count, loss.to(torch.float64), grad_norm
 
-    def _probe_chunks(self, n_round: int, batch: int, rows: int, copies: int = 1):
+    def _round_sizes(self, offset: int, active: int, rows: int) -> list[int]:
+        """Probes per round for the next pass over ``active`` samples.
+
+        One round of n_probes without rtol. With rtol, as many rounds as fit in a pass of
+        ``rows`` rows (at least one), up to max_probes: once few samples remain, one pass runs
+        several rounds rather than many passes of a few rows each.
+        """
+        if self.rtol is None:
+            return [self.n_probes]
+        copies = 4 if self.method == "zo" else 1
+        fit = max(1, rows // (copies * self.n_probes * active))
+        sizes, remaining = [], self.max_probes - offset
+        while remaining > 0 and len(sizes) < fit:
+            sizes.append(min(self.n_probes, remaining))
+            remaining -= sizes[-1]
+        return sizes
+
+    @staticmethod
+    def _probe_chunks(n: int, batch: int, rows: int, copies: int = 1):
         """(first probe, probes) chunks of at most ``rows`` rows of ``copies`` x probes x batch."""
         per_chunk = max(1, rows // (copies * batch))
-        for k0 in range(0, n_round, per_chunk):
-            yield k0, min(per_chunk, n_round - k0)
+        for k0 in range(0, n, per_chunk):
+            yield k0, min(per_chunk, n - k0)
 
-    def _fd_round(self, ops, x, y, ids, grad, offset, n_round, rows) -> Tensor:
+    @staticmethod
+    def _rounds_in_chunk(sizes: list[int], k0: int, kk: int):
+        """(round, start, stop): the part [start, stop) of chunk [k0, k0 + kk) in each round."""
+        first = 0
+        for r, size in enumerate(sizes):
+            start, stop = max(first, k0), min(first + size, k0 + kk)
+            if start < stop:
+                yield r, start - k0, stop - k0
+            first += size
+
+    def _fd_rounds(self, ops, x, y, ids, grad, offset, sizes, rows) -> Tensor:
+        """(rounds, B, 4) probe sums; grad (B, D) is g(x)."""
         batch = x.shape[0]
-        stats = torch.zeros(batch, 4, dtype=torch.float64, device=x.device)
-        for k0, kk in self._probe_chunks(n_round, batch, rows):
+        stats = torch.zeros(len(sizes), batch, 4, dtype=torch.float64, device=x.device)
+        for k0, kk in self._probe_chunks(sum(sizes), batch, rows):
             xp = ops.perturb(x, ids, self.seed, kk, self.h, offset + k0)  # (kk * B, ...)
             _, gp = self._loss_and_grad(xp, _repeat_rows(y, kk))
             gp = gp.reshape(kk, batch, -1)  # (kk, B, D)
-            stats += ops.probe_reduce(grad, gp, ids, self.seed, self.h, offset + k0).double()
+            for r, a, b in self._rounds_in_chunk(sizes, k0, kk):
+                part = ops.probe_reduce(grad, gp[a:b], ids, self.seed, self.h, offset + k0 + a)
+                stats[r] += part.double()
         return stats
 
-    def _hvp_round(self, ops, x, y, ids, offset, n_round, rows) -> Tensor:
+    def _hvp_rounds(self, ops, x, y, ids, offset, sizes, rows) -> Tensor:
+        """(rounds, B, 4) probe sums of H r_k, by double backward."""
         batch = x.shape[0]
-        stats = torch.zeros(batch, 4, dtype=torch.float64, device=x.device)
+        stats = torch.zeros(len(sizes), batch, 4, dtype=torch.float64, device=x.device)
         zero = x.new_zeros(batch, x[0].numel())
-        for k0, kk in self._probe_chunks(n_round, batch, rows):
+        for k0, kk in self._probe_chunks(sum(sizes), batch, rows):
             r = ops.rademacher(self.seed, ids, kk, x.shape[1:], offset + k0, 0, x.dtype)
             hv = self._hessian_vector(
                 _repeat_rows(x, kk), _repeat_rows(y, kk), r.reshape(kk * batch, *x.shape[1:])
             )
             hv = hv.reshape(kk, batch, -1)  # (kk, B, D): H r_k, so h = 1 in probe_reduce
-            stats += ops.probe_reduce(zero, hv, ids, self.seed, 1.0, offset + k0).double()
+            for rnd, a, b in self._rounds_in_chunk(sizes, k0, kk):
+                part = ops.probe_reduce(zero, hv[a:b], ids, self.seed, 1.0, offset + k0 + a)
+                stats[rnd] += part.double()
         return stats
 
-    def _zo_round(self, ops, x, y, ids, loss, offset, n_round, rows) -> Tensor:
+    def _zo_rounds(self, ops, x, y, ids, loss, offset, sizes, rows) -> Tensor:
+        """(rounds, B, 4) sums of |e|, e^2, t, t^2 with e ~ r^T H s, t ~ (r^T H r + s^T H s) / 2."""
         batch = x.shape[0]
-        stats = torch.zeros(batch, 4, dtype=torch.float64, device=x.device)
+        stats = torch.zeros(len(sizes), batch, 4, dtype=torch.float64, device=x.device)
         scale = 4.0 * self.h * self.h
         with torch.no_grad():
-            for k0, kk in self._probe_chunks(n_round, batch, rows, copies=4):
+            for k0, kk in self._probe_chunks(sum(sizes), batch, rows, copies=4):
                 xp = ops.perturb_zo(x, ids, self.seed, kk, self.h, offset + k0)  # (4 kk B, ...)
                 lp = self._losses(self.model(xp), _repeat_rows(y, 4 * kk), xp.shape[0])
                 lp = lp.detach().double().reshape(4, kk, batch)
-                # r^T H s and (r^T H r + s^T H s) / 2, both up to O(h^2)
+                # Four-point differences, exact for quadratics (errors O(h^2)):
+                # L(x+hr+hs) - L(x-hr+hs) - L(x+hr-hs) + L(x-hr-hs) = 4 h^2 r^T H s, and
+                # their sum - 4 L(x) = 2 h^2 (r^T H r + s^T H s).
                 bilinear = (lp[0] - lp[1] - lp[2] + lp[3]) / scale  # (kk, B)
                 trace = (lp.sum(0) - 4.0 * loss.double()) / scale  # (kk, B)
-                stats += torch.stack(
-                    [
-                        bilinear.abs().sum(0),
-                        (bilinear * bilinear).sum(0),
-                        trace.sum(0),
-                        (trace * trace).sum(0),
-                    ],
-                    dim=-1,
-                )
+                per_probe = torch.stack([bilinear.abs(), bilinear**2, trace, trace**2], dim=-1)
+                for r, a, b in self._rounds_in_chunk(sizes, k0, kk):
+                    stats[r] += per_probe[a:b].sum(0)
         return stats
 
     def _converged(self, sums: Tensor, n: int) -> Tensor:
