@@ -101,7 +101,7 @@ def _extensions():
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         cxx.append("-DCURVKERN_WITH_CUDA")
-        nvcc = [*opt, "-DCURVKERN_WITH_CUDA", "--expt-relaxed-constexpr"]
+        nvcc = [*opt, "-DCURVKERN_WITH_CUDA"]
         if debug:
             nvcc += ["-G", "-DTORCH_USE_CUDA_DSA"]
         # After the toolkit's own folder, so that its cuda_runtime.h wins.

@@ -10,7 +10,7 @@ from torch import nn
 import curvkern
 from curvkern import CurvatureScorer, CurvatureScores, reference, torch_ops
 
-from .conftest import labelled_batch, smooth_classifier
+from .conftest import CUDA, labelled_batch, smooth_classifier
 
 # float64 throughout unless a test is about float32: differences between two computations of
 # the same scores are then rounding of order 1e-16 amplified by 1 / h, far below the 1e-8
@@ -435,3 +435,16 @@ def test_out_of_memory_halves_the_passes():
     assert max(seen) <= 12
     with pytest.raises(torch.cuda.OutOfMemoryError):  # with max_batch set, no retry
         CurvatureScorer(limited, n_probes=5, max_batch=40).score(x, y)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a GPU and the CUDA kernels")
+@pytest.mark.parametrize("method", ["fd", "hvp", "zo"])
+def test_cuda_scores_match_cpu(method):
+    # The same probes on both devices (one shared generator); float64 differences are rounding.
+    model = smooth_classifier()
+    x, y = labelled_batch(16)
+    kw = dict(method=method, n_probes=6, h=1e-3 if method != "zo" else 1e-2, backend="kernels")
+    cpu = CurvatureScorer(model, **kw).score(x, y)
+    gpu = CurvatureScorer(model.cuda(), **kw).score(x.cuda(), y.cuda())
+    for field, value in cpu.to_dict().items():
+        torch.testing.assert_close(getattr(gpu, field).cpu(), value, equal_nan=True, **EXACT)

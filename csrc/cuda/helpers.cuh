@@ -41,6 +41,11 @@ inline int grid_for_warp_items(int64_t warp_items, int sm_count) {
   return static_cast<int>(std::max<int64_t>(1, std::min(needed, 4 * resident)));
 }
 
+// min(remaining, 32): how many of the next 32 items (probes, blocks) exist.
+__device__ __forceinline__ int warp_span(int64_t remaining) {
+  return remaining < kWarpSize ? static_cast<int>(remaining) : kWarpSize;
+}
+
 // Global index of this thread's warp and the number of warps in the grid.
 __device__ __forceinline__ int64_t global_warp() {
   return int64_t{blockIdx.x} * kWarpsPerBlock + threadIdx.x / kWarpSize;

@@ -30,7 +30,7 @@ __global__ void __launch_bounds__(kThreads)
     }
     for (int64_t k0 = 0; k0 < n; k0 += kWarpSize) {
       const ProbeWords words = probe_block(seed, 0, id, offset + k0 + lane, blk);
-      const int kn = static_cast<int>(std::min<int64_t>(kWarpSize, n - k0));
+      const int kn = warp_span(n - k0);
       for (int kk = 0; kk < kn; ++kk) {
         scalar_t* o = out + ((k0 + kk) * batch + b) * dim;
         const uint32_t w[kWordsPerBlock] = {shfl_word<0>(words, kk), shfl_word<1>(words, kk),

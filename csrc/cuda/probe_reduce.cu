@@ -36,7 +36,7 @@ __global__ void __launch_bounds__(kThreads)
       acc_t sq = 0, rd = 0;
       for (int64_t seg = 0; seg < nblk; seg += kWarpSize) {
         const ProbeWords words = probe_block(seed, 0, id, offset + k, seg + lane);
-        const int nb = static_cast<int>(std::min<int64_t>(kWarpSize, nblk - seg));
+        const int nb = warp_span(nblk - seg);
         for (int i = 0; i < nb; ++i) {
           const int64_t j0 = (seg + i) * kProbeBlock + lane;
           const uint32_t w[kWordsPerBlock] = {shfl_word<0>(words, i), shfl_word<1>(words, i),

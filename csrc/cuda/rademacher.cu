@@ -21,7 +21,7 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t row = item / nseg, seg = (item - row * nseg) * kWarpSize;
     const int64_t k = row / batch, b = row - k * batch;
     const ProbeWords words = probe_block(seed, stream, ids[b], offset + k, seg + lane);
-    const int nb = static_cast<int>(std::min<int64_t>(kWarpSize, nblk - seg));
+    const int nb = warp_span(nblk - seg);
     scalar_t* o = out + row * dim;
     for (int i = 0; i < nb; ++i) {
       const int64_t j0 = (seg + i) * kProbeBlock + lane;
