@@ -458,13 +458,15 @@ class CurvatureScorer:
         """(rounds, B, 4) probe sums of H r_k, by double backward."""
         batch = x.shape[0]
         stats = torch.zeros(len(sizes), batch, 4, dtype=torch.float64, device=x.device)
-        zero = x.new_zeros(batch, x[0].numel())
+        # The reduction runs in float32 at least (the ops take float32 and float64).
+        reduce_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        zero = x.new_zeros(batch, x[0].numel(), dtype=reduce_dtype)
         for k0, kk in self._probe_chunks(sum(sizes), batch, rows):
-            r = ops.rademacher(self.seed, ids, kk, x.shape[1:], offset + k0, 0, x.dtype)
-            hv = self._hessian_vector(
-                _repeat_rows(x, kk), _repeat_rows(y, kk), r.reshape(kk * batch, *x.shape[1:])
-            )
-            hv = hv.reshape(kk, batch, -1)  # (kk, B, D): H r_k, so h = 1 in probe_reduce
+            r = ops.rademacher(self.seed, ids, kk, x.shape[1:], offset + k0, 0, reduce_dtype)
+            v = r.reshape(kk * batch, *x.shape[1:]).to(x.dtype)
+            hv = self._hessian_vector(_repeat_rows(x, kk), _repeat_rows(y, kk), v)
+            # (kk, B, D): H r_k, so h = 1 in probe_reduce
+            hv = hv.reshape(kk, batch, -1).to(reduce_dtype)
             for rnd, a, b in self._rounds_in_chunk(sizes, k0, kk):
                 part = ops.probe_reduce(zero, hv[a:b], ids, self.seed, 1.0, offset + k0 + a)
                 stats[rnd] += part.double()
