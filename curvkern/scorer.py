@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from . import ops as kernel_ops
 from . import torch_ops
@@ -99,7 +100,8 @@ class CurvatureScorer:
 
     Args:
         model: any nn.Module or callable mapping a (B, ...) float batch to an output that
-            ``loss_fn`` understands. Scored in eval mode; left exactly as found.
+            ``loss_fn`` understands. Scored in eval mode; left exactly as found. A
+            DistributedDataParallel model is scored through its ``module``.
         loss_fn: ``loss_fn(output, y)`` -> (B,) per-sample losses. Default: cross entropy with
             reduction="none".
         h: finite-difference step, in the model's input space (after normalization).
@@ -163,6 +165,10 @@ class CurvatureScorer:
                 "gets exactly n_probes probes"
             )
 
+        if isinstance(model, DistributedDataParallel):
+            # Score the wrapped module: a DDP forward is a collective (it broadcasts buffers and
+            # arms the gradient reducer), and ranks run different numbers of scoring passes.
+            model = model.module
         self.model = model
         self.loss_fn: LossFn = _cross_entropy if loss_fn is None else loss_fn
         self.h = float(h)

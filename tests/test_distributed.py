@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
@@ -29,8 +30,14 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         data = _dataset()
         sampler = DistributedSampler(data, num_replicas=WORLD, rank=rank, shuffle=True, seed=3)
         loader = DataLoader(data, batch_size=4, sampler=sampler)
-        scorer = CurvatureScorer(smooth_classifier(), n_probes=3)
+        ddp = DistributedDataParallel(smooth_classifier())
+        scorer = CurvatureScorer(ddp, n_probes=3)  # scores ddp.module
         result = score_dataset(scorer, loader, progress=False)
+        # the DDP model still trains after scoring (its reducer was never armed by scoring)
+        for _ in range(2):
+            x, y, _ = next(iter(loader))
+            ddp.zero_grad()
+            torch.nn.functional.cross_entropy(ddp(x), y).backward()
         tracker = CurvatureTracker(scorer, N, f"{out_dir}/tracker.npz")
         tracker.score_epoch(loader, 0, progress=False)
         dist.barrier()  # rank 0 has saved
