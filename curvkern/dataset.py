@@ -8,10 +8,11 @@ import json
 import math
 import os
 import re
+import secrets
 import sys
-import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -22,7 +23,44 @@ from torch.utils.data import Dataset
 from .scorer import CurvatureScorer
 from .scores import SCORE_FIELDS, CurvatureScores
 
-__all__ = ["IndexedDataset", "score_dataset", "CurvatureTracker", "score_checkpoints"]
+__all__ = [
+    "IndexedDataset",
+    "score_dataset",
+    "CurvatureTracker",
+    "score_checkpoints",
+    "atomic_write",
+]
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """A binary file to write that replaces ``path`` only once it is complete.
+
+    Writes go to a temporary file beside ``path`` (created with the permissions a plain open()
+    would give); on leaving the block it is flushed to disk and renamed over ``path``, and the
+    folder's entry is synced. If the block raises, the temporary file is removed and ``path`` is
+    untouched, so a crash at any moment leaves either the old file or the new one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):  # not every platform can open a folder
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
 
 
 class IndexedDataset(Dataset):
@@ -294,23 +332,12 @@ class CurvatureTracker:
 
     def save(self, path: str | os.PathLike) -> None:
         """Writes the history to ``path`` (.npz) atomically: a crash leaves the old file."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         arrays = {"epochs": np.asarray(self.epochs, dtype=np.int64)}
         for name in SCORE_FIELDS:
             arrays[name] = self.field_history(name).numpy()
         arrays["metadata"] = np.frombuffer(json.dumps(self._metadata()).encode(), dtype=np.uint8)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        with atomic_write(path) as f:
+            np.savez(f, **arrays)
 
     def _load(self, path: Path) -> None:
         with np.load(path, allow_pickle=False) as data:

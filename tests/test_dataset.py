@@ -287,3 +287,15 @@ def test_checkpoint_epochs_from_names():
     ]
     assert _checkpoint_epochs(["last.pt", "best.pt"]) == [(0, "last.pt"), (1, "best.pt")]
     assert _checkpoint_epochs({3: "x.pt", 1: "y.pt"}) == [(1, "y.pt"), (3, "x.pt")]
+
+
+def test_saved_file_permissions_follow_the_umask(data, tmp_path):
+    old = os.umask(0o022)
+    try:
+        tracker = CurvatureTracker(
+            CurvatureScorer(smooth_classifier(), n_probes=1), N, tmp_path / "t.npz"
+        )
+        tracker.score_epoch(_loader(data), 0, progress=False)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "t.npz").stat().st_mode & 0o777 == 0o644
