@@ -500,3 +500,25 @@ def save_image_grid(
     fig.suptitle(title, fontsize=9)
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def tracked_scores(tracker) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The four per-sample scores every example compares, and their display names.
+
+    Curvature averaged over the tracked epochs and at the last one, the final loss, and the loss
+    averaged over the same epochs (the tracker records it with the curvature).
+    """
+    epochs = len(tracker.epochs)
+    columns = {
+        "curvature_mean": tracker.mean.numpy(),
+        "curvature_last": tracker.history[-1].numpy(),
+        "loss_final": tracker.field_history("loss")[-1].numpy(),
+        "loss_mean": tracker.field_mean("loss").numpy(),
+    }
+    names = {
+        "curvature_mean": f"curvature, mean over {epochs} epochs",
+        "curvature_last": "curvature, last epoch",
+        "loss_final": "loss, final",
+        "loss_mean": f"loss, mean over {epochs} epochs",
+    }
+    return columns, names

@@ -37,6 +37,7 @@ from common import (
     percentile_ranks,
     pyplot,
     recipe_for,
+    tracked_scores,
     train_tracked,
     write_csv,
 )
@@ -167,19 +168,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         f"{fitted[role == 2].mean():.1%}"
     )
 
-    epochs = len(tracker.epochs)
-    columns = {
-        "curvature_mean": tracker.mean.numpy(),
-        "curvature_last": tracker.history[-1].numpy(),
-        "loss_final": tracker.field_history("loss")[-1].numpy(),
-        "loss_mean": tracker.field_mean("loss").numpy(),
-    }
-    names = {
-        "curvature_mean": f"curvature, mean over {epochs} epochs",
-        "curvature_last": "curvature, last epoch",
-        "loss_final": "loss, final",
-        "loss_mean": f"loss, mean over {epochs} epochs",
-    }
+    columns, names = tracked_scores(tracker)
     members = role > 0
     percentiles = {key: percentile_ranks(values) for key, values in columns.items()}
     aurocs = {key: auroc(values, members) for key, values in columns.items()}

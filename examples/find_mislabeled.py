@@ -49,6 +49,7 @@ from common import (
     pyplot,
     recipe_for,
     save_image_grid,
+    tracked_scores,
     train_classifier,
     train_tracked,
     write_csv,
@@ -200,19 +201,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         f"{accuracy(model, data.x, data.y):.1%}"
     )
 
-    epochs = len(tracker.epochs)
-    columns = {
-        "curvature_mean": tracker.mean.numpy(),
-        "curvature_last": tracker.history[-1].numpy(),
-        "loss_final": tracker.field_history("loss")[-1].numpy(),
-        "loss_mean": tracker.field_mean("loss").numpy(),
-    }
-    names = {
-        "curvature_mean": f"curvature, mean over {epochs} epochs",
-        "curvature_last": "curvature, last epoch",
-        "loss_final": "loss, final",
-        "loss_mean": f"loss, mean over {epochs} epochs",
-    }
+    columns, names = tracked_scores(tracker)
     ranking = dict(columns)  # each score ranks suspicious images high; cleanlab's quality, low
     quality = cleanlab_quality(data, noisy, recipe, args.folds, args.seed) if args.folds else None
     if quality is not None:

@@ -64,6 +64,7 @@ from common import (
     pyplot,
     recipe_for,
     save_image_grid,
+    tracked_scores,
     train_classifier,
     train_tracked,
     write_csv,
@@ -384,19 +385,7 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[float, float]]:
         f"{len(tracker.epochs)} epochs scored ({time.perf_counter() - train_start:.0f} s)"
     )
 
-    epochs = len(tracker.epochs)
-    columns = {
-        "curvature_mean": tracker.mean.numpy(),
-        "curvature_last": tracker.history[-1].numpy(),
-        "loss_final": tracker.field_history("loss")[-1].numpy(),
-        "loss_mean": tracker.field_mean("loss").numpy(),
-    }
-    names = {
-        "curvature_mean": f"curvature, mean over {epochs} epochs",
-        "curvature_last": "curvature, last epoch",
-        "loss_final": "loss, final",
-        "loss_mean": f"loss, mean over {epochs} epochs",
-    }
+    columns, names = tracked_scores(tracker)
     stats = {
         key: (cosine_similarity(mem, values), spearman(mem, values))
         for key, values in columns.items()
