@@ -5,6 +5,7 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "common.h"
@@ -14,9 +15,10 @@
 namespace curvkern {
 namespace {
 
-// Pass 1, one work item per row (k, b): ||dg|| / h and r . dg / h. Eight independent
-// accumulators (one per lane of a sign-table row) break the add-latency chain and vectorize; they
-// are combined in a fixed order, so a row's result does not depend on the batch it is in.
+// Pass 1, one work item per row (k, b): ||dg|| / h and r . dg / h. The probe block's signs are
+// expanded into a small array through the sign table, and the sums over a block are an OpenMP
+// simd reduction, which allows the compiler to reorder them into vector lanes: a row's result
+// depends on D alone, not on the batch it is in or the number of threads.
 template <typename scalar_t>
 void row_norms_cpu(const scalar_t* g0,  // (B, D)
                    const scalar_t* g,   // (n, B, D)
@@ -24,39 +26,34 @@ void row_norms_cpu(const scalar_t* g0,  // (B, D)
                    double* partial,     // (n, B, 2)
                    uint64_t seed, int64_t n, int64_t batch, int64_t dim, double h, int64_t offset) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr int kLanes = cpu::kSignsPerByte;
   const int64_t nblk = (dim + kProbeBlock - 1) / kProbeBlock;
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(dim, 1));
   at::parallel_for(0, n * batch, grain, [&](int64_t begin, int64_t end) {
+    alignas(64) acc_t sign[kProbeBlock];
     for (int64_t row = begin; row < end; ++row) {
       const int64_t k = row / batch, b = row % batch;
       const scalar_t* gr = g + row * dim;
       const scalar_t* g0r = g0 + b * dim;
-      acc_t sq[kLanes] = {}, rd[kLanes] = {};
+      double sq_sum = 0, rd_sum = 0;
       for (int64_t blk = 0; blk < nblk; ++blk) {
         const ProbeWords r = probe_block(seed, 0, ids[b], offset + k, blk);
+        for (int byte = 0; byte < cpu::kBytesPerBlock; ++byte) {
+          const acc_t* eight = cpu::signs_of_byte<acc_t>(r, byte);
+          std::copy(eight, eight + cpu::kSignsPerByte, sign + byte * cpu::kSignsPerByte);
+        }
         const int64_t j0 = blk * kProbeBlock;
         const int len = static_cast<int>(std::min(kProbeBlock, dim - j0));
-        const int full_bytes = len / kLanes;
-        for (int byte = 0; byte < full_bytes; ++byte) {
-          const acc_t* sign = cpu::signs_of_byte<acc_t>(r, byte);
-          const int64_t j = j0 + byte * kLanes;
-          for (int l = 0; l < kLanes; ++l) {
-            const acc_t d = static_cast<acc_t>(gr[j + l]) - static_cast<acc_t>(g0r[j + l]);
-            sq[l] += d * d;
-            rd[l] += sign[l] * d;
-          }
+        const scalar_t* gb = gr + j0;
+        const scalar_t* g0b = g0r + j0;
+        acc_t sq = 0, rd = 0;
+#pragma omp simd reduction(+ : sq, rd)
+        for (int j = 0; j < len; ++j) {
+          const acc_t d = static_cast<acc_t>(gb[j]) - static_cast<acc_t>(g0b[j]);
+          sq += d * d;
+          rd += sign[j] * d;
         }
-        for (int j = full_bytes * kLanes; j < len; ++j) {
-          const acc_t d = static_cast<acc_t>(gr[j0 + j]) - static_cast<acc_t>(g0r[j0 + j]);
-          sq[0] += d * d;
-          rd[0] += probe_sign_at<acc_t>(r, j) * d;
-        }
-      }
-      double sq_sum = 0, rd_sum = 0;
-      for (int l = 0; l < kLanes; ++l) {
-        sq_sum += sq[l];
-        rd_sum += rd[l];
+        sq_sum += sq;
+        rd_sum += rd;
       }
       partial[2 * row] = std::sqrt(sq_sum) / h;
       partial[2 * row + 1] = rd_sum / h;
