@@ -52,6 +52,43 @@ def _repeat_rows(t: Tensor, copies: int) -> Tensor:
     return t.repeat(copies, *([1] * (t.dim() - 1)))
 
 
+# Per device type, the torch.backends objects whose fp32_precision lets float32 convolutions and
+# matrix products run in a reduced precision (TF32 on CUDA, by default for cuDNN convolutions;
+# bf16/TF32 in oneDNN on some CPUs when asked for).
+_FP32_PRECISION_KNOBS = {
+    "cuda": ("cudnn.conv", "cuda.matmul"),
+    "cpu": ("mkldnn.conv", "mkldnn.matmul"),
+}
+
+
+@contextlib.contextmanager
+def ieee_float32(device_type: str) -> Iterator[None]:
+    """Float32 convolutions and matrix products in full IEEE precision, restored on exit.
+
+    TF32 rounds to about 5e-4 relative, while a finite difference g(x + h r) - g(x) is about
+    h = 1e-3 times smaller than g: in TF32 it would be mostly rounding. The fd and zo methods
+    therefore score inside this context. It uses torch's fp32_precision settings (torch >= 2.9)
+    and puts back each one's previous value, so the caller's TF32 choices are unchanged after.
+
+    Args:
+        device_type: "cuda" or "cpu" (other devices: nothing to set).
+    """
+    knobs = []
+    for path in _FP32_PRECISION_KNOBS.get(device_type, ()):
+        obj = torch.backends
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+        if obj is not None and hasattr(obj, "fp32_precision"):
+            knobs.append((obj, obj.fp32_precision))
+    try:
+        for obj, _ in knobs:
+            obj.fp32_precision = "ieee"
+        yield
+    finally:
+        for obj, value in knobs:
+            obj.fp32_precision = value
+
+
 @contextlib.contextmanager
 def _scoring_mode(model: Callable) -> Iterator[None]:
     """Eval mode and frozen parameters; on exit, the model exactly as it was found.
@@ -210,8 +247,12 @@ class CurvatureScorer:
         if x.shape[0] == 0:
             return CurvatureScores.empty(self.h, self.method, out_dtype, x.device)
         ops = self._ops_for(x.device)
-        inference = torch.inference_mode(False) if torch.is_inference_mode_enabled() else None
-        with inference or contextlib.nullcontext(), _scoring_mode(self.model):
+        with contextlib.ExitStack() as stack:
+            if torch.is_inference_mode_enabled():
+                stack.enter_context(torch.inference_mode(False))
+            if self.method in ("fd", "zo"):
+                stack.enter_context(ieee_float32(x.device.type))
+            stack.enter_context(_scoring_mode(self.model))
             if x.is_inference():
                 x = x.clone()
             if isinstance(y, Tensor) and y.is_inference():

@@ -461,3 +461,41 @@ def test_hvp_in_bfloat16():
     )
     assert low.curvature.dtype == torch.float32
     torch.testing.assert_close(low.curvature, exact.curvature.float(), rtol=0.05, atol=0)
+
+
+def test_full_float32_precision_while_differencing():
+    # TF32 (or bf16) float32 arithmetic rounds at ~5e-4, the size of the finite differences:
+    # fd and zo score in IEEE float32 and leave the caller's settings as they were.
+    from curvkern.scorer import ieee_float32
+
+    backends = torch.backends
+    before = {
+        "cudnn.conv": backends.cudnn.conv.fp32_precision,
+        "mkldnn.conv": backends.mkldnn.conv.fp32_precision,
+        "mkldnn.matmul": backends.mkldnn.matmul.fp32_precision,
+    }
+    with ieee_float32("cuda"):
+        assert backends.cudnn.conv.fp32_precision == "ieee"
+        assert backends.cuda.matmul.fp32_precision == "ieee"
+    assert backends.cudnn.conv.fp32_precision == before["cudnn.conv"]
+
+    seen = []
+    model = smooth_classifier(dtype=torch.float32)
+
+    def recording(x):
+        seen.append((backends.mkldnn.conv.fp32_precision, backends.mkldnn.matmul.fp32_precision))
+        return model(x)
+
+    x, y = labelled_batch(3, dtype=torch.float32)
+    backends.mkldnn.matmul.fp32_precision = "tf32"
+    try:
+        for method in ("fd", "zo"):
+            seen.clear()
+            CurvatureScorer(recording, method=method, n_probes=2).score(x, y)
+            assert set(seen) == {("ieee", "ieee")}, method
+            assert backends.mkldnn.matmul.fp32_precision == "tf32"
+        seen.clear()
+        CurvatureScorer(recording, method="hvp", n_probes=2).score(x, y)  # exact: no change
+        assert set(seen) == {(before["mkldnn.conv"], "tf32")}
+    finally:
+        backends.mkldnn.matmul.fp32_precision = before["mkldnn.matmul"]
