@@ -8,6 +8,7 @@ over chance (AUROC 0.5, correlation 0), with the measured range over seeds 0-4 i
 
 import csv
 import importlib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,8 @@ import torch
 pytest.importorskip("sklearn", reason="the examples load scikit-learn's digits")
 pytest.importorskip("matplotlib", reason="the examples draw pictures")
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
 
 
 @pytest.fixture(scope="module")
@@ -117,12 +119,14 @@ def test_missing_data_set_says_what_to_install(examples, tmp_path, capsys, name)
 
 
 def test_missing_data_set_exits_without_traceback(tmp_path):
+    # The child imports curvkern as this process does, installed or built in place.
+    pythonpath = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     result = subprocess.run(
         [
             sys.executable, str(EXAMPLES / "find_mislabeled.py"), "--dataset", "fashion-mnist",
             "--data-root", str(tmp_path), "--out", str(tmp_path / "out"),
         ],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": pythonpath},
     )  # fmt: skip
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
