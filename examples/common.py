@@ -326,7 +326,29 @@ def describe(recipe: Recipe, data: ImageData) -> str:
     )
 
 
-def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+def example_parser(doc: str) -> argparse.ArgumentParser:
+    """The command line of an example, with the flags all of them share.
+
+    Its help shows ``doc``, the example's docstring (first paragraph, then the rest), then the
+    example's own flags, then the curvature tracking and the data and training flags.
+    """
+    summary, _, details = doc.partition("\n\n")
+    parser = argparse.ArgumentParser(
+        description=summary, epilog=details, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    tracking = parser.add_argument_group("curvature tracking")
+    tracking.add_argument(
+        "--track-every", type=int, default=1, metavar="K",
+        help="score every K-th epoch (and the last) rather than every epoch (default: 1)",
+    )  # fmt: skip
+    tracking.add_argument(
+        "--probes", type=int, default=10, help="curvature probes per image (default: 10)"
+    )
+    _add_data_arguments(parser)
+    return parser
+
+
+def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     """--dataset, --data-root, --download, --subset and the training recipe's flags."""
     group = parser.add_argument_group("data and training")
     group.add_argument(
@@ -362,8 +384,10 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def check_positive(parser: argparse.ArgumentParser, args: argparse.Namespace, *names: str):
-    """Exits with a usage error if a recipe flag or one of ``names`` is given and not positive."""
-    for name in ("subset", "epochs", "hidden", "lr", "batch_size", *names):
+    """Exits with a usage error if a flag of example_parser or one of ``names`` is given and not
+    positive."""
+    shared = ("track_every", "probes", "subset", "epochs", "hidden", "lr", "batch_size")
+    for name in (*shared, *names):
         value = getattr(args, name)
         if value is not None and value <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
@@ -378,6 +402,18 @@ def recipe_for(args: argparse.Namespace, **overrides) -> Recipe:
         if getattr(args, name) is not None
     }
     return dataclasses.replace(recipe, **flags)
+
+
+def load_or_exit(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, recipe: Recipe
+) -> ImageData:
+    """The data set of ``--dataset``, subset as ``recipe`` says; where it is not on this machine,
+    exits with status 2 and a message that says how to get it (no traceback)."""
+    try:
+        data = load(args.dataset, args.data_root, args.download)
+    except DataUnavailable as error:
+        parser.exit(2, f"{parser.prog}: {error}\n")
+    return data.subset(recipe.subset, args.seed)
 
 
 def percentile_ranks(values: np.ndarray) -> np.ndarray:

@@ -26,12 +26,11 @@ import time
 import numpy as np
 import torch
 from common import (
-    DataUnavailable,
-    add_data_arguments,
     check_positive,
     describe,
     draw_image,
-    load,
+    example_parser,
+    load_or_exit,
     markdown_table,
     mlp,
     percentile_ranks,
@@ -50,21 +49,11 @@ ROLES = ("-", "original", "copy")
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
+    parser = example_parser(__doc__)
     parser.add_argument(
         "--duplicates", type=float, default=0.03,
         help="fraction of the images copied with another label (default: 0.03)",
     )  # fmt: skip
-    parser.add_argument(
-        "--track-every", type=int, default=1, metavar="K",
-        help="score every K-th epoch (and the last) rather than every epoch (default: 1)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--probes", type=int, default=10, help="curvature probes per image (default: 10)"
-    )
     parser.add_argument("--pairs", type=int, default=16, help="pairs in the picture (default: 16)")
     parser.add_argument(
         "--out", default="outputs/conflicting_duplicates",
@@ -74,9 +63,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
         "--quick", action="store_true",
         help=f"a seconds-long run for tests: {QUICK['subset']} images, {QUICK['epochs']} epochs",
     )  # fmt: skip
-    add_data_arguments(parser)
     args = parser.parse_args(argv)
-    check_positive(parser, args, "track_every", "probes", "pairs")
+    check_positive(parser, args, "pairs")
     if not 0 < args.duplicates <= 0.5:
         parser.error(f"--duplicates must lie in (0, 0.5], got {args.duplicates}")
     return parser, args
@@ -130,11 +118,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser, args = parse_args(argv)
     recipe = recipe_for(args, **(QUICK if args.quick else {}))
     start = time.perf_counter()
-    try:
-        data = load(args.dataset, args.data_root, args.download)
-    except DataUnavailable as error:
-        parser.exit(2, f"{parser.prog}: {error}\n")
-    data = data.subset(recipe.subset, args.seed)
+    data = load_or_exit(parser, args, recipe)
 
     # The copies: m distinct images, each given a class other than its own.
     gen = torch.Generator().manual_seed(args.seed)

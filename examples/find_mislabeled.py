@@ -33,15 +33,14 @@ import time
 import numpy as np
 import torch
 from common import (
-    DataUnavailable,
     ImageData,
     Recipe,
     accuracy,
-    add_data_arguments,
     check_positive,
     describe,
+    example_parser,
     flip_labels,
-    load,
+    load_or_exit,
     markdown_table,
     mlp,
     predict_proba,
@@ -64,19 +63,9 @@ QUICK_FOLDS = 2
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
+    parser = example_parser(__doc__)
     parser.add_argument(
         "--flip", type=float, default=0.1, help="fraction of labels flipped (default: 0.1)"
-    )
-    parser.add_argument(
-        "--track-every", type=int, default=1, metavar="K",
-        help="score every K-th epoch (and the last) rather than every epoch (default: 1)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--probes", type=int, default=10, help="curvature probes per image (default: 10)"
     )
     parser.add_argument(
         "--h", type=float, default=1e-3,
@@ -96,9 +85,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
         help=f"a seconds-long run for tests: {QUICK['subset']} images, {QUICK['epochs']} epochs, "
         f"{QUICK_FOLDS} folds",
     )  # fmt: skip
-    add_data_arguments(parser)
     args = parser.parse_args(argv)
-    check_positive(parser, args, "track_every", "probes", "h", "top")
+    check_positive(parser, args, "h", "top")
     if args.folds is None:
         args.folds = QUICK_FOLDS if args.quick else 5
     if not 0 < args.flip < 1:
@@ -173,11 +161,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser, args = parse_args(argv)
     recipe = recipe_for(args, **(QUICK if args.quick else {}))
     start = time.perf_counter()
-    try:
-        data = load(args.dataset, args.data_root, args.download)
-    except DataUnavailable as error:
-        parser.exit(2, f"{parser.prog}: {error}\n")
-    data = data.subset(recipe.subset, args.seed)
+    data = load_or_exit(parser, args, recipe)
     noisy, flipped = flip_labels(data.y, args.flip, data.num_classes, seed=args.seed)
     print(
         f"{data.name}: {len(data)} images, {int(flipped.sum())} labels flipped ({args.flip:.0%}); "

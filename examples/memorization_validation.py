@@ -48,15 +48,13 @@ import time
 import numpy as np
 import torch
 from common import (
-    DataUnavailable,
-    ImageData,
     Recipe,
-    add_data_arguments,
     check_positive,
     describe,
+    example_parser,
     flip_labels,
     learning_rate,
-    load,
+    load_or_exit,
     markdown_table,
     mlp,
     percentile_ranks,
@@ -287,10 +285,7 @@ def plot_scatter(
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
+    parser = example_parser(__doc__)
     parser.add_argument(
         "--models", type=int,
         help=f"networks on random subsets for mem (default: 256, {QUICK_MODELS} with --quick)",
@@ -309,13 +304,6 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
         help="fraction of labels flipped (default: 0, clean labels as in the paper)",
     )  # fmt: skip
     parser.add_argument(
-        "--track-every", type=int, default=1, metavar="K",
-        help="score every K-th epoch (and the last) rather than every epoch (default: 1)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--probes", type=int, default=10, help="curvature probes per image (default: 10)"
-    )
-    parser.add_argument(
         "--out", default="outputs/memorization_validation",
         help="output folder, and the cache's (default: %(default)s)",
     )  # fmt: skip
@@ -324,9 +312,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
         help=f"a seconds-long run for tests: {QUICK['subset']} images, {QUICK['epochs']} epochs, "
         f"{QUICK_MODELS} networks",
     )  # fmt: skip
-    add_data_arguments(parser)
     args = parser.parse_args(argv)
-    check_positive(parser, args, "track_every", "probes")
+    check_positive(parser, args)
     if args.models is None:
         args.models = QUICK_MODELS if args.quick else 256
     if args.models < 2 or args.chunk < 1 or not 0 < args.fraction < 1 or not 0 <= args.flip < 1:
@@ -342,11 +329,7 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[float, float]]:
     parser, args = parse_args(argv)
     recipe = recipe_for(args, **(QUICK if args.quick else {}))
     start = time.perf_counter()
-    try:
-        data = load(args.dataset, args.data_root, args.download)
-    except DataUnavailable as error:
-        parser.exit(2, f"{parser.prog}: {error}\n")
-    data: ImageData = data.subset(recipe.subset, args.seed)
+    data = load_or_exit(parser, args, recipe)
     labels, flipped = flip_labels(data.y, args.flip, data.num_classes, seed=args.seed)
     size = round(args.fraction * len(data))
     print(
