@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from ._extension import has_kernels, missing_kernels_message
+from .torch_ops import as_ids
 
 __all__ = ["perturb", "perturb_zo", "probe_reduce", "rademacher", "cuda_version"]
 
@@ -20,16 +21,6 @@ __all__ = ["perturb", "perturb_zo", "probe_reduce", "rademacher", "cuda_version"
 def _require_kernels() -> None:
     if not has_kernels():
         raise RuntimeError(missing_kernels_message("cpu"))
-
-
-def _as_ids(ids: Tensor | Sequence[int] | None, batch: int, device: torch.device) -> Tensor:
-    """(B,) int64 ids on ``device``; None means 0 .. B-1."""
-    if ids is None:
-        return torch.arange(batch, device=device)
-    ids = torch.as_tensor(ids, device=device)
-    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-        raise TypeError(f"ids must be an integer tensor, got dtype {ids.dtype}")
-    return ids.to(torch.int64)
 
 
 def perturb(
@@ -53,7 +44,7 @@ def perturb(
         (n * B, ...) tensor: row k * B + b is x[b] + h * r(seed, ids[b], probe_offset + k).
     """
     _require_kernels()
-    ids = _as_ids(ids, x.shape[0] if x.dim() else 0, x.device)
+    ids = as_ids(ids, x.shape[0] if x.dim() else 0, x.device)
     return torch.ops.curvkern.perturb.default(
         x, ids, int(seed), int(n_probes), float(h), int(probe_offset)
     )
@@ -78,7 +69,7 @@ def perturb_zo(
         in the order (+,+), (-,+), (+,-), (-,-).
     """
     _require_kernels()
-    ids = _as_ids(ids, x.shape[0] if x.dim() else 0, x.device)
+    ids = as_ids(ids, x.shape[0] if x.dim() else 0, x.device)
     return torch.ops.curvkern.perturb_zo.default(
         x, ids, int(seed), int(n_probes), float(h), int(probe_offset)
     )
@@ -108,7 +99,7 @@ def probe_reduce(
         ||dg_k||^2 / h^2, r_k . dg_k / h and (r_k . dg_k / h)^2.
     """
     _require_kernels()
-    ids = _as_ids(ids, g0.shape[0] if g0.dim() else 0, g0.device)
+    ids = as_ids(ids, g0.shape[0] if g0.dim() else 0, g0.device)
     return torch.ops.curvkern.probe_reduce.default(
         g0, g, ids, int(seed), float(h), int(probe_offset)
     )
@@ -137,7 +128,7 @@ def rademacher(
         (n, B, *sample_shape) tensor of +-1.
     """
     _require_kernels()
-    ids = _as_ids(ids, len(ids), ids.device if isinstance(ids, Tensor) else torch.device("cpu"))
+    ids = as_ids(ids, len(ids), ids.device if isinstance(ids, Tensor) else torch.device("cpu"))
     return torch.ops.curvkern.rademacher.default(
         int(seed),
         ids,

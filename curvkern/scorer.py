@@ -319,14 +319,9 @@ class CurvatureScorer:
 
     @staticmethod
     def _check_ids(ids: Tensor | Sequence[int] | None, batch: int, device: torch.device) -> Tensor:
-        if ids is None:
-            return torch.arange(batch, device=device)
-        ids = torch.as_tensor(ids)
-        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-            raise TypeError(f"ids must be an integer tensor, got dtype {ids.dtype}")
+        ids = torch_ops.as_ids(ids, batch, device)
         if ids.shape != (batch,):
             raise ValueError(f"ids must have shape (B,) = ({batch},), got {tuple(ids.shape)}")
-        ids = ids.to(device=device, dtype=torch.int64)
         if batch and not bool(((ids >= 0) & (ids < MAX_ID)).all()):
             bad = int(((ids < 0) | (ids >= MAX_ID)).nonzero()[0, 0])
             raise ValueError(f"ids must lie in [0, 2^56), got ids[{bad}] = {int(ids[bad])}")

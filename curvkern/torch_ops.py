@@ -103,29 +103,46 @@ def rademacher(
     return (1 - 2 * bits).to(dtype).reshape(n, batch, *sample_shape)
 
 
-def _ids_or_positions(x: Tensor, ids: Tensor | None) -> Tensor:
+def as_ids(ids: Tensor | Sequence[int] | None, batch: int, device: torch.device) -> Tensor:
+    """(B,) int64 ids on ``device``; None means 0 .. B-1 (the position in the batch).
+
+    What every op (compiled or twin) and the scorer make of their ``ids`` argument.
+    """
     if ids is None:
-        return torch.arange(x.shape[0], device=x.device)
-    return ids
+        return torch.arange(batch, device=device)
+    ids = torch.as_tensor(ids, device=device)
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise TypeError(f"ids must be an integer tensor, got dtype {ids.dtype}")
+    return ids.to(torch.int64)
 
 
 def perturb(
-    x: Tensor, ids: Tensor | None, seed: int, n_probes: int, h: float, probe_offset: int = 0
+    x: Tensor,
+    ids: Tensor | Sequence[int] | None,
+    seed: int,
+    n_probes: int,
+    h: float,
+    probe_offset: int = 0,
 ) -> Tensor:
     """x (B, ...) -> (n_probes * B, ...); row k * B + b is x[b] + h r(seed, ids[b], offset + k)."""
-    ids = _ids_or_positions(x, ids)
+    ids = as_ids(ids, x.shape[0], x.device)
     r = rademacher(seed, ids, n_probes, x.shape[1:], probe_offset, 0, x.dtype)
     return (x.unsqueeze(0) + h * r).reshape(-1, *x.shape[1:])
 
 
 def perturb_zo(
-    x: Tensor, ids: Tensor | None, seed: int, n_probes: int, h: float, probe_offset: int = 0
+    x: Tensor,
+    ids: Tensor | Sequence[int] | None,
+    seed: int,
+    n_probes: int,
+    h: float,
+    probe_offset: int = 0,
 ) -> Tensor:
     """x (B, ...) -> (4 * n_probes * B, ...): the four copies x +- h r +- h s of each probe pair.
 
     Row (c * n + k) * B + b holds sign pattern c of (r, s): (+,+), (-,+), (+,-), (-,-).
     """
-    ids = _ids_or_positions(x, ids)
+    ids = as_ids(ids, x.shape[0], x.device)
     hr = h * rademacher(seed, ids, n_probes, x.shape[1:], probe_offset, 0, x.dtype)
     hs = h * rademacher(seed, ids, n_probes, x.shape[1:], probe_offset, 1, x.dtype)
     plus, minus = x.unsqueeze(0) + hr, x.unsqueeze(0) - hr
@@ -134,7 +151,12 @@ def perturb_zo(
 
 
 def probe_reduce(
-    g0: Tensor, g: Tensor, ids: Tensor | None, seed: int, h: float, probe_offset: int = 0
+    g0: Tensor,
+    g: Tensor,
+    ids: Tensor | Sequence[int] | None,
+    seed: int,
+    h: float,
+    probe_offset: int = 0,
 ) -> Tensor:
     """Per-sample sums over probes k of ||dg_k|| / h, ||dg_k||^2 / h^2, r_k.dg_k / h, its square.
 
@@ -145,7 +167,7 @@ def probe_reduce(
     Returns:
         (B, 4) tensor of the dtype of g.
     """
-    ids = _ids_or_positions(g0, ids)
+    ids = as_ids(ids, g0.shape[0], g0.device)
     r = rademacher(seed, ids, g.shape[0], g.shape[2:], probe_offset, 0, g.dtype)
     dg = g - g0
     c = torch.linalg.vector_norm(dg, dim=-1) / h  # (n, B)
