@@ -102,6 +102,13 @@ def _model_device(model) -> torch.device | None:
     return None
 
 
+def _collective_device() -> torch.device:
+    """Where the process group's tensors must be: the current CUDA device for NCCL, else CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _all_gather_rows(ids: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
     """Every rank's rows, on every rank: ids (R,) int64 and values (R, F) float64, on the CPU.
 
@@ -110,11 +117,7 @@ def _all_gather_rows(ids: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
     """
     if not _distributed():
         return ids, values
-    device = (
-        torch.device("cuda", torch.cuda.current_device())
-        if dist.get_backend() == "nccl"
-        else torch.device("cpu")
-    )
+    device = _collective_device()
     world = dist.get_world_size()
     count = torch.tensor([ids.numel()], device=device)
     counts = [torch.zeros_like(count) for _ in range(world)]
@@ -205,9 +208,7 @@ def score_dataset(
         dtype = torch.float32
     ids, values = _all_gather_rows(ids, values)
     if _distributed():  # ranks agree on the dtype: the widest of theirs
-        wide = torch.tensor([dtype == torch.float64], dtype=torch.int64)
-        if dist.get_backend() == "nccl":
-            wide = wide.cuda()
+        wide = torch.tensor([int(dtype == torch.float64)], device=_collective_device())
         dist.all_reduce(wide, op=dist.ReduceOp.MAX)
         dtype = torch.float64 if int(wide) else torch.float32
 
