@@ -152,12 +152,20 @@ def expected_hr_norm(hessians: Tensor, max_dim: int = 20) -> Tensor:
     return norms.mean(dim=1)
 
 
-def expected_abs_bilinear(hessians: Tensor, max_dim: int = 10) -> Tensor:
-    """E |r^T H s| over independent Rademacher r, s, exactly: (B, D, D) -> (B,)."""
+def _bilinear_values(hessians: Tensor, max_dim: int) -> Tensor:
+    """r^T H s for every pair of sign vectors r, s (first entries +1): (B, D, D) -> (B, S, S).
+
+    |r^T H s| and its even powers are the same for (+-r, +-s), so these pairs give their
+    expectations over independent Rademacher r, s exactly.
+    """
     dim = _check_enumerable(hessians, max_dim)
     signs = rademacher_sign_vectors(dim, hessians.dtype).to(hessians.device)  # (S, D)
-    values = torch.einsum("si,bij,tj->bst", signs, hessians, signs)  # r^T H s over pairs
-    return values.abs().mean(dim=(1, 2))
+    return torch.einsum("si,bij,tj->bst", signs, hessians, signs)
+
+
+def expected_abs_bilinear(hessians: Tensor, max_dim: int = 10) -> Tensor:
+    """E |r^T H s| over independent Rademacher r, s, exactly: (B, D, D) -> (B,)."""
+    return _bilinear_values(hessians, max_dim).abs().mean(dim=(1, 2))
 
 
 def hutchinson_variance(hessians: Tensor) -> Tensor:
@@ -179,9 +187,7 @@ def hr_norm_variance(hessians: Tensor, max_dim: int = 20) -> Tensor:
 
 def bilinear_moments(hessians: Tensor, max_dim: int = 10) -> tuple[Tensor, Tensor, Tensor]:
     """E|r^T H s|, E (r^T H s)^2 and E (r^T H s)^4 over independent Rademacher r, s. (B,) each."""
-    dim = _check_enumerable(hessians, max_dim)
-    signs = rademacher_sign_vectors(dim, hessians.dtype).to(hessians.device)
-    values = torch.einsum("si,bij,tj->bst", signs, hessians, signs)
+    values = _bilinear_values(hessians, max_dim)
     return (
         values.abs().mean(dim=(1, 2)),
         (values**2).mean(dim=(1, 2)),
