@@ -15,9 +15,14 @@ from torch import Tensor
 __all__ = ["auroc", "roc_curve", "cosine_similarity", "spearman", "rankdata", "topk"]
 
 
+def _cpu_tensor(values) -> Tensor:
+    """A tensor, NumPy array or sequence as a CPU tensor (of its own dtype)."""
+    t = values if isinstance(values, Tensor) else torch.as_tensor(np.asarray(values))
+    return t.detach().cpu()
+
+
 def _vector(values, name: str) -> Tensor:
-    t = torch.as_tensor(np.asarray(values) if not isinstance(values, Tensor) else values)
-    t = t.detach().to("cpu", torch.float64)
+    t = _cpu_tensor(values).double()
     if t.dim() != 1:
         raise ValueError(f"{name} must be one-dimensional, got shape {tuple(t.shape)}")
     return t
@@ -25,8 +30,7 @@ def _vector(values, name: str) -> Tensor:
 
 def _scores_and_labels(scores, positives) -> tuple[Tensor, Tensor]:
     s = _vector(scores, "scores")
-    p = torch.as_tensor(np.asarray(positives) if not isinstance(positives, Tensor) else positives)
-    p = p.detach().cpu()
+    p = _cpu_tensor(positives)
     if p.shape != s.shape:
         raise ValueError(
             f"positives must have the shape of scores {tuple(s.shape)}, got {tuple(p.shape)}"
