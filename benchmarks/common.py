@@ -1,24 +1,21 @@
-"""What every benchmark file shares: devices, rounds, synchronized timing, float32 precision."""
+"""What every benchmark file shares: devices, rounds, synchronized timing."""
 
 from __future__ import annotations
 
-import contextlib
 import statistics
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import pytest
 import torch
 
 import curvkern
-from curvkern.scorer import ieee_float32
 
 __all__ = [
     "CUDA",
     "GPU_MARKS",
     "device_param",
-    "float32_ieee",
     "rounds_for",
     "synchronize",
     "time_call",
@@ -126,17 +123,3 @@ def time_interleaved(
             "rounds": len(values),
         }
     return summary
-
-
-@contextlib.contextmanager
-def float32_ieee() -> Iterator[None]:
-    """Full float32 (no TF32) in CUDA convolutions and matmuls, restored on exit.
-
-    PyTorch lets cuDNN run float32 convolutions in TF32 by default (10-bit mantissa, relative
-    rounding about 5e-4). Finite differences g(x + h r) - g(x) are about h = 1e-3 times smaller
-    than g, so in TF32 they would be rounding noise: the scorer's fd and zo methods switch to
-    IEEE float32 themselves (curvkern.scorer.ieee_float32), and every variant here, the published
-    algorithm and the floor included, is measured in that same precision.
-    """
-    with ieee_float32("cuda"):
-        yield

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 import curvkern
+from curvkern.scorer import ieee_float32
 
-from .common import CUDA, float32_ieee
+from .common import CUDA
 
 LOADAVG_AT_START = pytest.StashKey[tuple[float, float, float]]()
 
@@ -84,6 +85,13 @@ def quick(pytestconfig) -> bool:
 
 @pytest.fixture(scope="session", autouse=True)
 def _float32_without_tf32():
-    """IEEE float32 on CUDA for the whole session (see common.float32_ieee)."""
-    with float32_ieee():
+    """IEEE float32 (no TF32) in CUDA convolutions and matmuls, for the whole session.
+
+    PyTorch lets cuDNN run float32 convolutions in TF32 by default (10-bit mantissa, relative
+    rounding about 5e-4). Finite differences g(x + h r) - g(x) are about h = 1e-3 times smaller
+    than g, so in TF32 they would be rounding noise: the scorer's fd and zo methods switch to
+    IEEE float32 themselves, and every variant here, the published algorithm and the floor
+    included, is measured in that same precision.
+    """
+    with ieee_float32("cuda"):
         yield
