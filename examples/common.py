@@ -443,14 +443,15 @@ def train_tracked(
     every: int = 1,
     seed: int = 0,
     description: str = "training",
-) -> float:
+) -> torch.Tensor:
     """Trains ``model`` with ``recipe``, scoring every sample with ``tracker`` along the way.
 
     The tracker scores after every ``every``-th epoch and after the last, recorded under the
     number of epochs trained (1-based), so its last row is the trained model's.
 
     Returns:
-        The final training accuracy on ``y``.
+        (N,) bool: which samples the trained model classifies as ``y`` says (its mean is the
+        training accuracy).
     """
     if every < 1:
         raise ValueError(f"every must be a positive number of epochs, got {every}")
@@ -468,7 +469,8 @@ def train_tracked(
             model, x, y, recipe.epochs, recipe.lr, recipe.batch_size, seed, on_epoch_end,
             recipe.decay,
         )  # fmt: skip
-    return accuracy(model, x, y)
+    with torch.no_grad():
+        return model(x).argmax(1) == y
 
 
 # ---------------------------------------------------------------------------------------------

@@ -142,9 +142,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     model = mlp(x[0].numel(), data.num_classes, recipe.hidden)
     tracker = CurvatureTracker(CurvatureScorer(model, n_probes=args.probes, seed=args.seed), n + m)
     train_start = time.perf_counter()
-    train_tracked(model, x, y, recipe, tracker, args.track_every, args.seed)
-    with torch.no_grad():
-        fitted = (model(x).argmax(1) == y).numpy()
+    fitted = train_tracked(model, x, y, recipe, tracker, args.track_every, args.seed).numpy()
     print(
         f"training and tracking: {time.perf_counter() - train_start:.0f} s; train accuracy on the "
         f"images not duplicated: {fitted[role == 0].mean():.1%}; on the pairs (one label at most "

@@ -175,9 +175,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         CurvatureScorer(model, h=args.h, n_probes=args.probes, seed=args.seed), len(data)
     )
     train_start = time.perf_counter()
-    train_tracked(model, data.x, noisy, recipe, tracker, args.track_every, args.seed)
-    with torch.no_grad():
-        fitted = model(data.x).argmax(1) == noisy
+    fitted = train_tracked(model, data.x, noisy, recipe, tracker, args.track_every, args.seed)
     print(
         f"training and tracking: {time.perf_counter() - train_start:.0f} s; train accuracy on "
         f"the noisy labels: {fitted.float().mean():.1%} (flipped ones: "

@@ -362,7 +362,8 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[float, float]]:
         CurvatureScorer(model, n_probes=args.probes, seed=args.seed), len(data)
     )
     train_start = time.perf_counter()
-    accuracy = train_tracked(model, data.x, labels, recipe, tracker, args.track_every, args.seed)
+    fitted = train_tracked(model, data.x, labels, recipe, tracker, args.track_every, args.seed)
+    accuracy = fitted.float().mean().item()
     print(
         f"curvature: one network on all {len(data)} images, train accuracy {accuracy:.1%}, "
         f"{len(tracker.epochs)} epochs scored ({time.perf_counter() - train_start:.0f} s)"
