@@ -343,6 +343,11 @@ class CurvatureScorer:
             )
         return torch_ops
 
+    @property
+    def _rows_per_probe(self) -> int:
+        """Model rows one probe of one sample costs: fd and hvp one, zo its four copies."""
+        return 4 if self.method == "zo" else 1
+
     def _row_budget(self, x: Tensor) -> int:
         if self.max_batch is not None:
             return self.max_batch
@@ -350,8 +355,7 @@ class CurvatureScorer:
             return self._auto_rows[x.device]
         if x.device.type == "cpu":
             return max(1, CPU_PASS_ELEMENTS // max(1, x[0].numel()))
-        copies = 4 if self.method == "zo" else 1
-        return copies * self.n_probes * x.shape[0]
+        return self._rows_per_probe * self.n_probes * x.shape[0]
 
     # ------------------------------------------------------------------------------------------
     # Model evaluation
@@ -400,8 +404,7 @@ class CurvatureScorer:
         self, ops: types.ModuleType, x: Tensor, y: Tensor, ids: Tensor, rows: int
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Probe sums (B, 4), probe counts (B,), losses (B,) and gradient norms (B,)."""
-        copies = 4 if self.method == "zo" else 1
-        group = max(1, min(x.shape[0], rows // copies))
+        group = max(1, min(x.shape[0], rows // self._rows_per_probe))
         parts = [
             self._score_group(ops, x[s : s + group], y[s : s + group], ids[s : s + group], rows)
             for s in range(0, x.shape[0], group)
@@ -458,8 +461,7 @@ class CurvatureScorer:
         """
         if self.rtol is None:
             return [self.n_probes]
-        copies = 4 if self.method == "zo" else 1
-        fit = max(1, rows // (copies * self.n_probes * active))
+        fit = max(1, rows // (self._rows_per_probe * self.n_probes * active))
         sizes, remaining = [], self.max_probes - offset
         while remaining > 0 and len(sizes) < fit:
             sizes.append(min(self.n_probes, remaining))
@@ -520,7 +522,7 @@ class CurvatureScorer:
         stats = torch.zeros(len(sizes), batch, 4, dtype=torch.float64, device=x.device)
         scale = 4.0 * self.h * self.h
         with torch.no_grad():
-            for k0, kk in self._probe_chunks(sum(sizes), batch, rows, copies=4):
+            for k0, kk in self._probe_chunks(sum(sizes), batch, rows, self._rows_per_probe):
                 xp = ops.perturb_zo(x, ids, self.seed, kk, self.h, offset + k0)  # (4 kk B, ...)
                 lp = self._losses(self.model(xp), _repeat_rows(y, 4 * kk), xp.shape[0])
                 lp = lp.detach().double().reshape(4, kk, batch)
