@@ -6,6 +6,7 @@ import torch
 from curvkern import ops, torch_ops
 
 from .conftest import requires_kernels
+from .probe_stats import assert_stats_close
 
 # (sample shape, mask prefix p): a value per sample, per position of a sequence of embeddings
 # (runs of 48 and of 130 elements: shorter than, and straddling, the 128-element probe blocks), per
@@ -179,12 +180,7 @@ def test_probe_reduce_matches_twin(device, dtype, shape, prefix):
     mask = torch_ops.as_mask(_mask(4, prefix, dtype, device), g0.reshape(4, *shape))
     got = ops.probe_reduce(g0, g, ids, 5, 1e-3, 3, mask=mask)
     want = torch_ops.probe_reduce(g0, g, ids, 5, 1e-3, 3, mask)
-    assert got.dtype == torch.float64
-    # Both take the difference in the input dtype and accumulate in float64: they differ by the
-    # order of float64 sums, relative 2^-53 * D at most per sum; columns 2, 3 can cancel to ~0,
-    # so the scale is per column.
-    scale = want.abs().amax(dim=0, keepdim=True)
-    assert ((got - want).abs() <= 1e-12 * scale).all(), (got, want)
+    assert_stats_close(got, want, dtype, dim)
 
 
 @requires_kernels
@@ -201,11 +197,11 @@ def test_every_run_length(run):
     )
     g0 = x.reshape(2, -1)
     g = g0 + torch.randn(3, 2, parts * run, dtype=torch.float64)
-    torch.testing.assert_close(
+    assert_stats_close(
         ops.probe_reduce(g0, g, None, 1, 1.0, mask=mask),
         torch_ops.probe_reduce(g0, g, None, 1, 1.0, 0, mask),
-        rtol=1e-12,
-        atol=1e-12,
+        torch.float64,
+        parts * run,
     )
 
 

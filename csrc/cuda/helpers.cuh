@@ -16,6 +16,10 @@
 
 #include "probes.h"
 
+#ifndef CUDA_KERNEL_ASSERT_MSG  // older torch: the assertion without its message
+#define CUDA_KERNEL_ASSERT_MSG(cond, msg) CUDA_KERNEL_ASSERT(cond)
+#endif
+
 namespace curvkern {
 namespace cuda {
 
