@@ -48,17 +48,22 @@ void row_norms_cpu(const scalar_t* g0,  // (B, D)
       const scalar_t* g0r = g0 + b * dim;
       double sq_sum = 0, rd_sum = 0;
       for (int64_t blk = 0; blk < nblk; ++blk) {
+        const int64_t j0 = blk * kProbeBlock;
+        const int len = static_cast<int>(std::min(kProbeBlock, dim - j0));
+        // A block inside one run of the mask is weighted as a whole: (m r) . (m dg) = m^2 r . dg
+        // and ||m dg||^2 = m^2 ||dg||^2; a masked-out block is not read.
+        scalar_t run_weight = 1;
+        const bool per_element = kMasked && !cpu::block_in_one_run(mask, b, j0, len, &run_weight);
+        if (kMasked && !per_element && run_weight == scalar_t(0)) continue;
         const ProbeWords r = probe_block(seed, 0, ids[b], offset + k, blk);
         for (int byte = 0; byte < cpu::kBytesPerBlock; ++byte) {
           const acc_t* eight = cpu::signs_of_byte<acc_t>(r, byte);
           std::copy(eight, eight + cpu::kSignsPerByte, sign + byte * cpu::kSignsPerByte);
         }
-        const int64_t j0 = blk * kProbeBlock;
-        const int len = static_cast<int>(std::min(kProbeBlock, dim - j0));
         const scalar_t* gb = gr + j0;
         const scalar_t* g0b = g0r + j0;
         acc_t sq = 0, rd = 0;
-        if (kMasked) {
+        if (per_element) {
           cpu::block_weights(mask, b, j0, len, weight);
           for (int j = 0; j < len; ++j) sign[j] *= weight[j];
 #pragma omp simd reduction(+ : sq, rd)
@@ -75,8 +80,9 @@ void row_norms_cpu(const scalar_t* g0,  // (B, D)
             rd += sign[j] * d;
           }
         }
-        sq_sum += sq;
-        rd_sum += rd;
+        const double scale = static_cast<double>(run_weight) * static_cast<double>(run_weight);
+        sq_sum += scale * sq;
+        rd_sum += scale * rd;
       }
       partial[2 * row] = std::sqrt(sq_sum) / h;
       partial[2 * row + 1] = rd_sum / h;
