@@ -17,7 +17,7 @@ namespace curvkern {
 
 struct RunDivider {
   uint64_t run = 1;    // elements per mask value, >= 1
-  uint32_t magic = 1;  // ceil-ish 2^32 * (2^shift - run) / run + 1
+  uint32_t magic = 1;  // floor(2^32 * (2^shift - run) / run) + 1, below 2^32
   uint32_t shift = 0;  // ceil(log2(run))
   bool wide = false;   // numerators may reach 2^31: divide
 
