@@ -6,8 +6,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from curvkern import CurvatureScorer, CurvatureScores, losses
+from curvkern import CurvatureScorer, CurvatureScores, losses, torch_ops
 
 from .conftest import labelled_batch, smooth_classifier
 
@@ -99,3 +100,156 @@ def test_curvature_map_follows_rows():
     assert "curvature_map" not in both.to_dict()
     with pytest.raises(ValueError, match="with and without curvature_map"):
         CurvatureScores.cat([a, CurvatureScores.empty(1e-3, "fd", size=1)])
+
+
+# --- plain-autograd references with the scorer's probes -------------------------------------
+
+
+def reference_per_probe(loss_of, x, ids, n, h, seed, method, mask=None):
+    """Per-probe values (c, t), each (n, B), by plain autograd on B rows at a time.
+
+    Args:
+        loss_of: x (B, ...) -> (B,) per-sample losses (side inputs held for exactly B rows).
+        mask: None or (B, *p) 0/1, broadcast over the rest of the sample shape.
+    Returns:
+        fd: c_k = ||m (g(x + h m r_k) - g(x))|| / h, t_k = (m r_k) . that / h; hvp: the same
+        with m H (m r_k); zo: c_k = |four-point difference| / (4 h^2), t_k its trace term.
+    """
+    b = x.shape[0]
+    m = torch.ones_like(x)
+    if mask is not None:
+        m = mask.to(x.dtype).reshape(*mask.shape, *[1] * (x.dim() - mask.dim())).expand_as(x)
+    r = torch_ops.rademacher(seed, ids, n, x.shape[1:], dtype=x.dtype) * m  # (n, B, ...)
+
+    def grad(at, create_graph=False):
+        at = at if at.requires_grad else at.detach().requires_grad_()
+        (g,) = torch.autograd.grad(loss_of(at).sum(), at, create_graph=create_graph)
+        return g
+
+    c, t = [], []
+    for k in range(n):
+        if method == "fd":
+            d = m * (grad(x + h * r[k]) - grad(x)) / h
+        elif method == "hvp":
+            xr = x.detach().requires_grad_()
+            (hv,) = torch.autograd.grad(grad(xr, create_graph=True), xr, grad_outputs=r[k])
+            d = m * hv
+        else:
+            s = torch_ops.rademacher(seed, ids, n, x.shape[1:], stream=1, dtype=x.dtype) * m
+            with torch.no_grad():
+                lp = [loss_of(x + a * h * r[k] + c_ * h * s[k]) for c_, a in _SIGNS]
+                l0 = loss_of(x)
+            e = (lp[0] - lp[1] - lp[2] + lp[3]) / (4 * h * h)
+            c.append(e.abs())
+            t.append((sum(lp) - 4 * l0) / (4 * h * h))
+            continue
+        c.append(torch.linalg.vector_norm(d.reshape(b, -1), dim=1))
+        t.append((r[k] * d).reshape(b, -1).sum(1))
+    return torch.stack(c), torch.stack(t)
+
+
+_SIGNS = [(1, 1), (1, -1), (-1, 1), (-1, -1)]  # (s sign, r sign): rows (+,+), (-,+), (+,-), (-,-)
+
+
+def assert_matches_reference(scores, c, t, counts=None):
+    """scores against the per-probe reference values, sample b using its first counts[b]."""
+    batch = c.shape[1]
+    counts = [c.shape[0]] * batch if counts is None else counts.tolist()
+    for b in range(batch):
+        ck, tk = c[: counts[b], b], t[: counts[b], b]
+        got = torch.stack([scores.curvature[b], scores.trace[b], scores.frobenius_sq[b]])
+        want = torch.stack([ck.mean(), tk.mean(), (ck * ck).mean()])
+        torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-10, msg=f"sample {b}")
+
+
+class Conditioned(nn.Module):
+    """A smooth classifier of x (B, 6) conditioned on a per-sample vector and a shared scale."""
+
+    def __init__(self, output="tensor"):
+        super().__init__()
+        gen = torch.Generator().manual_seed(3)
+        self.w1 = nn.Parameter(torch.randn(6, 12, generator=gen, dtype=torch.float64) / 2)
+        self.wc = nn.Parameter(torch.randn(3, 12, generator=gen, dtype=torch.float64) / 2)
+        self.w2 = nn.Parameter(torch.randn(12, 4, generator=gen, dtype=torch.float64) / 2)
+        self.out = output
+
+    def logits(self, x, cond, scale):
+        return torch.tanh(x @ self.w1 + cond @ self.wc) @ self.w2 * scale
+
+    def forward(self, x=None, cond=None, scale=1.0, inputs_embeds=None):
+        z = self.logits(x if inputs_embeds is None else inputs_embeds, cond, scale)
+        if self.out == "tuple":
+            return z, cond.sum()
+        if self.out == "dict":
+            return {"logits": z, "aux": None}
+        if self.out == "object":
+            return SimpleNamespace(logits=z, hidden_states=None)
+        return z
+
+
+FORMS = ["tensor", "tuple", "dict", "object", "input_key"]
+
+
+@pytest.mark.parametrize("method", ["fd", "hvp", "zo"])
+@pytest.mark.parametrize("form", FORMS)
+def test_side_inputs_and_output_forms_against_autograd(form, method):
+    model = Conditioned("tensor" if form == "input_key" else form)
+    x, y = labelled_batch(5)
+    cond = torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    ids = torch.tensor([4, 11, 2, 30, 8])
+    h, n = (1e-2, 3) if method == "zo" else (1e-4, 3)
+    # max_batch 3 < n * B: one sample's probes are split over several chunks (and zo, with 4
+    # rows per probe, scores one sample per pass)
+    kw = dict(method=method, h=h, n_probes=n, seed=2, max_batch=3)
+    key = "inputs_embeds" if form == "input_key" else None
+    scorer = CurvatureScorer(model, input_key=key, **kw)
+    s = scorer.score(x, y, ids, cond=cond, scale=0.7)
+
+    def loss_of(at):
+        return F.cross_entropy(model.logits(at, cond, 0.7), y, reduction="none")
+
+    c, t = reference_per_probe(loss_of, x, ids, n, h, 2, method)
+    assert_matches_reference(s, c, t)
+    torch.testing.assert_close(s.loss, loss_of(x).detach(), rtol=1e-12, atol=0)
+    stats = losses.classification_stats(model.logits(x, cond, 0.7), y)
+    torch.testing.assert_close(s.margin, stats[:, 0], rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("method", ["fd", "hvp", "zo"])
+def test_side_inputs_follow_samples_through_adaptive_rounds(method):
+    model = Conditioned()
+    x, y = labelled_batch(12)
+    cond = torch.randn(12, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    h = 1e-2 if method == "zo" else 1e-4
+    rtol = 0.3 if method == "zo" else 0.1
+    s = CurvatureScorer(
+        model, method=method, h=h, n_probes=2, rtol=rtol, max_probes=12, max_batch=10
+    ).score(x, y, cond=cond, scale=1.3)
+    assert len(set(s.n_probes.tolist())) > 1, "the test needs samples stopping at other rounds"
+
+    def loss_of(at):
+        return F.cross_entropy(model.logits(at, cond, 1.3), y, reduction="none")
+
+    c, t = reference_per_probe(loss_of, x, torch.arange(12), 12, h, 0, method)
+    assert_matches_reference(s, c, t, s.n_probes)
+
+
+def test_model_inputs_of_other_first_dimensions_are_passed_unchanged():
+    seen = {}
+
+    def model(x, bias, table):
+        seen["bias"], seen["table"] = bias, table
+        return torch.tanh(x) @ table + bias
+
+    x, y = labelled_batch(5)
+    bias = torch.zeros(4, dtype=torch.float64)  # (C,) with C != B: shared
+    table = torch.randn(6, 4, dtype=torch.float64)
+    CurvatureScorer(model, n_probes=2, max_batch=4).score(x, y, bias=bias, table=table)
+    assert seen["bias"] is bias and seen["table"] is table
+
+
+def test_input_key_is_not_also_a_model_input():
+    scorer = CurvatureScorer(Conditioned(), input_key="inputs_embeds")
+    x, y = labelled_batch(3)
+    with pytest.raises(ValueError, match="model_inputs has the key 'inputs_embeds'"):
+        scorer.score(x, y, inputs_embeds=x, cond=torch.zeros(3, 3, dtype=torch.float64))
