@@ -253,3 +253,127 @@ def test_input_key_is_not_also_a_model_input():
     x, y = labelled_batch(3)
     with pytest.raises(ValueError, match="model_inputs has the key 'inputs_embeds'"):
         scorer.score(x, y, inputs_embeds=x, cond=torch.zeros(3, 3, dtype=torch.float64))
+
+
+# --- probe masks and curvature maps on padded sequences --------------------------------------
+
+
+class Pooled(nn.Module):
+    """(B, T, E) sequences and an attention mask (B, T): a smooth per-position map, mean-pooled
+    over the real positions, then a smooth head. Padded positions do not reach the output."""
+
+    def __init__(self, embed=3, hidden=8, classes=4):
+        super().__init__()
+        gen = torch.Generator().manual_seed(5)
+        self.w1 = nn.Parameter(torch.randn(embed, hidden, generator=gen, dtype=torch.float64))
+        self.w2 = nn.Parameter(torch.randn(hidden, hidden, generator=gen, dtype=torch.float64))
+        self.w3 = nn.Parameter(torch.randn(hidden, classes, generator=gen, dtype=torch.float64))
+
+    def forward(self, x, attention_mask):
+        m = attention_mask.unsqueeze(-1).to(x.dtype)
+        pooled = (torch.tanh(x @ self.w1) * m).sum(1) / m.sum(1)
+        return torch.tanh(pooled @ self.w2) @ self.w3
+
+
+def padded_sequences(batch=4, length=5, embed=3):
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(batch, length, embed, generator=gen, dtype=torch.float64)
+    lengths = torch.tensor([5, 3, 4, 2])[:batch]
+    attention = (torch.arange(length) < lengths.unsqueeze(1)).long()  # (B, T), padding at the end
+    y = torch.randint(0, 4, (batch,), generator=gen)
+    return x, y, attention
+
+
+def reference_map(loss_of, x, ids, n, h, seed, method, mask):
+    """mean_k ||m dg_k[t]|| / h per position: (B, T), plain autograd."""
+    m = mask.to(x.dtype).unsqueeze(-1).expand_as(x)
+    r = torch_ops.rademacher(seed, ids, n, x.shape[1:], dtype=x.dtype) * m
+    maps = []
+    for k in range(n):
+        xr = x.detach().requires_grad_()
+        (g0,) = torch.autograd.grad(loss_of(xr).sum(), xr, create_graph=method == "hvp")
+        if method == "hvp":
+            (d,) = torch.autograd.grad(g0, xr, grad_outputs=r[k])
+        else:
+            xp = (x + h * r[k]).requires_grad_()
+            (g,) = torch.autograd.grad(loss_of(xp).sum(), xp)
+            d = (g - g0) / h
+        maps.append(torch.linalg.vector_norm(m * d, dim=-1))
+    return torch.stack(maps).mean(0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "kernels"])
+@pytest.mark.parametrize("method", ["fd", "hvp", "zo"])
+def test_probe_mask_and_map_on_padded_sequences(method, backend):
+    model = Pooled()
+    x, y, attention = padded_sequences()
+    ids = torch.tensor([3, 1, 7, 0])
+    # probes on the real tokens except the first ("prompt") one of each sequence
+    probe_mask = attention.bool().clone()
+    probe_mask[:, 0] = False
+    h, n = (1e-2, 3) if method == "zo" else (1e-4, 3)
+    scorer = CurvatureScorer(
+        model, method=method, h=h, n_probes=n, seed=1, max_batch=5, backend=backend
+    )
+    per_position = method != "zo"
+    s = scorer.score(
+        x, y, ids, probe_mask=probe_mask, per_position=per_position, attention_mask=attention
+    )
+
+    def loss_of(at):
+        return F.cross_entropy(model(at, attention), y, reduction="none")
+
+    c, t = reference_per_probe(loss_of, x, ids, n, h, 1, method, probe_mask)
+    assert_matches_reference(s, c, t)
+    if per_position:
+        want = reference_map(loss_of, x, ids, n, h, 1, method, probe_mask)
+        torch.testing.assert_close(s.curvature_map, want, rtol=1e-7, atol=1e-10)
+        assert (s.curvature_map[~probe_mask] == 0).all()
+        assert (s.curvature_map[probe_mask] > 0).all()
+    else:
+        assert s.curvature_map is None
+    # the mask changes the scores: without it the first tokens count too
+    full = scorer.score(x, y, ids, attention_mask=attention)
+    assert not torch.allclose(full.curvature, s.curvature, rtol=1e-3)
+
+
+@pytest.mark.parametrize("method", ["fd", "hvp"])
+def test_padding_does_not_change_masked_scores(method):
+    # Probes are indexed by element, so a sequence padded at the end and masked there has the
+    # probes, and the scores, of the same sequence unpadded.
+    model = Pooled()
+    x, y, attention = padded_sequences()
+    ids = torch.tensor([3, 1, 7, 0])
+    scorer = CurvatureScorer(model, method=method, h=1e-4, n_probes=4)
+    padded = scorer.score(x, y, ids, probe_mask=attention.bool(), attention_mask=attention)
+    b, length = 1, 3  # sample 1 has 3 real tokens
+    alone = scorer.score(
+        x[b : b + 1, :length],
+        y[b : b + 1],
+        ids[b : b + 1],
+        probe_mask=attention[b : b + 1, :length].bool(),
+        attention_mask=attention[b : b + 1, :length],
+    )
+    torch.testing.assert_close(alone.curvature[0], padded.curvature[b], rtol=1e-9, atol=0)
+    torch.testing.assert_close(alone.trace[0], padded.trace[b], rtol=1e-9, atol=1e-12)
+
+
+def test_mask_over_a_prefix_broadcasts():
+    model = Pooled()
+    x, y, attention = padded_sequences()
+    scorer = CurvatureScorer(model, h=1e-4, n_probes=2)
+    per_position = scorer.score(x, y, probe_mask=attention.bool(), attention_mask=attention)
+    full = attention.unsqueeze(-1).expand_as(x).double()
+    per_element = scorer.score(x, y, probe_mask=full, attention_mask=attention)
+    torch.testing.assert_close(per_position.curvature, per_element.curvature, rtol=0, atol=0)
+    torch.testing.assert_close(per_position.grad_norm, per_element.grad_norm, rtol=0, atol=0)
+
+
+def test_per_position_refusals():
+    x, y = labelled_batch(3)
+    with pytest.raises(ValueError, match="method='zo' has loss values only"):
+        CurvatureScorer(smooth_classifier(), method="zo").score(x, y, per_position=True)
+    with pytest.raises(ValueError, match=r"x of shape \(B, T, ...\)"):
+        CurvatureScorer(lambda v: v.unsqueeze(1) * torch.ones(4, dtype=v.dtype)).score(
+            x[:, 0], y, per_position=True
+        )
