@@ -1,12 +1,14 @@
 """Any model: output forms, side and keyword inputs, probe masks, maps, and refused cases."""
 
 import math
+import warnings
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from curvkern import CurvatureScorer, CurvatureScores, losses, torch_ops
 
@@ -377,3 +379,183 @@ def test_per_position_refusals():
         CurvatureScorer(lambda v: v.unsqueeze(1) * torch.ones(4, dtype=v.dtype)).score(
             x[:, 0], y, per_position=True
         )
+
+
+# --- no silent wrong numbers -----------------------------------------------------------------
+
+
+def dropout_classifier():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 32), nn.Tanh(), nn.Dropout(0.3), nn.Linear(32, 4)).double()
+
+
+@pytest.mark.parametrize("method", ["fd", "hvp", "zo"])
+def test_non_deterministic_loss_is_refused(method):
+    module = dropout_classifier().train()
+    x, y = labelled_batch(6)
+    scorer = CurvatureScorer(lambda v: module(v), method=method, n_probes=2)  # not put in eval
+    with pytest.raises(RuntimeError, match="the loss at x is not deterministic.*model.eval"):
+        scorer.score(x, y)
+    # the module itself is scored in eval mode, and so is a callable around an eval module
+    CurvatureScorer(module, method=method, n_probes=2).score(x, y)
+    module.eval()
+    CurvatureScorer(lambda v: module(v), method=method, n_probes=2).score(x, y)
+
+
+@pytest.mark.parametrize("method", ["fd", "hvp", "zo"])
+def test_batch_dependent_loss_is_refused(method):
+    model = smooth_classifier()
+    x, y = labelled_batch(6)
+
+    def per_batch_mean(output, target):  # the trap: a per-row loss divided by the rows
+        return F.cross_entropy(output, target, reduction="none") / output.shape[0]
+
+    def centred(output, target):  # a batch statistic
+        return F.cross_entropy(output - output.mean(0), target, reduction="none")
+
+    for loss_fn in (per_batch_mean, centred):
+        with pytest.raises(RuntimeError, match="depends on the other rows of its pass"):
+            CurvatureScorer(model, loss_fn, method=method, n_probes=2).score(x, y)
+    # batch statistics in the model: BatchNorm in train mode inside a plain callable
+    bn = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 4)).double()
+    with pytest.raises(RuntimeError, match="depends on the other rows of its pass"):
+        CurvatureScorer(lambda v: bn(v), method=method, n_probes=2).score(x, y)
+
+
+def test_consistency_check_runs_once_per_signature():
+    model = smooth_classifier()
+    x, y = labelled_batch(8)
+    passes = []
+
+    def counted(v):
+        passes.append(v.shape[0])
+        return model(v)
+
+    scorer = CurvatureScorer(counted, n_probes=3, max_batch=24)
+    scorer.score(x, y)
+    assert passes == [8, 17, 8, 24]  # the check (8 rows, 8 twice + 1), x, the probes
+    passes.clear()
+    scorer.score(x, y)
+    assert passes == [8, 24]
+    passes.clear()
+    scorer.score(x + 1, y)  # same signature: no check
+    assert passes == [8, 24]
+    passes.clear()
+    scorer.score(x[:3], y[:3])  # the batch size is not part of the signature
+    assert passes == [3, 9]
+
+
+def test_h_below_the_resolution_of_x():
+    model = smooth_classifier(dtype=torch.float32)
+    x, y = labelled_batch(8, dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"h = 1e-12 is below the floating-point resolution"):
+        CurvatureScorer(model, h=1e-12).score(x, y)
+    with pytest.warns(UserWarning, match=r"h = 1e-07 is close to the floating-point resolution"):
+        CurvatureScorer(model, h=1e-7).score(x, y)
+    # the default step in float32, and any step in float64 at this scale: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        CurvatureScorer(model, n_probes=2).score(x, y)
+        CurvatureScorer(smooth_classifier(), h=1e-7, n_probes=2).score(x.double(), y)
+
+
+def test_samples_with_all_differences_zero_warn():
+    weight = torch.randn(6, 4, dtype=torch.float64)
+
+    def linear_loss(output, target):  # linear in x: every gradient difference is exactly 0
+        return output.sum(1)
+
+    x, y = labelled_batch(4)
+    with pytest.warns(UserWarning, match="4 of 4 samples .* exactly zero for every probe"):
+        s = CurvatureScorer(lambda v: v @ weight, linear_loss, n_probes=2).score(x, y)
+    assert (s.curvature == 0).all()
+    # samples masked out entirely have curvature 0 by definition: no warning
+    model = smooth_classifier()
+    mask = torch.tensor([True, False, True, True])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s = CurvatureScorer(model, n_probes=2).score(x, y, probe_mask=mask)
+    assert s.curvature[1] == 0 and (s.curvature[[0, 2, 3]] > 0).all()
+
+
+def test_integer_inputs_point_to_embedding_space():
+    tokens = torch.randint(0, 10, (3, 5))
+    with pytest.raises(TypeError, match="TokenScorer.*input_key='inputs_embeds'"):
+        CurvatureScorer(smooth_classifier()).score(tokens, torch.zeros(3, dtype=torch.long))
+
+
+def test_dtype_and_device_unlike_the_model():
+    model = smooth_classifier(dtype=torch.float32)
+    x, y = labelled_batch(3)  # float64
+    with pytest.raises(TypeError, match=r"x has dtype torch.float64, the model's parameters"):
+        CurvatureScorer(model).score(x, y)
+    with pytest.raises(TypeError, match="the model could not take x"):
+        CurvatureScorer(lambda v: model(v)).score(x, y)
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="x is on cuda"):
+            CurvatureScorer(model).score(x.float().cuda(), y.cuda())
+
+
+class TinyAttention(nn.Module):
+    """One self-attention layer on (B, T, E) through F.scaled_dot_product_attention."""
+
+    def __init__(self, embed=4, classes=3):
+        super().__init__()
+        torch.manual_seed(2)
+        self.qkv = nn.Linear(embed, 3 * embed)
+        self.head = nn.Linear(embed, classes)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).unsqueeze(1).chunk(3, dim=-1)  # (B, 1, T, E) each
+        return self.head(F.scaled_dot_product_attention(q, k, v).squeeze(1).mean(1))
+
+
+def test_hvp_through_fused_attention():
+    model = TinyAttention().double()
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(5, 6, 4, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (5,), generator=gen)
+    # The fused CPU kernel has no double backward: plain autograd fails here ...
+    xr = x.clone().requires_grad_()
+    (g,) = torch.autograd.grad(F.cross_entropy(model(xr), y), xr, create_graph=True)
+    with pytest.raises(RuntimeError, match="derivative for .* is not implemented"):
+        torch.autograd.grad(g, xr, grad_outputs=torch.ones_like(g))
+    # ... and the scorer's hvp takes the math kernel. fd differs from it by O(h) with the same
+    # probes: halving h halves the difference.
+    hvp = CurvatureScorer(model, method="hvp", n_probes=4).score(x, y)
+
+    def error(h):
+        fd = CurvatureScorer(model, method="fd", h=h, n_probes=4).score(x, y)
+        return ((fd.curvature - hvp.curvature) / hvp.curvature).abs().max().item()
+
+    coarse, fine = error(1e-3), error(5e-4)
+    assert 1.8 < coarse / fine < 2.2, (coarse, fine)
+    assert coarse < 1e-2
+
+
+class _TanhOnce(torch.autograd.Function):
+    """tanh with a backward that cannot be differentiated again."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.tanh(x)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * (1 - torch.tanh(x) ** 2)
+
+
+def test_hvp_says_the_fix_for_ops_without_double_backward():
+    weight = torch.randn(6, 4, dtype=torch.float64)
+    x, y = labelled_batch(3)
+    for model in (
+        lambda v: _TanhOnce.apply(v) @ weight,  # all of H would be dropped
+        lambda v: (_TanhOnce.apply(v) + v**2) @ weight,  # a share of H would be dropped
+    ):
+        scorer = CurvatureScorer(model, method="hvp", n_probes=2)
+        with pytest.raises(RuntimeError, match="method='hvp' differentiates .* Use method='fd'"):
+            scorer.score(x, y)
+    CurvatureScorer(lambda v: _TanhOnce.apply(v) @ weight, n_probes=2).score(x, y)  # fd works
