@@ -559,3 +559,52 @@ def test_hvp_says_the_fix_for_ops_without_double_backward():
         with pytest.raises(RuntimeError, match="method='hvp' differentiates .* Use method='fd'"):
             scorer.score(x, y)
     CurvatureScorer(lambda v: _TanhOnce.apply(v) @ weight, n_probes=2).score(x, y)  # fd works
+
+
+# --- a Hugging Face model: keyword input, attention mask, ModelOutput, SDPA attention ----------
+
+
+def tiny_bert():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+        num_labels=3,
+    )
+    return transformers.BertForSequenceClassification(config).double()
+
+
+def test_hugging_face_model_in_embedding_space():
+    model = tiny_bert()  # in train mode, with dropout: the scorer scores it in eval mode
+    tokens = torch.randint(0, 50, (4, 7), generator=torch.Generator().manual_seed(1))
+    attention = torch.ones(4, 7, dtype=torch.long)
+    attention[1, 4:] = 0
+    attention[3, 2:] = 0
+    embeds = model.get_input_embeddings()(tokens).detach()
+    y = torch.tensor([0, 1, 2, 1])
+    kw = dict(probe_mask=attention.bool(), per_position=True, attention_mask=attention)
+    fd = CurvatureScorer(model, input_key="inputs_embeds", h=1e-5, n_probes=3, max_batch=5)
+    s = fd.score(embeds, y, **kw)
+    assert model.training  # left as found
+
+    model.eval()
+
+    def loss_of(at):
+        return F.cross_entropy(
+            model(inputs_embeds=at, attention_mask=attention).logits, y, reduction="none"
+        )
+
+    c, t = reference_per_probe(loss_of, embeds, torch.arange(4), 3, 1e-5, 0, "fd", attention)
+    assert_matches_reference(s, c, t)
+    assert (s.curvature_map[attention == 0] == 0).all()
+    # hvp through BERT's scaled-dot-product attention agrees with fd to O(h): measured, the
+    # relative difference is 1e-3 at h = 1e-4 and 1e-4 at h = 1e-5 (first order); 3x that here
+    hvp = CurvatureScorer(model, input_key="inputs_embeds", method="hvp", n_probes=3)
+    exact = hvp.score(embeds, y, **kw)
+    torch.testing.assert_close(s.curvature, exact.curvature, rtol=3e-4, atol=0)
+    torch.testing.assert_close(s.curvature_map, exact.curvature_map, rtol=3e-4, atol=0)
