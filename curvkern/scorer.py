@@ -50,6 +50,9 @@ CHECK_SAMPLES = 8
 # separates that from dropout or a batch statistic, which change losses at order one.
 CHECK_ULPS = 1000.0
 
+# Torch's messages for a model called with an input of another dtype or device than its weights.
+_MISMATCH_MESSAGES = ("same dtype", "same device", "should be the same")
+
 # Mean relative rounding of the step x + h - x above which the scorer warns (_check_step), and
 # the elements of x it looks at: enough to estimate a fraction to about 1/sqrt(4096) = 1.6%.
 STEP_WARN = 0.005
@@ -466,7 +469,7 @@ class CurvatureScorer:
                     loss, _ = self._objective.loss(part.x, part, 1)
                 except RuntimeError as e:
                     text = str(e)
-                    if "same dtype" in text or "same device" in text or "dtype" in text:
+                    if any(s in text for s in _MISMATCH_MESSAGES):
                         raise TypeError(
                             f"the model could not take x (dtype {batch.x.dtype}, device "
                             f"{batch.x.device}): {text}. Give x "
