@@ -1,22 +1,36 @@
 #!/usr/bin/env bash
-# The GPU check, in one run on a lent GPU machine (H200, torch with CUDA 13, nvcc, ninja,
+# The GPU check, in one run on a lent GPU machine (H200, 16 cores, torch with CUDA, nvcc, ninja,
 # pytest-benchmark; no network): build curvkern for sm_90 against that machine's torch, run the
-# test suite (its CUDA cases run when a GPU and the CUDA kernels are there), run the GPU
-# benchmarks and summarize them.
+# CUDA tests, run the kernel tests with odd sizes under compute-sanitizer (memcheck, racecheck,
+# synccheck), measure probe_reduce's bandwidth at ImageNet size, run the GPU benchmarks.
 #
 #   bash benchmarks/gpu_check.sh           # from the repository root
 #
-# Writes to $OUT (default ./gpu_out), seven files:
+# Writes to $OUT (default ./gpu_out):
 #   status.txt   one line per stage: exit status, seconds, time limit
-#   env.txt      nvidia-smi, nvcc, python, torch and curvkern as built
-#   build.log    the build          tests.log   python3 -m pytest tests
-#   bench.log    the benchmarks     bench.json  pytest-benchmark's JSON
-#   summary.md   benchmarks/summarize.py on bench.json (also printed last)
-# Ends within 8 minutes: every stage runs under `timeout`, with at most what is left of
-# GPU_CHECK_BUDGET_S (default 440 s) after keeping the later stages' minimum, plus 10 s for a
-# command that overran to exit (4 stages: 480 s at worst). Stages run even when an earlier one
-# failed; the exit status is that of the first failed stage.
-# GPU_BENCH_ARGS (default "--quick") is passed to the benchmark run.
+#   env.txt      nvidia-smi, nvcc, compute-sanitizer, python, torch and curvkern as built
+#   build.log    the build            tests.log      the CUDA tests (pytest -k cuda)
+#   memcheck.log, racecheck.log, synccheck.log       compute-sanitizer over the kernel tests
+#   probe_reduce_bandwidth.md/.json/.log             B = 1, 8, 128, 512 at D = 150,528
+#   bench.log, bench.json   the GPU benchmarks        summary.md   their summary, when there is one
+#
+# Time budget (issue 15.5: the whole check, build included, within 8 minutes = 480 s on the lent
+# machine). BUDGET_S = 440 s counts from the start. Each stage runs under `timeout` with at most
+# its cap and at most what the budget leaves after its reserve (the later stages' minimum, so that
+# an overrunning stage cannot starve them), then 2 s for an overrunning command to exit:
+#   stage        cap  minimum  reserve  what bounds it
+#   environment   25     -        -     nvidia-smi, nvcc, compute-sanitizer, python (own timeouts)
+#   build        145     -      170     5 .cu + 7 .cpp files, one architecture, 16 parallel jobs
+#   tests         75    40      130     the CUDA cases of tests/ (the >2^31-element ones write 8.6 GB)
+#   memcheck      55    30      100     kernel tests with odd sizes; only curvkern's kernels checked
+#   racecheck     35    20       80       (same selection)
+#   synccheck     35    20       60       (same selection)
+#   bandwidth     25    20       40     4 sizes + 1 masked, each checked, then 20 timed calls
+#   benchmarks    45    30       10     pytest benchmarks -m gpu (GPU_BENCH_ARGS, default --quick)
+#   summary       10    10        0     benchmarks/summarize.py, when it exists
+# The caps sum to 450 s, so the budget trims the last stages if every earlier one runs to its cap;
+# at worst the run ends at 440 s + 8 x 2 s of grace = 456 s <= 480 s. Stages run even when an
+# earlier one failed; the exit status is that of the first failed stage.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INDEX=1
 export CURVKERN_REQUIRE_KERNELS=1 # a failed build fails the tests instead of skipping them
@@ -31,8 +45,8 @@ FIRST_FAILURE=0
 log() { echo "[gpu_check $(($(date +%s) - START))s] $*"; }
 
 # stage NAME CAP_S RESERVE_S LOG COMMAND...: runs COMMAND for at most CAP_S seconds and at most
-# what the budget leaves after RESERVE_S (the later stages' minimum), output appended to
-# $OUT/LOG and echoed. SIGINT first, so that pytest still writes its reports.
+# what the budget leaves after RESERVE_S, output appended to $OUT/LOG and echoed. SIGINT first,
+# so that pytest still writes its reports; SIGKILL 2 s later.
 stage() {
   local name=$1 cap=$2 reserve=$3 logfile=$4
   shift 4
@@ -46,7 +60,7 @@ stage() {
   log "$name: start (limit ${limit}s)"
   local t0 rc
   t0=$(date +%s)
-  timeout -s INT -k 10 "$limit" "$@" 2>&1 | tee -a "$OUT/$logfile"
+  timeout -s INT -k 2 "$limit" "$@" 2>&1 | tee -a "$OUT/$logfile"
   rc=${PIPESTATUS[0]}
   echo "$name rc=$rc $(($(date +%s) - t0))s limit=${limit}s" >>"$OUT/status.txt"
   log "$name: rc=$rc"
@@ -54,10 +68,16 @@ stage() {
   return "$rc"
 }
 
+# compute-sanitizer: on PATH, or in the toolkit.
+SANITIZER=$(command -v compute-sanitizer ||
+  ls /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda/compute-sanitizer/compute-sanitizer \
+    2>/dev/null | head -n 1)
+
 environment() {
-  timeout 60 nvidia-smi || echo "nvidia-smi failed"
-  timeout 60 nvcc --version || echo "no nvcc on PATH"
-  timeout 120 python3 - <<'PY'
+  timeout 5 nvidia-smi || echo "nvidia-smi failed"
+  timeout 5 nvcc --version || echo "no nvcc on PATH"
+  if [[ -n "$SANITIZER" ]]; then timeout 5 "$SANITIZER" --version; else echo "no compute-sanitizer"; fi
+  timeout 10 python3 - <<'PY'
 import sys
 import torch
 print("python", sys.version.split()[0])
@@ -70,11 +90,8 @@ PY
 # Run by `stage` as `bash -c build` (timeout runs programs, not shell functions).
 # shellcheck disable=SC2329
 build() {
-  export TORCH_CUDA_ARCH_LIST=9.0 FORCE_CUDA=1
-  if ! python3 -m pip install --no-deps --no-build-isolation --no-index -e .; then
-    echo "pip install failed; falling back to python3 setup.py build_ext --inplace"
-    python3 setup.py build_ext --inplace || return 1
-  fi
+  export TORCH_CUDA_ARCH_LIST=9.0 FORCE_CUDA=1 MAX_JOBS=16
+  python3 -m pip install --no-deps --no-build-isolation --no-index -e . || return 1
   python3 - <<'PY'
 import curvkern
 print("curvkern", curvkern.__version__, "from", curvkern.__file__)
@@ -84,23 +101,52 @@ raise SystemExit(0 if curvkern.has_cuda_kernels() else "the CUDA kernels did not
 PY
 }
 
+# The kernel tests with odd sizes (D = 4097, 4200, 9000, 150,528, masks with runs of 48, 129,
+# 130, ...), on CUDA, without the cases that cannot run under a sanitizer: device-side asserts
+# (reported as errors by design), 8.6 GB outputs, graph capture, opcheck's many dispatches.
+SANITIZED_TESTS="tests/test_cuda_long_paths.py tests/test_mask_ops.py tests/test_perturb.py \
+tests/test_perturb_zo.py tests/test_probe_reduce.py tests/test_rademacher.py"
+SANITIZED_SELECTION="cuda and not bad_ids and not over_2_31 and not graph and not 65535 and not opcheck"
+
+# Run by `stage` as `bash -c 'sanitize TOOL'`.
+# shellcheck disable=SC2329
+sanitize() {
+  local tool=$1 tests
+  read -r -a tests <<<"$SANITIZED_TESTS"
+  if [[ -z "$SANITIZER" ]]; then
+    echo "compute-sanitizer not found"
+    return 127
+  fi
+  # Instrument curvkern's kernels only (torch's own are not under test, and slow to check).
+  local filter=()
+  if "$SANITIZER" --help 2>/dev/null | grep -q -- "--kernel-name"; then
+    filter=(--kernel-name kns=curvkern)
+  fi
+  # No caching allocator: every tensor its own allocation, so memcheck sees its bounds.
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool "$tool" --error-exitcode 1 \
+    "${filter[@]}" python3 -m pytest "${tests[@]}" -q -x -p no:cacheprovider \
+    -k "$SANITIZED_SELECTION"
+}
+
 : >"$OUT/status.txt"
 environment 2>&1 | tee "$OUT/env.txt"
-# caps and reserves (s): build 240 (keeps 200 for the rest), tests 120 (keeps 130),
-# benchmarks 240 (keeps 15), summary 15.
-export -f build
-stage build 240 200 build.log bash -c build
-timeout 60 python3 -c \
+export -f build sanitize
+export SANITIZER SANITIZED_TESTS SANITIZED_SELECTION
+stage build 145 170 build.log bash -c build
+timeout 10 python3 -c \
   'import curvkern; print("curvkern CUDA kernels:", curvkern.has_cuda_kernels())' \
   >>"$OUT/env.txt" 2>&1
-stage tests 120 130 tests.log python3 -m pytest tests -q -ra -p no:cacheprovider
-stage benchmarks 240 15 bench.log python3 -m pytest benchmarks -m gpu -q -ra \
+stage tests 75 130 tests.log python3 -m pytest tests -q -ra -p no:cacheprovider -k cuda
+stage memcheck 55 100 memcheck.log bash -c 'sanitize memcheck'
+stage racecheck 35 80 racecheck.log bash -c 'sanitize racecheck'
+stage synccheck 35 60 synccheck.log bash -c 'sanitize synccheck'
+stage bandwidth 25 40 probe_reduce_bandwidth.log python3 -m benchmarks.probe_reduce_bandwidth \
+  --out "$OUT/probe_reduce_bandwidth.md"
+stage benchmarks 45 10 bench.log python3 -m pytest benchmarks -m gpu -q -ra \
   -p no:cacheprovider "${BENCH_ARGS[@]}" --benchmark-json="$OUT/bench.json"
-if [[ -s "$OUT/bench.json" ]]; then
-  stage summary 15 0 bench.log python3 benchmarks/summarize.py "$OUT/bench.json" \
+if [[ -s "$OUT/bench.json" && -f benchmarks/summarize.py ]]; then
+  stage summary 10 0 bench.log python3 benchmarks/summarize.py "$OUT/bench.json" \
     --out "$OUT/summary.md"
-else
-  log "no bench.json: nothing to summarize" | tee -a "$OUT/status.txt"
 fi
 log "done; status by stage:"
 cat "$OUT/status.txt"

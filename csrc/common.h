@@ -19,8 +19,10 @@ inline void check_floating(const at::Tensor& t, const char* op, const char* name
               ": ", name, " must be float32 or float64, got ", t.scalar_type());
 }
 
-// ids: (B,) int64 on the device of `like`. Values are checked by the Python wrapper (a check here
-// would synchronize with the GPU).
+// ids: (B,) int64 on the device of `like`. Their values (in [0, 2^56): outside it, probes of
+// different samples or streams coincide) are checked by the kernels themselves: the CPU ops with
+// check_id_values_cpu before they start, the CUDA kernels with a device-side assertion where they
+// read an id (asynchronous: no synchronization with the host, so CUDA graphs still capture them).
 inline void check_ids(const at::Tensor& ids, int64_t batch, const at::Tensor& like, const char* op,
                       const char* like_name) {
   TORCH_CHECK(ids.scalar_type() == at::kLong, "curvkern::", op, ": ids must be int64, got ",
@@ -51,21 +53,42 @@ inline void check_step(double h, const char* op) {
   TORCH_CHECK(std::isfinite(h), "curvkern::", op, ": h must be finite, got ", h);
 }
 
+// mask: None, or (B, P) of the dtype and device of `like`, P dividing the D elements of a sample
+// (D == 0 takes any P). The messages are those of curvkern/torch_ops.py's _check_mask.
+inline void check_mask(const std::optional<at::Tensor>& mask, int64_t batch, int64_t dim,
+                       const at::Tensor& like, const char* op) {
+  if (!mask.has_value()) return;
+  const at::Tensor& m = *mask;
+  TORCH_CHECK(m.dim() == 2 && m.size(0) == batch, "curvkern::", op,
+              ": mask must have shape (B, P) with B = ", batch, ", got ", m.sizes());
+  const int64_t parts = m.size(1);
+  TORCH_CHECK(parts == 0 ? dim == 0 : dim % parts == 0, "curvkern::", op,
+              ": mask must have shape (B, P) with P dividing the ", dim,
+              " elements of a sample, got ", m.sizes());
+  TORCH_CHECK(m.scalar_type() == like.scalar_type(), "curvkern::", op, ": mask must have dtype ",
+              like.scalar_type(), ", got ", m.scalar_type());
+  TORCH_CHECK(m.device() == like.device(), "curvkern::", op, ": mask must be on ", like.device(),
+              ", got ", m.device());
+}
+
 // Arguments of perturb and perturb_zo.
 inline void check_perturb_args(const at::Tensor& x, const at::Tensor& ids, int64_t seed,
-                               int64_t n_probes, double h, int64_t probe_offset, const char* op) {
+                               int64_t n_probes, double h, int64_t probe_offset,
+                               const std::optional<at::Tensor>& mask, const char* op) {
   TORCH_CHECK(x.dim() >= 1, "curvkern::", op, ": x must have shape (B, ...), got a 0-d tensor");
   check_floating(x, op, "x");
   check_ids(ids, x.size(0), x, op, "x");
   check_probe_range(seed, n_probes, probe_offset, op);
   check_step(h, op);
-  check_sample_size(c10::multiply_integers(x.sizes().slice(1)), op);
+  const int64_t dim = c10::multiply_integers(x.sizes().slice(1));
+  check_sample_size(dim, op);
+  check_mask(mask, x.size(0), dim, x, op);
 }
 
 // Arguments of probe_reduce: g0 (B, D), g (n, B, D), ids (B,).
 inline void check_probe_reduce_args(const at::Tensor& g0, const at::Tensor& g,
                                     const at::Tensor& ids, int64_t seed, double h,
-                                    int64_t probe_offset) {
+                                    int64_t probe_offset, const std::optional<at::Tensor>& mask) {
   constexpr const char* op = "probe_reduce";
   check_floating(g, op, "g");
   TORCH_CHECK(g.dim() == 3, "curvkern::probe_reduce: g must have shape (n_probes, B, D), got ",
@@ -86,6 +109,7 @@ inline void check_probe_reduce_args(const at::Tensor& g0, const at::Tensor& g,
               "got ",
               h);
   check_sample_size(g.size(2), op);
+  check_mask(mask, g.size(1), g.size(2), g, op);
 }
 
 // Checks the arguments of rademacher and returns its empty output, (n, B, *sample_shape).
@@ -116,7 +140,7 @@ inline at::Tensor make_rademacher_output(int64_t seed, const at::Tensor& ids, in
   return at::empty(shape, ids.options().dtype(st));
 }
 
-// Ids are checked here on the CPU, where reading them costs nothing.
+// Ids are checked here on the CPU, where reading them costs nothing (on CUDA: in the kernels).
 inline void check_id_values_cpu(const at::Tensor& ids, const char* op) {
   const int64_t* p = ids.data_ptr<int64_t>();
   for (int64_t b = 0; b < ids.numel(); ++b) {

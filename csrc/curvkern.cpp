@@ -34,21 +34,27 @@ int64_t cuda_version() {
 }
 
 TORCH_LIBRARY(curvkern, m) {
-  // x (B, ...) -> (n_probes * B, ...); row k * B + b = x[b] + h * r(seed, ids[b], probe_offset + k)
+  // Probe masks (perturb, perturb_zo, probe_reduce): mask is None or (B, P) of the data's dtype,
+  // P dividing the D elements of a sample; element j of sample b is weighted by
+  // mask[b, j / (D / P)] (m below; 1 without a mask).
+  //
+  // x (B, ...) -> (n_probes * B, ...);
+  // row k * B + b = x[b] + h * m[b] * r(seed, ids[b], probe_offset + k)
   m.def(
-      "perturb(Tensor x, Tensor ids, int seed, int n_probes, float h, int probe_offset=0) -> "
-      "Tensor");
+      "perturb(Tensor x, Tensor ids, int seed, int n_probes, float h, int probe_offset=0, "
+      "Tensor? mask=None) -> Tensor");
   // x (B, ...) -> (4 * n_probes * B, ...); row (c * n_probes + k) * B + b =
-  // x[b] + h * (+-r_k) + h * (+-s_k), signs (+,+), (-,+), (+,-), (-,-) for c = 0..3, where r is
-  // stream 0 and s stream 1 of the probe generator.
+  // x[b] + h * m * (+-r_k) + h * m * (+-s_k), signs (+,+), (-,+), (+,-), (-,-) for c = 0..3,
+  // where r is stream 0 and s stream 1 of the probe generator.
   m.def(
-      "perturb_zo(Tensor x, Tensor ids, int seed, int n_probes, float h, int probe_offset=0) -> "
-      "Tensor");
-  // g0 (B, D), g (n, B, D) -> (B, 4): sums over probes k of ||dg_k|| / h, ||dg_k||^2 / h^2,
-  // r_k . dg_k / h and (r_k . dg_k / h)^2, where dg_k = g[k] - g0.
+      "perturb_zo(Tensor x, Tensor ids, int seed, int n_probes, float h, int probe_offset=0, "
+      "Tensor? mask=None) -> Tensor");
+  // g0 (B, D), g (n, B, D) -> (B, 4) float64: sums over probes k of ||dg_k|| / h,
+  // ||dg_k||^2 / h^2, (m r_k) . dg_k / h and ((m r_k) . dg_k / h)^2, where dg_k = m (g[k] - g0),
+  // the difference taken in g's dtype, everything after it in float64.
   m.def(
-      "probe_reduce(Tensor g0, Tensor g, Tensor ids, int seed, float h, int probe_offset=0) -> "
-      "Tensor");
+      "probe_reduce(Tensor g0, Tensor g, Tensor ids, int seed, float h, int probe_offset=0, "
+      "Tensor? mask=None) -> Tensor");
   // -> (n_probes, B, *sample_shape) of +-1
   m.def(
       "rademacher(int seed, Tensor ids, int n_probes, int[] sample_shape, int probe_offset=0, "

@@ -12,14 +12,14 @@ user's (B, *p) mask.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from . import torch_ops as _twins
 from ._extension import has_kernels, missing_kernels_message
-from .torch_ops import as_ids
+from .torch_ops import _mask_problem, as_ids
 
 __all__ = ["perturb", "perturb_zo", "probe_reduce", "rademacher", "cuda_version"]
 
@@ -53,10 +53,8 @@ def perturb(
     """
     _require_kernels()
     ids = as_ids(ids, x.shape[0] if x.dim() else 0, x.device)
-    if mask is not None:  # until the kernels take the mask: the twin, bit for bit the same
-        return _twins.perturb(x, ids, seed, n_probes, h, probe_offset, mask)
     return torch.ops.curvkern.perturb.default(
-        x, ids, int(seed), int(n_probes), float(h), int(probe_offset)
+        x, ids, int(seed), int(n_probes), float(h), int(probe_offset), mask
     )
 
 
@@ -82,10 +80,8 @@ def perturb_zo(
     """
     _require_kernels()
     ids = as_ids(ids, x.shape[0] if x.dim() else 0, x.device)
-    if mask is not None:  # until the kernels take the mask: the twin, bit for bit the same
-        return _twins.perturb_zo(x, ids, seed, n_probes, h, probe_offset, mask)
     return torch.ops.curvkern.perturb_zo.default(
-        x, ids, int(seed), int(n_probes), float(h), int(probe_offset)
+        x, ids, int(seed), int(n_probes), float(h), int(probe_offset), mask
     )
 
 
@@ -118,11 +114,9 @@ def probe_reduce(
     """
     _require_kernels()
     ids = as_ids(ids, g0.shape[0] if g0.dim() else 0, g0.device)
-    if mask is not None:  # until the kernels take the mask: the twin
-        return _twins.probe_reduce(g0, g, ids, seed, h, probe_offset, mask)
     return torch.ops.curvkern.probe_reduce.default(
-        g0, g, ids, int(seed), float(h), int(probe_offset)
-    ).double()
+        g0, g, ids, int(seed), float(h), int(probe_offset), mask
+    )
 
 
 def rademacher(
@@ -194,8 +188,25 @@ def _check_probes(seed: int, n_probes: int, probe_offset: int, op: str) -> None:
     )
 
 
+def _check_mask(mask: Tensor | None, batch: int, dim: int, like: Tensor, op: str) -> None:
+    if mask is not None:
+        problem = _mask_problem(mask, batch, dim, like)
+        _check(problem is None, op, str(problem))
+
+
+def _check_sample_size(dim: int, op: str) -> None:
+    _check(dim < 1 << 39, op, f"a sample may have at most 2^39 elements, got {dim}")
+
+
 def _check_perturb(
-    x: Tensor, ids: Tensor, seed: int, n_probes: int, probe_offset: int, op: str
+    x: Tensor,
+    ids: Tensor,
+    seed: int,
+    n_probes: int,
+    h: float,
+    probe_offset: int,
+    mask: Tensor | None,
+    op: str,
 ) -> None:
     _check(x.dim() >= 1, op, "x must have shape (B, ...), got a 0-d tensor")
     _check(
@@ -205,22 +216,26 @@ def _check_perturb(
     )
     _check_ids(ids, x.shape[0], x, op, "x")
     _check_probes(seed, n_probes, probe_offset, op)
+    _check(math.isfinite(h), op, f"h must be finite, got {h}")
+    dim = math.prod(x.shape[1:])
+    _check_sample_size(dim, op)
+    _check_mask(mask, x.shape[0], dim, x, op)
 
 
 if has_kernels():
 
     @torch.library.register_fake("curvkern::perturb")
-    def _perturb_fake(x, ids, seed, n_probes, h, probe_offset=0):
-        _check_perturb(x, ids, seed, n_probes, probe_offset, "perturb")
+    def _perturb_fake(x, ids, seed, n_probes, h, probe_offset=0, mask=None):
+        _check_perturb(x, ids, seed, n_probes, h, probe_offset, mask, "perturb")
         return x.new_empty((n_probes * x.shape[0], *x.shape[1:]))
 
     @torch.library.register_fake("curvkern::perturb_zo")
-    def _perturb_zo_fake(x, ids, seed, n_probes, h, probe_offset=0):
-        _check_perturb(x, ids, seed, n_probes, probe_offset, "perturb_zo")
+    def _perturb_zo_fake(x, ids, seed, n_probes, h, probe_offset=0, mask=None):
+        _check_perturb(x, ids, seed, n_probes, h, probe_offset, mask, "perturb_zo")
         return x.new_empty((4 * n_probes * x.shape[0], *x.shape[1:]))
 
     @torch.library.register_fake("curvkern::probe_reduce")
-    def _probe_reduce_fake(g0, g, ids, seed, h, probe_offset=0):
+    def _probe_reduce_fake(g0, g, ids, seed, h, probe_offset=0, mask=None):
         op = "probe_reduce"
         _check(
             g.dtype in (torch.float32, torch.float64),
@@ -235,10 +250,13 @@ if has_kernels():
             f"got {tuple(g0.shape)}",
         )
         _check(g0.dtype == g.dtype, op, f"g0 must have the dtype of g ({g.dtype}), got {g0.dtype}")
+        _check(g0.device == g.device, op, f"g0 must be on {g.device} like g, got {g0.device}")
         _check_ids(ids, g.shape[1], g, op, "g")
         _check_probes(seed, g.shape[0], probe_offset, op)
-        _check(h > 0, op, f"h must be positive and finite, got {h}")
-        return g.new_empty((g.shape[1], 4))
+        _check(math.isfinite(h) and h > 0, op, f"h must be positive and finite, got {h}")
+        _check_sample_size(g.shape[2], op)
+        _check_mask(mask, g.shape[1], g.shape[2], g, op)
+        return g.new_empty((g.shape[1], 4), dtype=torch.float64)
 
     @torch.library.register_fake("curvkern::rademacher")
     def _rademacher_fake(seed, ids, n_probes, sample_shape, probe_offset=0, stream=0, dtype=None):
@@ -247,5 +265,16 @@ if has_kernels():
         _check(ids.dtype == torch.int64, op, f"ids must be int64, got {ids.dtype}")
         _check_probes(seed, n_probes, probe_offset, op)
         _check(0 <= stream < 256, op, f"stream must lie in [0, 256), got {stream}")
+        _check(
+            all(s >= 0 for s in sample_shape),
+            op,
+            f"sample_shape must be non-negative, got {list(sample_shape)}",
+        )
+        _check_sample_size(math.prod(sample_shape), op)
         dtype = torch.float32 if dtype is None else dtype
+        _check(
+            dtype in (torch.float32, torch.float64),
+            op,
+            f"dtype must be float32 or float64, got {dtype}",
+        )
         return ids.new_empty((n_probes, ids.shape[0], *sample_shape), dtype=dtype)

@@ -176,24 +176,25 @@ def as_mask(probe_mask: Tensor | None, x: Tensor) -> Tensor | None:
     return mask.to(x.dtype).reshape(x.shape[0], -1).contiguous()
 
 
-def _check_mask(mask: Tensor | None, batch: int, dim: int, like: Tensor, op: str) -> None:
-    """The checks of the compiled ops on their (B, P) ``mask`` argument, with their messages."""
-    if mask is None:
-        return
+def _mask_problem(mask: Tensor, batch: int, dim: int, like: Tensor) -> str | None:
+    """What is wrong with the (B, P) ``mask`` argument of an op, or None.
+
+    The checks of the compiled ops (csrc/common.h, check_mask), shared by the twins and the ops'
+    fake kernels.
+    """
     if mask.dim() != 2 or mask.shape[0] != batch:
-        raise RuntimeError(
-            f"curvkern::{op}: mask must have shape (B, P) with B = {batch}, got {tuple(mask.shape)}"
-        )
+        return f"mask must have shape (B, P) with B = {batch}, got {tuple(mask.shape)}"
     parts = mask.shape[1]
     if (parts == 0 and dim != 0) or (parts > 0 and dim % parts != 0):
-        raise RuntimeError(
-            f"curvkern::{op}: mask must have shape (B, P) with P dividing the {dim} elements of a "
-            f"sample, got {tuple(mask.shape)}"
+        return (
+            f"mask must have shape (B, P) with P dividing the {dim} elements of a sample, "
+            f"got {tuple(mask.shape)}"
         )
     if mask.dtype != like.dtype:
-        raise RuntimeError(f"curvkern::{op}: mask must have dtype {like.dtype}, got {mask.dtype}")
+        return f"mask must have dtype {like.dtype}, got {mask.dtype}"
     if mask.device != like.device:
-        raise RuntimeError(f"curvkern::{op}: mask must be on {like.device}, got {mask.device}")
+        return f"mask must be on {like.device}, got {mask.device}"
+    return None
 
 
 def _expand_mask(mask: Tensor | None, x: Tensor, op: str) -> Tensor | None:
@@ -201,7 +202,9 @@ def _expand_mask(mask: Tensor | None, x: Tensor, op: str) -> Tensor | None:
     if mask is None:
         return None
     batch, dim = x.shape[0], _numel(x.shape[1:])
-    _check_mask(mask, batch, dim, x, op)
+    problem = _mask_problem(mask, batch, dim, x)
+    if problem is not None:
+        raise RuntimeError(f"curvkern::{op}: {problem}")
     parts = mask.shape[1]
     return mask.repeat_interleave(dim // parts if parts else 0, dim=1).reshape(x.shape)
 

@@ -6,6 +6,7 @@ import torch
 from curvkern import ops, torch_ops
 
 from .conftest import requires_kernels
+from .probe_stats import assert_stats_close
 
 # (sample shape, mask prefix p): a value per sample, per position of a sequence of embeddings
 # (runs of 48 and of 130 elements: shorter than, and straddling, the 128-element probe blocks), per
@@ -179,9 +180,90 @@ def test_probe_reduce_matches_twin(device, dtype, shape, prefix):
     mask = torch_ops.as_mask(_mask(4, prefix, dtype, device), g0.reshape(4, *shape))
     got = ops.probe_reduce(g0, g, ids, 5, 1e-3, 3, mask=mask)
     want = torch_ops.probe_reduce(g0, g, ids, 5, 1e-3, 3, mask)
-    assert got.dtype == torch.float64
-    # Both take the difference in the input dtype and accumulate in float64: they differ by the
-    # order of float64 sums, relative 2^-53 * D at most per sum; columns 2, 3 can cancel to ~0,
-    # so the scale is per column.
-    scale = want.abs().amax(dim=0, keepdim=True)
-    assert ((got - want).abs() <= 1e-12 * scale).all(), (got, want)
+    assert_stats_close(got, want, dtype, dim)
+
+
+@requires_kernels
+@pytest.mark.parametrize("run", [1, 3, 7, 100, 127, 128, 129, 256, 1000, 4097])
+def test_every_run_length(run):
+    # Runs shorter than, equal to, longer than and straddling the 128-element probe blocks: the
+    # kernels find element j's mask column j // run with a multiply-and-shift divider (csrc/mask.h)
+    # shared by the CPU and CUDA kernels, checked here against the twin's repeat_interleave.
+    parts = 5
+    x = torch.randn(2, parts, run, dtype=torch.float64)
+    mask = torch.tensor([[1.0, 0, 1, 0, 1], [0, 1, 1, 0, 0]], dtype=torch.float64)
+    assert torch.equal(
+        ops.perturb(x, None, 1, 2, 0.5, mask=mask), torch_ops.perturb(x, None, 1, 2, 0.5, 0, mask)
+    )
+    g0 = x.reshape(2, -1)
+    g = g0 + torch.randn(3, 2, parts * run, dtype=torch.float64)
+    assert_stats_close(
+        ops.probe_reduce(g0, g, None, 1, 1.0, mask=mask),
+        torch_ops.probe_reduce(g0, g, None, 1, 1.0, 0, mask),
+        torch.float64,
+        parts * run,
+    )
+
+
+@requires_kernels
+def test_mask_non_contiguous_and_empty(device, dtype):
+    x = torch.randn(3, 4, 40, dtype=dtype, device=device)
+    wide = (torch.rand(3, 8, device=device) < 0.5).to(dtype)
+    mask = wide[:, ::2]
+    assert not mask.is_contiguous()
+    assert torch.equal(
+        ops.perturb(x, None, 0, 2, 1e-3, mask=mask),
+        ops.perturb(x, None, 0, 2, 1e-3, mask=mask.contiguous()),
+    )
+    g0 = x.reshape(3, -1)
+    g = (g0 + 1e-3).expand(2, 3, 160)  # non-contiguous g too
+    assert torch.equal(
+        ops.probe_reduce(g0, g, None, 0, 1e-3, mask=mask),
+        ops.probe_reduce(g0, g.contiguous(), None, 0, 1e-3, mask=mask.contiguous()),
+    )
+    empty = torch.zeros(0, 4, dtype=dtype, device=device)
+    assert ops.perturb(x[:0], None, 0, 2, 1e-3, mask=empty).shape == (0, 4, 40)
+    assert ops.perturb_zo(x, None, 0, 0, 1e-3, mask=mask).shape == (0, 4, 40)
+    stats = ops.probe_reduce(g0[:0], g[:, :0], None, 0, 1e-3, mask=empty)
+    assert stats.shape == (0, 4) and stats.dtype == torch.float64
+    # D = 0: any P
+    none = torch.zeros(3, 0, dtype=dtype, device=device)
+    assert ops.perturb(
+        none, None, 0, 2, 1e-3, mask=torch.ones(3, 0, dtype=dtype, device=device)
+    ).shape == (6, 0)
+
+
+@requires_kernels
+def test_all_zero_mask(device):
+    x = torch.randn(2, 3, 10, device=device)
+    zero = torch.zeros(2, 3, device=device)
+    assert torch.equal(ops.perturb(x, None, 0, 3, 1e-3, mask=zero), x.repeat(3, 1, 1))
+    g0 = x.reshape(2, -1)
+    stats = ops.probe_reduce(g0, g0[None] + 1, None, 0, 1e-3, mask=zero)
+    assert torch.equal(stats, torch.zeros(2, 4, dtype=torch.float64, device=device))
+
+
+@requires_kernels
+def test_op_mask_errors():
+    x = torch.randn(3, 4, 10)
+    with pytest.raises(RuntimeError, match=r"perturb: mask must have shape \(B, P\) with B = 3"):
+        ops.perturb(x, None, 0, 1, 1e-3, mask=torch.ones(2, 4))
+    with pytest.raises(RuntimeError, match="P dividing the 40 elements"):
+        ops.perturb_zo(x, None, 0, 1, 1e-3, mask=torch.ones(3, 3))
+    with pytest.raises(RuntimeError, match="mask must have dtype Float"):
+        ops.perturb(x, None, 0, 1, 1e-3, mask=torch.ones(3, 4, dtype=torch.float64))
+    g0 = x.reshape(3, -1)
+    with pytest.raises(RuntimeError, match=r"probe_reduce: mask must have shape \(B, P\)"):
+        ops.probe_reduce(g0, g0[None], None, 0, 1e-3, mask=torch.ones(3))
+
+
+@requires_kernels
+def test_opcheck_with_masks(device, dtype):
+    x = torch.randn(3, 4, 33, dtype=dtype, device=device)
+    ids = torch.tensor([1, 5, 2], device=device)
+    mask = torch.tensor([[1, 0, 1, 1], [0, 0, 0, 1], [1, 1, 1, 1]], dtype=dtype, device=device)
+    for op in (torch.ops.curvkern.perturb.default, torch.ops.curvkern.perturb_zo.default):
+        torch.library.opcheck(op, (x, ids, 7, 3, 1e-3, 4, mask))
+    g0 = x.reshape(3, -1)
+    g = g0 + 1e-3 * torch.randn(2, 3, 132, dtype=dtype, device=device)
+    torch.library.opcheck(torch.ops.curvkern.probe_reduce.default, (g0, g, ids, 7, 1e-3, 2, mask))

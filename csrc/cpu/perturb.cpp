@@ -4,7 +4,9 @@
 #include <torch/library.h>
 
 #include "common.h"
+#include "cpu/mask_block.h"
 #include "cpu/sign_table.h"
+#include "mask.h"
 #include "probes.h"
 
 namespace curvkern {
@@ -18,31 +20,50 @@ inline void add_signed_step(const scalar_t* __restrict__ x, const scalar_t* __re
   for (int i = 0; i < cpu::kSignsPerByte; ++i) out[i] = x[i] + sign[i] * h;
 }
 
+// The same with mask weights m: x + (sign * h) * m, which equals the twin's x + (h * m) * r
+// bit for bit (sign * h is exact, and rounding is symmetric in the sign).
+template <typename scalar_t>
+inline void add_masked_step(const scalar_t* __restrict__ x, const scalar_t* __restrict__ sign,
+                            scalar_t h, const scalar_t* __restrict__ m,
+                            scalar_t* __restrict__ out) {
+  for (int i = 0; i < cpu::kSignsPerByte; ++i) out[i] = x[i] + sign[i] * h * m[i];
+}
+
 // Work items are (sample b, probe block) pairs; each writes that block of every perturbed copy,
 // so x is read once and every output element written once.
-template <typename scalar_t>
+template <typename scalar_t, bool kMasked>
 void perturb_cpu_kernel(const scalar_t* x,   // (B, D)
                         const int64_t* ids,  // (B,)
                         scalar_t* out,       // (n, B, D)
-                        uint64_t seed, int64_t n, int64_t batch, int64_t dim, scalar_t h,
-                        int64_t offset) {
+                        MaskView<scalar_t> mask, uint64_t seed, int64_t n, int64_t batch,
+                        int64_t dim, scalar_t h, int64_t offset) {
   const int64_t nblk = (dim + kProbeBlock - 1) / kProbeBlock;
   at::parallel_for(0, batch * nblk, 16, [&](int64_t begin, int64_t end) {
+    alignas(64) scalar_t m[kProbeBlock];  // (128,) mask weights of the block
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / nblk, blk = item % nblk;
       const int64_t j0 = blk * kProbeBlock;
       const int len = static_cast<int>(std::min(kProbeBlock, dim - j0));
       const scalar_t* xb = x + b * dim + j0;
+      if (kMasked) cpu::block_weights(mask, b, j0, len, m);
       for (int64_t k = 0; k < n; ++k) {
         const ProbeWords r = probe_block(seed, 0, ids[b], offset + k, blk);
         scalar_t* o = out + (k * batch + b) * dim + j0;
         if (len == kProbeBlock) {
           for (int byte = 0; byte < cpu::kBytesPerBlock; ++byte) {
             const int j = byte * cpu::kSignsPerByte;
-            add_signed_step(xb + j, cpu::signs_of_byte<scalar_t>(r, byte), h, o + j);
+            const scalar_t* sign = cpu::signs_of_byte<scalar_t>(r, byte);
+            if (kMasked) {
+              add_masked_step(xb + j, sign, h, m + j, o + j);
+            } else {
+              add_signed_step(xb + j, sign, h, o + j);
+            }
           }
         } else {
-          for (int j = 0; j < len; ++j) o[j] = xb[j] + probe_sign_at<scalar_t>(r, j) * h;
+          for (int j = 0; j < len; ++j) {
+            const scalar_t step = probe_sign_at<scalar_t>(r, j) * h;
+            o[j] = xb[j] + (kMasked ? step * m[j] : step);
+          }
         }
       }
     }
@@ -50,18 +71,28 @@ void perturb_cpu_kernel(const scalar_t* x,   // (B, D)
 }
 
 at::Tensor perturb_cpu(const at::Tensor& x, const at::Tensor& ids, int64_t seed, int64_t n_probes,
-                       double h, int64_t probe_offset) {
-  check_perturb_args(x, ids, seed, n_probes, h, probe_offset, "perturb");
+                       double h, int64_t probe_offset, const std::optional<at::Tensor>& mask) {
+  check_perturb_args(x, ids, seed, n_probes, h, probe_offset, mask, "perturb");
   const at::Tensor idc = ids.contiguous();
   check_id_values_cpu(idc, "perturb");
   at::Tensor out = stacked_like(x, n_probes);
   if (out.numel() == 0) return out;
   const at::Tensor xc = x.contiguous();
+  const at::Tensor mc = mask.has_value() ? mask->contiguous() : at::Tensor();
+  const int64_t dim = sample_numel(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "perturb_cpu", [&] {
-    perturb_cpu_kernel<scalar_t>(xc.data_ptr<scalar_t>(), idc.data_ptr<int64_t>(),
-                                 out.data_ptr<scalar_t>(), static_cast<uint64_t>(seed), n_probes,
-                                 x.size(0), sample_numel(x), static_cast<scalar_t>(h),
-                                 probe_offset);
+    const scalar_t step = static_cast<scalar_t>(h);
+    if (mc.defined()) {
+      const MaskView<scalar_t> view(mc.data_ptr<scalar_t>(), mc.size(1), dim);
+      perturb_cpu_kernel<scalar_t, true>(
+          xc.data_ptr<scalar_t>(), idc.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), view,
+          static_cast<uint64_t>(seed), n_probes, x.size(0), dim, step, probe_offset);
+    } else {
+      perturb_cpu_kernel<scalar_t, false>(xc.data_ptr<scalar_t>(), idc.data_ptr<int64_t>(),
+                                          out.data_ptr<scalar_t>(), MaskView<scalar_t>(),
+                                          static_cast<uint64_t>(seed), n_probes, x.size(0), dim,
+                                          step, probe_offset);
+    }
   });
   return out;
 }

@@ -8,12 +8,17 @@
 // always handles elements 32 q + l: every warp load and store covers 32 consecutive elements.
 #pragma once
 
+#include <c10/macros/Macros.h>  // CUDA_KERNEL_ASSERT_MSG (macros only, no ATen)
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cstdint>
 
 #include "probes.h"
+
+#ifndef CUDA_KERNEL_ASSERT_MSG  // older torch: the assertion without its message
+#define CUDA_KERNEL_ASSERT_MSG(cond, msg) CUDA_KERNEL_ASSERT(cond)
+#endif
 
 namespace curvkern {
 namespace cuda {
@@ -41,9 +46,31 @@ inline int grid_for_warp_items(int64_t warp_items, int sm_count) {
   return static_cast<int>(std::max<int64_t>(1, std::min(needed, 4 * resident)));
 }
 
+// Probes per warp in the perturb kernels, whose items are (sample, probe block, group of probes):
+// 32 (one per lane) when B * nblk items fill the device, fewer when they do not (B = 1 and a large
+// n), so that there are at least as many warps as the device holds. The output does not depend on
+// it.
+inline int probes_per_warp(int64_t sample_blocks, int64_t n, int sm_count) {
+  const int64_t resident_warps = int64_t{sm_count} * 2048 / kWarpSize;
+  int group = kWarpSize;
+  while (group > 1 && sample_blocks * ((n + group - 1) / group) < resident_warps) group /= 2;
+  return group;
+}
+
 // min(remaining, 32): how many of the next 32 items (probes, blocks) exist.
 __device__ __forceinline__ int warp_span(int64_t remaining) {
   return remaining < kWarpSize ? static_cast<int>(remaining) : kWarpSize;
+}
+
+// ids[b], asserted to lie in [0, 2^56) (outside it, probes of different samples or streams
+// coincide). A failed device assertion is reported asynchronously, at the next synchronizing CUDA
+// call, as "device-side assert triggered"; the check costs no host synchronization, so the ops
+// stay capturable in CUDA graphs. It runs in release builds too (CUDA_KERNEL_ASSERT ignores
+// NDEBUG).
+__device__ __forceinline__ uint64_t checked_id(const int64_t* __restrict__ ids, int64_t b) {
+  const int64_t id = ids[b];
+  CUDA_KERNEL_ASSERT_MSG(id >= 0 && id < kMaxId, "curvkern: ids must lie in [0, 2^56)");
+  return static_cast<uint64_t>(id);
 }
 
 // Global index of this thread's warp and the number of warps in the grid.

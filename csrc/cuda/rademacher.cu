@@ -20,7 +20,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t item = global_warp(); item < n * batch * nseg; item += grid_warps()) {
     const int64_t row = item / nseg, seg = (item - row * nseg) * kWarpSize;
     const int64_t k = row / batch, b = row - k * batch;
-    const ProbeWords words = probe_block(seed, stream, ids[b], offset + k, seg + lane);
+    const ProbeWords words = probe_block(seed, stream, checked_id(ids, b), offset + k, seg + lane);
     const int nb = warp_span(nblk - seg);
     scalar_t* o = out + row * dim;
     for (int i = 0; i < nb; ++i) {
