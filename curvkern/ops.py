@@ -3,6 +3,11 @@
 Every op regenerates its probes from (seed, stream, sample id, probe index, element index); see
 ``csrc/probes.h``. ``curvkern.torch_ops`` holds a pure-PyTorch twin of each, with the same
 signature. ``ids=None`` means ids 0 .. B-1 (the position in the batch).
+
+``mask`` (perturb, perturb_zo, probe_reduce): None or a (B, P) tensor of the data's dtype with
+values 0/1, P dividing D (the elements of one sample): element j of sample b is weighted by
+``mask[b, j // (D // P)]``; probes become m * r. :func:`curvkern.torch_ops.as_mask` makes it from a
+user's (B, *p) mask.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from . import torch_ops as _twins
 from ._extension import has_kernels, missing_kernels_message
 from .torch_ops import as_ids
 
@@ -30,6 +36,7 @@ def perturb(
     n_probes: int,
     h: float,
     probe_offset: int = 0,
+    mask: Tensor | None = None,
 ) -> Tensor:
     """All probe-perturbed copies of a batch, written in one pass.
 
@@ -40,11 +47,14 @@ def perturb(
         n_probes: number of probes n.
         h: step.
         probe_offset: index of the first probe.
+        mask: None, or (B, P) 0/1 of x's dtype (see the module docstring); m = 1 without it.
     Returns:
-        (n * B, ...) tensor: row k * B + b is x[b] + h * r(seed, ids[b], probe_offset + k).
+        (n * B, ...) tensor: row k * B + b is x[b] + h * m[b] * r(seed, ids[b], probe_offset + k).
     """
     _require_kernels()
     ids = as_ids(ids, x.shape[0] if x.dim() else 0, x.device)
+    if mask is not None:  # until the kernels take the mask: the twin, bit for bit the same
+        return _twins.perturb(x, ids, seed, n_probes, h, probe_offset, mask)
     return torch.ops.curvkern.perturb.default(
         x, ids, int(seed), int(n_probes), float(h), int(probe_offset)
     )
@@ -57,19 +67,23 @@ def perturb_zo(
     n_probes: int,
     h: float,
     probe_offset: int = 0,
+    mask: Tensor | None = None,
 ) -> Tensor:
-    """The four copies x +- h r_k +- h s_k of every probe pair, for the zeroth-order estimator.
+    """The four copies x +- h m r_k +- h m s_k of every probe pair, for the zeroth-order estimator.
 
     Args:
         x: (B, ...) float32 or float64 batch.
         ids: (B,) sample ids, or None for 0 .. B-1.
-        seed, n_probes, h, probe_offset: as in :func:`perturb`; r is probe stream 0, s stream 1.
+        seed, n_probes, h, probe_offset, mask: as in :func:`perturb`; r is probe stream 0, s
+            stream 1.
     Returns:
         (4 * n * B, ...) tensor: row (c * n + k) * B + b holds sign pattern c of (r_k, s_k),
         in the order (+,+), (-,+), (+,-), (-,-).
     """
     _require_kernels()
     ids = as_ids(ids, x.shape[0] if x.dim() else 0, x.device)
+    if mask is not None:  # until the kernels take the mask: the twin, bit for bit the same
+        return _twins.perturb_zo(x, ids, seed, n_probes, h, probe_offset, mask)
     return torch.ops.curvkern.perturb_zo.default(
         x, ids, int(seed), int(n_probes), float(h), int(probe_offset)
     )
@@ -82,27 +96,33 @@ def probe_reduce(
     seed: int,
     h: float,
     probe_offset: int = 0,
+    mask: Tensor | None = None,
 ) -> Tensor:
     """Per-sample probe statistics in one pass over the probe gradients.
 
-    With dg_k = g[k] - g0 and r_k the probes of :func:`perturb`:
+    With dg_k = m * (g[k] - g0) (the difference taken in g's dtype) and m * r_k the probes of
+    :func:`perturb` (m = 1 without a mask):
 
     Args:
         g0: (B, D) input gradients at x.
-        g: (n, B, D) input gradients at x + h r_k.
+        g: (n, B, D) input gradients at x + h m r_k.
         ids: (B,) sample ids, or None for 0 .. B-1.
         seed: probe seed.
         h: step, > 0.
         probe_offset: index of the first probe.
+        mask: None, or (B, P) 0/1 of g's dtype (see the module docstring).
     Returns:
-        (B, 4) tensor of g's dtype, per sample the sums over k of ||dg_k|| / h,
-        ||dg_k||^2 / h^2, r_k . dg_k / h and (r_k . dg_k / h)^2.
+        (B, 4) float64 tensor, per sample the sums over k of ||dg_k|| / h, ||dg_k||^2 / h^2,
+        (m r_k) . dg_k / h and ((m r_k) . dg_k / h)^2. Float64 whatever g's dtype: the
+        standard error comes from the first two sums, which cancel.
     """
     _require_kernels()
     ids = as_ids(ids, g0.shape[0] if g0.dim() else 0, g0.device)
+    if mask is not None:  # until the kernels take the mask: the twin
+        return _twins.probe_reduce(g0, g, ids, seed, h, probe_offset, mask)
     return torch.ops.curvkern.probe_reduce.default(
         g0, g, ids, int(seed), float(h), int(probe_offset)
-    )
+    ).double()
 
 
 def rademacher(

@@ -5,6 +5,12 @@ Each function here has the signature and the result of its namesake in :mod:`cur
 Philox-4x32-10 of ``csrc/probes.h``, computed with int64 tensor arithmetic), ``probe_reduce`` up to
 floating-point summation order. They materialize the probes, so they cost more memory and time
 than the kernels; the scorer's ``backend="torch"`` uses them.
+
+Probe masks: ``perturb``, ``perturb_zo`` and ``probe_reduce`` take ``mask``, None or a (B, P)
+tensor of the data's dtype with values 0/1, where P divides D (the elements of one sample) and
+element j of sample b is weighted by ``mask[b, j // (D // P)]``: a mask over a prefix of the
+sample shape, broadcast over the rest (:func:`as_mask` makes it from a user's (B, *p) mask). The
+probes become m * r (and m * s), and ``probe_reduce`` reduces m * (g - g0).
 """
 
 from __future__ import annotations
@@ -14,7 +20,15 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["perturb", "perturb_zo", "probe_reduce", "rademacher", "philox4x32_10"]
+__all__ = [
+    "as_ids",
+    "as_mask",
+    "perturb",
+    "perturb_zo",
+    "probe_reduce",
+    "rademacher",
+    "philox4x32_10",
+]
 
 _MASK32 = 0xFFFFFFFF
 _PHILOX_M0, _PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
@@ -116,6 +130,89 @@ def as_ids(ids: Tensor | Sequence[int] | None, batch: int, device: torch.device)
     return ids.to(torch.int64)
 
 
+def as_mask(probe_mask: Tensor | None, x: Tensor) -> Tensor | None:
+    """A user's probe mask in the (B, P) form the ops take; None passes through.
+
+    Args:
+        probe_mask: None, or a bool or floating tensor of shape (B, *p) with values 0/1, where p
+            is a prefix of the sample shape ``x.shape[1:]`` (e.g. (B, T) for x of shape
+            (B, T, E): one value per position, shared by its E features). Moved to x's device.
+        x: (B, ...) the batch the mask belongs to.
+    Returns:
+        None, or a (B, P) tensor of x's dtype and device, P = prod(p), contiguous:
+        element j of sample b is weighted by ``mask[b, j // (D // P)]`` (D = x[0].numel()).
+    Raises:
+        TypeError: probe_mask is not a tensor, or not bool or floating.
+        ValueError: its shape is not (B, *p), or a value is neither 0 nor 1.
+    """
+    if probe_mask is None:
+        return None
+    if not isinstance(probe_mask, Tensor):
+        raise TypeError(
+            f"probe_mask must be a tensor (bool or floating, shape (B, *p)), "
+            f"got {type(probe_mask).__name__}"
+        )
+    if probe_mask.dtype != torch.bool and not probe_mask.is_floating_point():
+        raise TypeError(
+            f"probe_mask must be bool or floating (0/1 values), got {probe_mask.dtype}; "
+            "convert an integer mask with .bool()"
+        )
+    sample_shape = tuple(x.shape[1:])
+    shape = tuple(probe_mask.shape)
+    prefix = shape[1:]
+    if len(shape) == 0 or shape[0] != x.shape[0] or prefix != sample_shape[: len(prefix)]:
+        raise ValueError(
+            f"probe_mask must have shape (B, *p) with B = {x.shape[0]} and p a prefix of the "
+            f"sample shape {sample_shape} (e.g. {(x.shape[0], *sample_shape[:1])}), got {shape}"
+        )
+    mask = probe_mask.to(device=x.device)
+    if mask.is_floating_point():
+        bad = ~((mask == 0) | (mask == 1))
+        if bool(bad.any()):
+            first = tuple(int(i) for i in bad.nonzero()[0])
+            raise ValueError(
+                f"probe_mask must hold only 0 and 1, got {mask[first].item()} at index {first}"
+            )
+    return mask.to(x.dtype).reshape(x.shape[0], -1).contiguous()
+
+
+def _check_mask(mask: Tensor | None, batch: int, dim: int, like: Tensor, op: str) -> None:
+    """The checks of the compiled ops on their (B, P) ``mask`` argument, with their messages."""
+    if mask is None:
+        return
+    if mask.dim() != 2 or mask.shape[0] != batch:
+        raise RuntimeError(
+            f"curvkern::{op}: mask must have shape (B, P) with B = {batch}, got {tuple(mask.shape)}"
+        )
+    parts = mask.shape[1]
+    if (parts == 0 and dim != 0) or (parts > 0 and dim % parts != 0):
+        raise RuntimeError(
+            f"curvkern::{op}: mask must have shape (B, P) with P dividing the {dim} elements of a "
+            f"sample, got {tuple(mask.shape)}"
+        )
+    if mask.dtype != like.dtype:
+        raise RuntimeError(f"curvkern::{op}: mask must have dtype {like.dtype}, got {mask.dtype}")
+    if mask.device != like.device:
+        raise RuntimeError(f"curvkern::{op}: mask must be on {like.device}, got {mask.device}")
+
+
+def _expand_mask(mask: Tensor | None, x: Tensor, op: str) -> Tensor | None:
+    """(B, P) mask -> (B, *sample_shape): each value repeated over its D // P elements."""
+    if mask is None:
+        return None
+    batch, dim = x.shape[0], _numel(x.shape[1:])
+    _check_mask(mask, batch, dim, x, op)
+    parts = mask.shape[1]
+    return mask.repeat_interleave(dim // parts if parts else 0, dim=1).reshape(x.shape)
+
+
+def _numel(shape: Sequence[int]) -> int:
+    numel = 1
+    for s in shape:
+        numel *= int(s)
+    return numel
+
+
 def perturb(
     x: Tensor,
     ids: Tensor | Sequence[int] | None,
@@ -123,11 +220,18 @@ def perturb(
     n_probes: int,
     h: float,
     probe_offset: int = 0,
+    mask: Tensor | None = None,
 ) -> Tensor:
-    """x (B, ...) -> (n_probes * B, ...); row k * B + b is x[b] + h r(seed, ids[b], offset + k)."""
+    """x (B, ...) -> (n_probes * B, ...); row k * B + b is x[b] + h m[b] r_k(seed, ids[b]).
+
+    r_k is probe probe_offset + k; ``mask``: None or (B, P) (see the module docstring), m = 1
+    without it.
+    """
     ids = as_ids(ids, x.shape[0], x.device)
     r = rademacher(seed, ids, n_probes, x.shape[1:], probe_offset, 0, x.dtype)
-    return (x.unsqueeze(0) + h * r).reshape(-1, *x.shape[1:])
+    m = _expand_mask(mask, x, "perturb")
+    step = h * r if m is None else h * m * r  # h m r is exact: m is 0/1 and r is +-1
+    return (x.unsqueeze(0) + step).reshape(-1, *x.shape[1:])
 
 
 def perturb_zo(
@@ -137,14 +241,19 @@ def perturb_zo(
     n_probes: int,
     h: float,
     probe_offset: int = 0,
+    mask: Tensor | None = None,
 ) -> Tensor:
-    """x (B, ...) -> (4 * n_probes * B, ...): the four copies x +- h r +- h s of each probe pair.
+    """x (B, ...) -> (4 * n_probes * B, ...): the copies x +- h m r +- h m s of each probe pair.
 
     Row (c * n + k) * B + b holds sign pattern c of (r, s): (+,+), (-,+), (+,-), (-,-).
+    ``mask``: None or (B, P) (see the module docstring); m = 1 without it.
     """
     ids = as_ids(ids, x.shape[0], x.device)
     hr = h * rademacher(seed, ids, n_probes, x.shape[1:], probe_offset, 0, x.dtype)
     hs = h * rademacher(seed, ids, n_probes, x.shape[1:], probe_offset, 1, x.dtype)
+    m = _expand_mask(mask, x, "perturb_zo")
+    if m is not None:
+        hr, hs = hr * m, hs * m
     plus, minus = x.unsqueeze(0) + hr, x.unsqueeze(0) - hr
     copies = torch.stack([plus + hs, minus + hs, plus - hs, minus - hs])  # (4, n, B, ...)
     return copies.reshape(-1, *x.shape[1:])
@@ -157,19 +266,32 @@ def probe_reduce(
     seed: int,
     h: float,
     probe_offset: int = 0,
+    mask: Tensor | None = None,
 ) -> Tensor:
     """Per-sample sums over probes k of ||dg_k|| / h, ||dg_k||^2 / h^2, r_k.dg_k / h, its square.
 
+    dg_k = m * (g[k] - g0) and r_k -> m * r_k with a mask. The difference g - g0 is taken in the
+    input dtype (as the kernels do); norms, dot products and sums are in float64, because the
+    standard error is computed from the sums of c and c^2, which cancel: in float32 they lose a
+    spread of 1e-4 between probes entirely.
+
     Args:
         g0: (B, D) gradients at x.
-        g: (n, B, D) gradients at x + h r_k.
+        g: (n, B, D) gradients at x + h m r_k.
         ids: (B,) sample ids (None: 0 .. B-1).
+        seed, h, probe_offset: as in :func:`perturb`.
+        mask: None or (B, P) (see the module docstring).
     Returns:
-        (B, 4) tensor of the dtype of g.
+        (B, 4) float64 tensor.
     """
     ids = as_ids(ids, g0.shape[0], g0.device)
-    r = rademacher(seed, ids, g.shape[0], g.shape[2:], probe_offset, 0, g.dtype)
-    dg = g - g0
+    r = rademacher(seed, ids, g.shape[0], g.shape[2:], probe_offset, 0, torch.float64)
+    dg = g - g0  # (n, B, D) in the input dtype
+    m = _expand_mask(mask, g0, "probe_reduce")
+    if m is not None:
+        dg = dg * m
+        r = r * m.double()
+    dg = dg.double()
     c = torch.linalg.vector_norm(dg, dim=-1) / h  # (n, B)
     t = (r * dg).sum(-1) / h  # (n, B)
     return torch.stack([c.sum(0), (c * c).sum(0), t.sum(0), (t * t).sum(0)], dim=-1)
