@@ -13,9 +13,8 @@ takes ``inputs_embeds`` and ``attention_mask`` works.
 
 from __future__ import annotations
 
-import contextlib
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -28,25 +27,6 @@ __all__ = ["TokenScorer"]
 # What the autograd error says when an op of the forward has no second derivative, e.g. a fused
 # attention kernel's backward (flash attention, memory-efficient attention, flex attention).
 _NO_DOUBLE_BACKWARD = ("derivative for", "not implemented")
-
-
-@contextlib.contextmanager
-def _math_attention(enabled: bool) -> Iterator[None]:
-    """torch's scaled_dot_product_attention restricted to its math backend, when ``enabled``.
-
-    The fused kernels (flash and memory-efficient attention, on the CPU and on CUDA) have a
-    backward but no derivative of that backward, so a Hessian-vector product through them fails
-    with "derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward is not
-    implemented". The math backend is made of ordinary differentiable ops; the backend is chosen
-    at forward time, so the context must hold the forward of the double backward.
-    """
-    if not enabled:
-        yield
-        return
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    with sdpa_kernel(SDPBackend.MATH):
-        yield
 
 
 def _left_aligned(mask: Tensor) -> Tensor | None:
@@ -92,10 +72,10 @@ class TokenScorer:
     model's position embeddings count from the first position of the row. The per-token map of
     ``per_position=True`` is given back in the caller's layout.
 
-    ``method="hvp"`` runs the model with torch's math attention (the fused attention kernels have
-    no double backward). Attention implementations outside torch's
-    ``scaled_dot_product_attention`` (e.g. flash_attention_2) fail with a message that names the
-    fix: ``attn_implementation="eager"``, or ``method="fd"``.
+    ``method="hvp"`` works through torch's scaled_dot_product_attention (the scorer runs it on
+    its math kernel: the fused kernels have no double backward). Attention implementations
+    outside it (e.g. flash_attention_2) fail with a message that names the fix:
+    ``attn_implementation="eager"``, or ``method="fd"``.
 
     Models that do not take ``inputs_embeds``/``attention_mask`` (no Hugging Face convention):
     score the embeddings with ``CurvatureScorer(model, input_key=...)`` directly.
@@ -212,11 +192,11 @@ class TokenScorer:
         embeds = self.embed(input_ids)
         self._check_dtype(embeds)
         try:
-            with _math_attention(self.method == "hvp"):
-                scores = self.scorer.score(
-                    embeds, y, ids, probe_mask=mask, per_position=per_position,
-                    attention_mask=attention_mask, **model_inputs,
-                )  # fmt: skip
+            # hvp: the scorer runs torch's fused attention on its math kernel (double backward).
+            scores = self.scorer.score(
+                embeds, y, ids, probe_mask=mask, per_position=per_position,
+                attention_mask=attention_mask, **model_inputs,
+            )  # fmt: skip
         except RuntimeError as error:
             if self.method == "hvp" and all(s in str(error) for s in _NO_DOUBLE_BACKWARD):
                 raise RuntimeError(
