@@ -36,6 +36,34 @@ _NO_INPUT_GRADIENT = (
 )
 
 
+# Autograd's messages for an op whose backward cannot be differentiated again.
+_NO_DOUBLE_BACKWARD = ("derivative for", "double backward", "differentiate twice")
+
+
+def _no_double_backward(cause: str) -> str:
+    return (
+        f"method='hvp' differentiates the model's backward pass again, and an op of this model "
+        f"has no such derivative ({cause}). Use method='fd' (first-order autograd only), or "
+        f"replace that op by one built from differentiable torch ops. (Fused scaled-dot-product "
+        f"attention is already switched to its math kernel for hvp.)"
+    )
+
+
+def _has_error_node(t: Tensor) -> bool:
+    """Whether t's autograd graph holds an error node (what a once-differentiable backward
+    leaves where its own derivative would be)."""
+    seen, stack = set(), [t.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if "Error" in type(node).__name__:
+            return True
+        stack.extend(fn for fn, _ in node.next_functions)
+    return False
+
+
 def repeat_rows(t: Tensor, copies: int) -> Tensor:
     """(B, ...) -> (copies * B, ...), row c * B + b = t[b]."""
     if copies == 1:
@@ -196,9 +224,9 @@ def _position_norms(d: Tensor, batch: Batch, m: Tensor | None, h: float) -> Tens
     return torch.linalg.vector_norm(d, dim=-1).sum(0) / h
 
 
-def _mask_kw(mask: Tensor | None, dtype: torch.dtype) -> dict[str, Tensor]:
-    """The ops' ``mask=`` keyword: left out without a mask, so unmasked calls stay as they were."""
-    return {} if mask is None else {"mask": mask.to(dtype)}
+def _cast(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """The (B, P) probe mask in the dtype of the data an op takes it with (None stays None)."""
+    return None if mask is None else mask.to(dtype)
 
 
 class Estimator:
@@ -295,14 +323,14 @@ class FiniteDifference(Estimator):
     name = "fd"
 
     def run(self, ops, objective, batch, base, seed, h, offset, n):
-        mask = _mask_kw(batch.mask, batch.x.dtype)
-        xp = ops.perturb(batch.x, batch.ids, seed, n, h, offset, **mask)  # (n B, ...)
+        mask = _cast(batch.mask, batch.x.dtype)
+        xp = ops.perturb(batch.x, batch.ids, seed, n, h, offset, mask)  # (n B, ...)
         _, grad, _ = objective.loss_and_grad(xp, batch, n)
         return grad.detach().reshape(n, batch.size, -1)  # (n, B, D)
 
     def reduce(self, ops, data, batch, base, seed, h, offset, per_position):
-        mask = _mask_kw(batch.mask, data.dtype)
-        stats = ops.probe_reduce(base.grad, data, batch.ids, seed, h, offset, **mask).double()
+        mask = _cast(batch.mask, data.dtype)
+        stats = ops.probe_reduce(base.grad, data, batch.ids, seed, h, offset, mask).double()
         cmap = None
         if per_position:
             cmap = _position_norms(data - base.grad, batch, batch.element_mask(), h)
@@ -336,27 +364,28 @@ class HessianVector(Estimator):
             _, grad, _ = objective.loss_and_grad(xr, batch, n, create_graph=True)
             if not grad.requires_grad:  # the loss is at most linear in x here
                 return torch.zeros(n, batch.size, x[0].numel(), dtype=dtype, device=x.device)
+            if _has_error_node(grad):
+                # A once-differentiable backward leaves an error node that is not connected to
+                # x: autograd would silently drop its share of H r (all of it, in a model made
+                # of such ops). A walk over the graph's nodes, cheap next to the pass.
+                raise RuntimeError(
+                    _no_double_backward("a backward marked once_differentiable is in the graph")
+                )
             try:
                 (hv,) = torch.autograd.grad(grad, xr, grad_outputs=v, allow_unused=True)
             except RuntimeError as e:
-                if "derivative for" not in str(e) and "double backward" not in str(e):
+                if not any(s in str(e) for s in _NO_DOUBLE_BACKWARD):
                     raise
-                raise RuntimeError(
-                    f"method='hvp' differentiates the model's backward pass again, and an op "
-                    f"of this model has no such derivative ({e}). Use method='fd' (first-order "
-                    f"autograd only), or replace that op by one built from differentiable "
-                    f"torch ops. (Fused scaled-dot-product attention is already switched to "
-                    f"its math kernel for hvp.)"
-                ) from e
-        if hv is None:
+                raise RuntimeError(_no_double_backward(str(e))) from e
+        if hv is None:  # the gradient does not depend on x: H = 0
             return torch.zeros(n, batch.size, x[0].numel(), dtype=dtype, device=x.device)
         return hv.detach().reshape(n, batch.size, -1).to(dtype)  # (n, B, D): H m r_k
 
     def reduce(self, ops, data, batch, base, seed, h, offset, per_position):
         zero = data.new_zeros(data.shape[1:])
-        mask = _mask_kw(batch.mask, data.dtype)
+        mask = _cast(batch.mask, data.dtype)
         # data holds H r_k itself, so the step is 1
-        stats = ops.probe_reduce(zero, data, batch.ids, seed, 1.0, offset, **mask).double()
+        stats = ops.probe_reduce(zero, data, batch.ids, seed, 1.0, offset, mask).double()
         cmap = None
         if per_position:
             cmap = _position_norms(data, batch, batch.element_mask(), 1.0)
@@ -377,9 +406,9 @@ class ZerothOrder(Estimator):
         return Base(loss.double(), None, nan, classification_stats(output, batch.y))
 
     def run(self, ops, objective, batch, base, seed, h, offset, n):
-        mask = _mask_kw(batch.mask, batch.x.dtype)
+        mask = _cast(batch.mask, batch.x.dtype)
         with torch.no_grad():
-            xp = ops.perturb_zo(batch.x, batch.ids, seed, n, h, offset, **mask)  # (4 n B, ...)
+            xp = ops.perturb_zo(batch.x, batch.ids, seed, n, h, offset, mask)  # (4 n B, ...)
             lp, _ = objective.loss(xp, batch, 4 * n)
         lp = lp.double().reshape(4, n, batch.size)
         # Four-point differences, exact for quadratics (errors O(h^2)):
