@@ -13,7 +13,7 @@ characters), and on the whole sequence. Reported by repetition count, for each s
 - members: AUROC of the inserted canaries against held-out ones (memorized = high curvature,
   low loss, high Min-K% probability), the exposure test proper.
 
-    python examples/canary_exposure.py [--quick] [--epochs 15] [--out outputs/canary_exposure]
+    python examples/canary_exposure.py [--quick] [--epochs 12] [--out outputs/canary_exposure]
 """
 
 from __future__ import annotations
@@ -46,11 +46,11 @@ PAD, BOS, EOS = 0, 1, 2
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="a few seconds: small corpus and model")
-    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--every", type=int, default=3, help="score after every this many epochs")
-    p.add_argument("--texts", type=int, default=800, help="ordinary training sequences")
-    p.add_argument("--scored-texts", type=int, default=200, help="of them scored each time")
-    p.add_argument("--canaries", type=int, default=8, help="canaries per repetition count")
+    p.add_argument("--texts", type=int, default=500, help="ordinary training sequences")
+    p.add_argument("--scored-texts", type=int, default=150, help="of them scored each time")
+    p.add_argument("--canaries", type=int, default=6, help="canaries per repetition count")
     p.add_argument("--n-probes", type=int, default=2)
     p.add_argument("--h", type=float, default=1e-3, help="in embedding units (std ~0.02)")
     p.add_argument("--min-k", type=float, default=0.2, help="Min-K%% probability's k")
@@ -96,12 +96,12 @@ def build_corpus(texts: list[str], args):
     return train, scored, torch.tensor(role), len(vocab) + 3
 
 
-def char_gpt2(vocab_size: int, quick: bool):
+def char_gpt2(vocab_size: int):
     import transformers
 
     transformers.logging.set_verbosity_error()
     config = transformers.GPT2Config(
-        vocab_size=vocab_size, n_positions=96, n_embd=48 if quick else 64,
+        vocab_size=vocab_size, n_positions=96, n_embd=48,
         n_layer=2, n_head=4, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD,
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
     )  # fmt: skip
@@ -159,7 +159,7 @@ def main(argv=None) -> dict[str, dict[int, float]]:
     torch.manual_seed(args.seed)
     texts = [t for ts in load_or_exit(parser, CATEGORIES, args.data_dir, 80).values() for t in ts]
     train, scored, role, vocab_size = build_corpus(texts, args)
-    model = char_gpt2(vocab_size, args.quick)
+    model = char_gpt2(vocab_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
 
     # curvkern: one scorer, two trackers (probes on the secret / on the whole sequence)
@@ -219,10 +219,12 @@ def main(argv=None) -> dict[str, dict[int, float]]:
         rows_members.append([name, *(f"{members[name][r]:.3f}" for r in REPEATS)])
 
     n_text, n_c = int(text.sum()), args.canaries
+    sigma = model.get_input_embeddings().weight.std().item()
     print(f"\n{len(train)} training sequences ({args.texts} fortunes, {n_c} canaries each "
           f"repeated {', '.join(map(str, REPEATS))} times), {args.epochs} epochs, scored "
           f"{len(trackers[True].epochs)} times ({args.n_probes} probes, h = {args.h}); final "
-          f"training loss {loss.item():.3f}\n")  # fmt: skip
+          f"training loss {loss.item():.3f}; embedding entries' std {sigma:.3f} (h / std = "
+          f"{args.h / sigma:.3f})\n")  # fmt: skip
     print(f"Canaries among {n_text} ordinary training sequences: AUROC and median rank (1 = top)")
     print(markdown_table(["score", *(f"AUROC, {r}x" for r in REPEATS),
                           *(f"rank, {r}x" for r in REPEATS)], rows_found))  # fmt: skip

@@ -27,7 +27,7 @@ from curvkern import CurvatureScores, CurvatureTracker
 from curvkern.metrics import auroc
 from curvkern.text import TokenScorer
 
-CATEGORIES = ["computers", "science", "politics", "love"]
+CATEGORIES = ["computers", "definitions", "zippy", "love"]
 PAD, CLS, SEP, UNK = 0, 1, 2, 3
 
 
@@ -136,6 +136,8 @@ def main(argv=None) -> dict[str, float]:
           f"{args.epochs} epochs, scored {len(tracker.epochs)} times ({args.n_probes} probes, "
           f"h = {args.h}); training accuracy on the given labels {scores.mean():.1%}, on the "
           f"flipped ones {scores[flipped].mean():.1%}\n")  # fmt: skip
+    sigma = model.get_input_embeddings().weight.std().item()
+    print(f"embedding entries' std {sigma:.3f} (h / std = {args.h / sigma:.3f})\n")
     top = int(flipped.sum())
     rows = [[names[key], f"{aurocs[key]:.3f}",
              f"{int(flipped[torch.from_numpy(v).topk(top).indices].sum())}/{top}"]

@@ -68,7 +68,9 @@ def test_text_classification(examples, tmp_path):
     assert sum(int(r["flipped"]) for r in rows) == 16
     assert {"curvature_mean", "loss_mean", "given", "category", "text"} <= rows[0].keys()
     assert set(aurocs) == {"curvature_mean", "curvature_last", "loss_final", "loss_mean"}
-    assert all(0.0 <= v <= 1.0 for v in aurocs.values())
+    # Seed 0: 0.740 for the epoch-averaged curvature (0.692 for the mean loss, 0.539 for the
+    # final loss); 16 flipped labels give an AUROC a standard error of about 0.07.
+    assert aurocs["curvature_mean"] > 0.6
 
 
 @pytest.mark.parametrize("script", ["canary_exposure.py", "text_classification.py"])
