@@ -50,6 +50,9 @@ CHECK_SAMPLES = 8
 # separates that from dropout or a batch statistic, which change losses at order one.
 CHECK_ULPS = 1000.0
 
+# Mean relative rounding of the step x + h - x above which the scorer warns (_check_step).
+STEP_WARN = 0.005
+
 LossFn = Callable[[Any, Tensor], Tensor]
 
 
@@ -351,30 +354,38 @@ class CurvatureScorer:
     def _check_step(self, batch: Batch) -> None:
         """Refuses (or warns about) a step h that x's floating-point resolution cannot carry.
 
-        Per batch, three elementwise ops over x (negligible next to a model pass): the step
-        x + h - x as x's dtype rounds it, against h.
+        Per batch, a few elementwise ops over x (negligible next to a model pass): the step
+        x + h - x as x's dtype rounds it, against h. Thresholds: an error when the step is lost
+        (x + h == x) for most elements; a warning when it rounds by more than STEP_WARN on
+        average. Measured on a small float32 MLP with x ~ N(0, 1): a mean step rounding of
+        0.6% (h = 3e-6) came with per-sample scores up to 3% off the exact ones, 2% (h = 1e-6)
+        with 12%, 18% (h = 1e-7) with 175%, as the gradients' own rounding, divided by h, grows
+        alongside.
         """
         x = batch.x
         step = (x + self.h) - x
-        lost = float((step == 0).double().mean())
-        error = float(((step.double() - self.h).abs() / self.h).mean())
-        resolution = torch.finfo(x.dtype).eps * float(x.abs().max())
+        lost = float((step == 0).sum()) / max(1, step.numel())
+        error = float((step - self.h).abs().sum()) / (self.h * max(1, step.numel()))
+        if lost <= 0.5 and (error <= STEP_WARN or self._warned_step):
+            return
+        largest = float(x.abs().max())
+        suggest = 1e3 * torch.finfo(x.dtype).eps * largest
         if lost > 0.5:
             raise ValueError(
                 f"h = {self.h} is below the floating-point resolution of x ({x.dtype}, |x| up "
-                f"to {float(x.abs().max()):.3g}): x + h == x for {lost:.0%} of its elements, so "
-                f"the scores would be rounding. Use h of at least {1e3 * resolution:.3g} (1000 "
-                f"ulps of the largest |x|), or float64 inputs and model."
+                f"to {largest:.3g}): x + h == x for {lost:.0%} of its elements, so the scores "
+                f"would be rounding. Use h of at least {suggest:.3g} (1000 ulps of the largest "
+                f"|x|), or float64 inputs and model."
             )
-        if error > 0.01 and not self._warned_step:
-            self._warned_step = True
-            warnings.warn(
-                f"h = {self.h} is close to the floating-point resolution of x ({x.dtype}, |x| "
-                f"up to {float(x.abs().max()):.3g}): rounding changes the step x + h r - x by "
-                f"{error:.1%} on average, and the scores by about as much. Use h of at least "
-                f"{1e3 * resolution:.3g} (1000 ulps of the largest |x|), or float64.",
-                stacklevel=3,
-            )
+        self._warned_step = True
+        warnings.warn(
+            f"h = {self.h} is close to the floating-point resolution of x ({x.dtype}, |x| up to "
+            f"{largest:.3g}): rounding changes the step x + h r - x by {error:.1%} on average, "
+            f"and per-sample scores by several times that (the gradients' own rounding is "
+            f"divided by h too). Use h of at least {suggest:.3g} (1000 ulps of the largest "
+            f"|x|), or float64.",
+            stacklevel=3,
+        )
 
     def _check_once(self, batch: Batch, rows: int) -> None:
         """Once per input signature: the model's dtype and device, and that the loss of a

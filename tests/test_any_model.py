@@ -607,4 +607,7 @@ def test_hugging_face_model_in_embedding_space():
     hvp = CurvatureScorer(model, input_key="inputs_embeds", method="hvp", n_probes=3)
     exact = hvp.score(embeds, y, **kw)
     torch.testing.assert_close(s.curvature, exact.curvature, rtol=3e-4, atol=0)
-    torch.testing.assert_close(s.curvature_map, exact.curvature_map, rtol=3e-4, atol=0)
+    # (per position, against the sample's largest value: small positions carry the same
+    # absolute O(h) term)
+    scale = exact.curvature_map.amax(1, keepdim=True)
+    assert ((s.curvature_map - exact.curvature_map).abs() / scale).max() < 3e-4
