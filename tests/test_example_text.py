@@ -73,6 +73,16 @@ def test_text_classification(examples, tmp_path):
     assert aurocs["curvature_mean"] > 0.6
 
 
+def test_embedding_step(examples):
+    errors = examples("embedding_step").main(["--quick"])  # h / std = 1e-3 and 1
+    for label, (small, large) in errors.items():
+        # Measured (2 probes): 1.9e-4 / 3.3e-4 (BERT, float64 / float32) and 4.5e-5 / 4.1e-5
+        # (GPT-2) at h / std = 1e-3; 0.18 and 0.14 at h / std = 1: the O(h) term, about 1000
+        # times larger for a 1000 times larger step.
+        assert small < 1e-3, label
+        assert large > 10 * small, label
+
+
 @pytest.mark.parametrize("script", ["canary_exposure.py", "text_classification.py"])
 def test_missing_fortunes_exit_2_with_the_install_command(script, tmp_path):
     run = subprocess.run(
