@@ -8,6 +8,7 @@ order and nothing else. fd against hvp differ by O(h) (smooth GELU models): with
 curvatures O(1), the second-order term is ~1e-4 relative, so 1e-3 is the bound.
 """
 
+import copy
 import math
 import warnings
 
@@ -332,8 +333,6 @@ def test_bfloat16_model_refuses_fd_and_says_what_to_do():
     out = hvp.score(input_ids, labels, attention_mask=attention_mask)
     assert bool(torch.isfinite(out.curvature).all()) and bool((out.curvature > 0).all())
     # The advice works: a float32 copy scores with fd.
-    import copy
-
     fd32 = TokenScorer(copy.deepcopy(model).float(), sequence_cross_entropy, n_probes=2,
                        h=1e-2, backend="torch")  # fmt: skip
     assert bool(torch.isfinite(fd32.score(input_ids, labels, attention_mask=attention_mask)
