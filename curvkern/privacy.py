@@ -155,7 +155,7 @@ def _fit(
     short = np.flatnonzero(count < need)
     if short.size:
         what = "no" if need == 1 else "fewer than 2"
-        where = "trained on" if side == "in" else "held out"
+        where = "trained on them" if side == "in" else "held them out"
         advice = (
             "Train more shadow models, each on a random half of the data, so that every sample "
             "is in about half of them and out of the others"
@@ -166,7 +166,7 @@ def _fit(
             advice += "; or pass fix_variance=True (one variance for all samples)"
         raise ValueError(
             f"{short.size} of {member.shape[1]} samples (the first: sample {int(short[0])}) have "
-            f"{what} shadow models that {where} them, so their {side!r} Gaussian cannot be "
+            f"{what} shadow models that {where}, so their {side!r} Gaussian cannot be "
             f"fitted. {advice}; or leave those samples out."
         )
     masked = np.where(member[:, :, None], s, np.nan)  # (M, N, A)

@@ -217,7 +217,7 @@ def test_errors_say_what_came_and_what_to_do():
         privacy.likelihood_ratio(scores, keep, np.array([0.0, np.inf, 0.0]))
     never_in = keep.copy()
     never_in[:, 2] = False
-    with pytest.raises(ValueError, match=r"sample 2\) have no shadow models that trained on"):
+    with pytest.raises(ValueError, match=r"sample 2\) have no shadow models that trained on them"):
         privacy.likelihood_ratio(scores, never_in, target, fix_variance=True)
     with pytest.raises(ValueError, match="use online=False"):
         privacy.likelihood_ratio(scores, never_in, target)
