@@ -27,7 +27,7 @@ float32 the four-point differences of the zeroth-order estimator (~4 h^2 times t
 would be rounding noise on exactly the samples that matter.
 
     python3 examples/membership_inference.py                  # digits, 32 + 8 networks
-    python3 examples/membership_inference.py --dataset fashion-mnist
+    python3 examples/membership_inference.py --dataset fashion-mnist   # 1,000 images, 16 + 4
 
 Writes <out>/<dataset>_roc.png and <out>/<dataset>_results.md (default out:
 outputs/membership_inference).
@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import hashlib
+import json
 import math
 import os
 import time
@@ -51,8 +53,24 @@ from curvkern.metrics import auroc, balanced_accuracy, tpr_at_fpr
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
 QUICK = {"shadow": 8, "targets": 2, "subset": 300, "epochs": 15, "probes": 2}
 DEFAULTS = {
-    "digits": {"subset": None, "hidden": 256, "epochs": 40, "lr": 3e-3, "batch": 128},
-    "fashion-mnist": {"subset": 2000, "hidden": 256, "epochs": 40, "lr": 1e-3, "batch": 128},
+    "digits": {
+        "subset": None,
+        "shadow": 32,
+        "targets": 8,
+        "hidden": 256,
+        "epochs": 40,
+        "lr": 3e-3,
+        "batch": 128,
+    },
+    "fashion-mnist": {
+        "subset": 1000,
+        "shadow": 16,
+        "targets": 4,
+        "hidden": 256,
+        "epochs": 40,
+        "lr": 1e-3,
+        "batch": 128,
+    },
 }
 FPRS = (0.01, 0.001)
 
@@ -196,8 +214,14 @@ def attacks(signals: dict[str, torch.Tensor], keep: torch.Tensor, m: int, t: int
         "curvature, offline (one-sided)": privacy.likelihood_ratio(
             curv[:m], shadow_keep, curv[target], online=False, alternative="less"
         ),
+        "curvature LR (online, fixed variance)": privacy.likelihood_ratio(
+            curv[:m], shadow_keep, curv[target], fix_variance=True
+        ),
         "LiRA (online, logit confidence)": privacy.likelihood_ratio(
             conf[:m], shadow_keep, conf[target]
+        ),
+        "LiRA (online, fixed variance)": privacy.likelihood_ratio(
+            conf[:m], shadow_keep, conf[target], fix_variance=True
         ),
         "LiRA, offline (one-sided)": privacy.likelihood_ratio(
             conf[:m], shadow_keep, conf[target], online=False
@@ -259,63 +283,25 @@ def plot_roc(path: str, pooled_scores: dict, members: torch.Tensor, title: str) 
 # ----------------------------------------------------------------------------------------------
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--dataset", choices=tuple(DEFAULTS), default="digits")
-    parser.add_argument("--shadow", type=int, default=32, help="shadow networks M (default 32)")
-    parser.add_argument("--targets", type=int, default=8, help="target networks T (default 8)")
-    parser.add_argument("--subset", type=int, help="images used (digits: all 1,797; "
-                        "fashion-mnist: 2,000 of its 60,000 training images)")  # fmt: skip
-    parser.add_argument("--epochs", type=int, help="training epochs (default 40)")
-    parser.add_argument("--probes", type=int, default=10, help="zo probe pairs (the paper: 10)")
-    parser.add_argument("--h", type=float, default=1e-3, help="zo step (the paper: 1e-3)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="outputs/membership_inference")
-    parser.add_argument(
-        "--quick", action="store_true",
-        help="seconds, for tests: 8 + 2 networks, 300 images, 15 epochs, 2 probe pairs",
-    )  # fmt: skip
-    args = parser.parse_args(argv)
-    defaults = dict(DEFAULTS[args.dataset])
-    if args.quick:
-        defaults.update(subset=QUICK["subset"], epochs=QUICK["epochs"])
-        args.shadow, args.targets, args.probes = QUICK["shadow"], QUICK["targets"], QUICK["probes"]
-    args.subset = args.subset if args.subset is not None else defaults["subset"]
-    args.epochs = args.epochs if args.epochs is not None else defaults["epochs"]
-    args.hidden, args.lr, args.batch = defaults["hidden"], defaults["lr"], defaults["batch"]
-    if args.shadow < 4 or args.shadow % 2 or args.targets < 1 or args.probes < 1 or args.h <= 0:
-        parser.error(
-            "--shadow must be even and at least 4, --targets and --probes at least 1, --h > 0"
-        )
-    return args
+SIGNALS = ("curvature", "confidence", "loss")
 
 
-def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
-    """Runs the example; returns each attack's metrics, averaged over the targets."""
-    args = parse_args(argv)
-    start = time.perf_counter()
-    torch.manual_seed(args.seed)
-    x, y = load(args.dataset, args.subset, args.seed)
-    loaded = time.perf_counter()
+def train_and_score(
+    x: torch.Tensor, y: torch.Tensor, args: argparse.Namespace
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Trains the shadow and target networks; returns keep (K, N) and their (K, N) signals."""
     m, t = args.shadow, args.targets
-    print(
-        f"{args.dataset}: {len(x)} images; {m} shadow + {t} target MLPs "
-        f"{x.shape[1]}-{args.hidden}-{args.hidden}-{int(y.max()) + 1}, each on half of them "
-        f"({len(x) // 2}; shadow networks in complementary pairs), {args.epochs} epochs of Adam"
-    )
+    start = time.perf_counter()
     keep = halves(len(x), m, t, args.seed)
     networks = train_networks(x, y, keep, args.hidden, args.epochs, args.lr, args.batch, args.seed)
     trained = time.perf_counter()
     with torch.no_grad():
         correct = torch.stack([net(x).argmax(1) == y for net in networks])
     print(
-        f"trained in {trained - loaded:.0f} s; accuracy on their own halves "
+        f"trained in {trained - start:.0f} s; accuracy on their own halves "
         f"{correct[keep].float().mean():.1%}, on the other halves "
         f"{correct[~keep].float().mean():.1%}"
     )
-
     # Every network scores every image; the curvature probes depend on (seed, image id) only,
     # so all networks are measured along the same directions.
     ids = torch.arange(len(x))
@@ -333,14 +319,78 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         "confidence": privacy.shadow_signals(networks, x, y, privacy.confidence_signal),
         "loss": privacy.shadow_signals(networks, x, y, privacy.loss_signal),
     }
-    scored = time.perf_counter()
     inside = signals["curvature"][keep].exp().median() / args.h
     outside = signals["curvature"][~keep].exp().median() / args.h
     print(
-        f"signals of {m + t} networks x {len(x)} images in {scored - trained:.0f} s "
+        f"signals of {m + t} networks x {len(x)} images in {time.perf_counter() - trained:.0f} s "
         f"(zo curvature, {args.probes} probe pairs, h = {args.h:g}: median {inside:.3g} on "
         f"members, {outside:.3g} on non-members)"
     )
+    return keep, signals
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--dataset", choices=tuple(DEFAULTS), default="digits")
+    parser.add_argument("--shadow", type=int, help="shadow networks M (digits 32, fashion 16)")
+    parser.add_argument("--targets", type=int, help="target networks T (digits 8, fashion 4)")
+    parser.add_argument("--subset", type=int, help="images used (digits: all 1,797; "
+                        "fashion-mnist: 1,000 of its 60,000 training images)")  # fmt: skip
+    parser.add_argument("--epochs", type=int, help="training epochs (default 40)")
+    parser.add_argument("--probes", type=int, default=10, help="zo probe pairs (the paper: 10)")
+    parser.add_argument("--h", type=float, default=1e-3, help="zo step (the paper: 1e-3)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="outputs/membership_inference")
+    parser.add_argument(
+        "--quick", action="store_true",
+        help="seconds, for tests: 8 + 2 networks, 300 images, 15 epochs, 2 probe pairs",
+    )  # fmt: skip
+    args = parser.parse_args(argv)
+    defaults = dict(DEFAULTS[args.dataset])
+    if args.quick:
+        defaults.update(QUICK)
+        args.probes = QUICK["probes"]
+    for name in ("subset", "shadow", "targets", "epochs"):
+        if getattr(args, name) is None:
+            setattr(args, name, defaults[name])
+    args.hidden, args.lr, args.batch = defaults["hidden"], defaults["lr"], defaults["batch"]
+    if args.shadow < 4 or args.shadow % 2 or args.targets < 1 or args.probes < 1 or args.h <= 0:
+        parser.error(
+            "--shadow must be even and at least 4, --targets and --probes at least 1, --h > 0"
+        )
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
+    """Runs the example; returns each attack's metrics, averaged over the targets."""
+    args = parse_args(argv)
+    start = time.perf_counter()
+    torch.manual_seed(args.seed)
+    x, y = load(args.dataset, args.subset, args.seed)
+    m, t = args.shadow, args.targets
+    print(
+        f"{args.dataset}: {len(x)} images; {m} shadow + {t} target MLPs "
+        f"{x.shape[1]}-{args.hidden}-{args.hidden}-{int(y.max()) + 1}, each on half of them "
+        f"({len(x) // 2}; shadow networks in complementary pairs), {args.epochs} epochs of Adam"
+    )
+    settings = {
+        key: getattr(args, key)
+        for key in ("dataset", "subset", "shadow", "targets", "epochs", "hidden", "lr", "batch",
+                    "probes", "h", "seed")
+    }  # fmt: skip
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    cache = os.path.join(args.out, f"{args.dataset}_signals_{key}.npz")
+    if os.path.exists(cache):
+        with np.load(cache) as saved:
+            keep = torch.from_numpy(saved["keep"])
+            signals = {name: torch.from_numpy(saved[name]) for name in SIGNALS}
+        print(f"signals of the {m + t} networks from the cache {cache}")
+    else:
+        keep, signals = train_and_score(x, y, args)
+        os.makedirs(args.out, exist_ok=True)
+        np.savez(cache, keep=keep.numpy(), **{k: v.numpy() for k, v in signals.items()})
 
     results, pooled_scores, pooled_members = {}, {}, []
     for target in range(t):

@@ -1,9 +1,9 @@
 """examples/membership_inference.py, shortened (--quick: 8 shadow + 2 target MLPs on 300 digits).
 
 The quick run is deterministic (fixed seeds). Its attacks see 150 members and 150 non-members
-per target, so an AUROC has a standard error of about 0.03 per target; the thresholds below sit
-about two of those under what seed 0 gives and above chance (0.5), which a sign error in a
-likelihood ratio (members ranked last) would fall far below.
+per target, so the mean AUROC of the 2 targets has a standard error of about 0.023; the floors
+below sit about 1.5 to 2.5 of those under what seed 0 gives and above chance (0.5). A sign error
+in a likelihood ratio (members ranked last) gives 1 - AUROC, about 0.44, far below.
 """
 
 import importlib
@@ -32,12 +32,15 @@ def test_quick_run(example, tmp_path):
     results = example.main(["--quick", "--out", str(tmp_path)])
     assert (tmp_path / "digits_roc.png").stat().st_size > 0
     table = (tmp_path / "digits_results.md").read_text()
-    assert table.count("\n| ") == 8  # header + 7 attacks (the separator row starts with "|-")
+    rows = [line for line in table.splitlines() if line.startswith("| ")]
+    assert len(rows) == 10  # the header and 9 attacks
     assert set(results) == {
         "curvature LR (online)",
         "curvature NLL (Curvature Clues)",
         "curvature, offline (one-sided)",
+        "curvature LR (online, fixed variance)",
         "LiRA (online, logit confidence)",
+        "LiRA (online, fixed variance)",
         "LiRA, offline (one-sided)",
         "curvature threshold (no shadow models)",
         "loss threshold (Yeom et al.)",
@@ -45,10 +48,20 @@ def test_quick_run(example, tmp_path):
     for row in results.values():
         assert row["TPR at 0.1% FPR"] <= row["TPR at 1.0% FPR"] <= 1
         assert 0.5 <= row["balanced accuracy"] <= 1
-    # seed 0: curvature LR 0.607, curvature NLL 0.639, LiRA online 0.635, loss 0.595
-    for name in ("curvature LR (online)", "curvature NLL (Curvature Clues)",
-                 "LiRA (online, logit confidence)", "loss threshold (Yeom et al.)"):  # fmt: skip
-        assert results[name]["AUROC"] > 0.55, name
+    # Seed 0 gives: curvature LR 0.556, NLL 0.561, offline 0.602; LiRA 0.612, with fixed
+    # variance 0.637, offline 0.624; loss threshold 0.573. With 4 in and 4 out shadow networks
+    # per image the per-image variances are rough, hence the low online figures.
+    floors = {
+        "curvature LR (online)": 0.52,
+        "curvature NLL (Curvature Clues)": 0.52,
+        "curvature, offline (one-sided)": 0.55,
+        "LiRA (online, logit confidence)": 0.55,
+        "LiRA (online, fixed variance)": 0.58,
+        "LiRA, offline (one-sided)": 0.57,
+        "loss threshold (Yeom et al.)": 0.52,
+    }
+    for name, floor in floors.items():
+        assert results[name]["AUROC"] > floor, name
 
 
 def test_shadow_halves_are_balanced(example):
