@@ -121,9 +121,7 @@ def _check_inputs(
         )
     if s.ndim == 2:
         s, t = s[:, :, None], t[:, None]
-    _check_finite(
-        s, "shadow_scores", "(model, sample, query)" if s.shape[2] > 1 else "(model, sample, 0)"
-    )
+    _check_finite(s, "shadow_scores", "(model, sample, query)")
     _check_finite(t, "target_scores", "(sample, query)")
     return s, keep_raw, t
 
@@ -256,6 +254,8 @@ def likelihood_ratio(
     _check_choice("alternative", alternative, ALTERNATIVES)
     _check_choice("center", center, CENTERS)
     s, keep, t = _check_inputs(shadow_scores, shadow_keep, target_scores)
+    if s.shape[1] == 0:
+        return torch.zeros(0, dtype=torch.float64)
     loc_out, sd_out = _fit(s, ~keep, "out", fix_variance=fix_variance, center=center)
     if online:
         loc_in, sd_in = _fit(s, keep, "in", fix_variance=fix_variance, center=center)
@@ -323,6 +323,8 @@ def nll_ratio(shadow_scores, shadow_keep, target_scores, *, center: str = "mean"
     """
     _check_choice("center", center, CENTERS)
     s, keep, t = _check_inputs(shadow_scores, shadow_keep, target_scores)
+    if s.shape[1] == 0:
+        return torch.zeros(0, dtype=torch.float64)
     loc_in, sd_in = _fit(s, keep, "in", fix_variance=False, center=center)
     loc_out, _ = _fit(s, ~keep, "out", fix_variance=True, center=center)  # location only
     per_query = ((t - loc_out) ** 2 - (t - loc_in) ** 2) / (2 * sd_in**2)

@@ -166,6 +166,12 @@ def test_separates_members_on_synthetic_data():
     assert auroc(target, member) < 0.65
 
 
+def test_no_samples_give_an_empty_result():
+    for fn in (privacy.likelihood_ratio, privacy.nll_ratio):
+        got = fn(np.zeros((4, 0)), np.zeros((4, 0), dtype=bool), np.zeros(0))
+        assert got.shape == (0,) and got.dtype == torch.float64
+
+
 def test_zero_variance_warns_and_uses_lira_floor():
     scores = np.array([[1.0], [1.0], [2.0], [3.0]])
     keep = np.array([[True], [True], [False], [False]])
