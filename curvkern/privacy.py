@@ -228,14 +228,17 @@ def likelihood_ratio(
       what LiRA's plot.py computes for its offline curves.
     - ``fix_variance=True``: one standard deviation for all samples (per query, and per side
       online): the root of the pooled within-sample variance. With few shadow models this is
-      steadier than a per-sample estimate. (LiRA's plot.py takes ``np.std`` of all the in scores
-      pooled, which also counts the spread of the samples' locations, and uses it for both
-      sides.)
+      steadier than a per-sample estimate. (LiRA's plot.py instead takes ``np.std`` of all the
+      in scores pooled, which also counts the spread between the samples' locations, for both
+      sides online, and of all the out scores offline.)
 
     Samples need at least 2 in and 2 out models online (1 each with ``fix_variance``); offline,
     out models only. With shadow models on random halves, M = 16 gives every sample about 8 of
     each. LiRA's code truncates every sample to the smallest in/out count; here each sample
-    uses all of its models.
+    uses all of its models. Curvature Clues' "Curv ZO LR" (its notebooks'
+    ``get_likelihood_ratio``) differs in form: it divides the in and out densities summed over
+    queries, and gives its Gaussians the sample variance as their standard deviation; this
+    function is LiRA's form, with the log curvature (``curvature_signal``) as the signal.
 
     Args:
         shadow_scores: (M, N) or (M, N, A) signals of M shadow models for N samples (A queries).
@@ -548,14 +551,17 @@ def privacy_meter_arrays(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Signals and memberships in ML Privacy Meter's layout: samples by models.
 
-    ML Privacy Meter (privacytrustlab/ml_privacy_meter, ``MIA.run_mia(all_signals,
-    all_memberships, target_model_idx, reference_model_indices, ...)`` and
-    modules/mia/attacks) takes ``all_signals`` (num_samples, num_models) and
-    ``all_memberships`` (num_samples, num_models) bool: the transpose of LiRA's layout. With a
-    target, it is the last column (target_model_idx = M). Its RMIA attack reads the signal as a
-    probability of the true label (it divides by and averages probabilities), so give it
-    ``torch.softmax(logits, -1)[range(N), y]`` there; any signal fits the layout for its
-    loss-style attack and for custom analyses.
+    ML Privacy Meter (privacytrustlab/ml_privacy_meter: ``MIA.run_mia(all_signals,
+    all_memberships, target_model_idx, reference_model_indices, logger, args,
+    population_signals)`` in modules/mia/attack.py) takes ``all_signals`` and
+    ``all_memberships`` of shape (num_samples, num_models): the transpose of LiRA's layout.
+    With a target, it is the last column here (target_model_idx = M). The attack run_mia runs,
+    RMIA, reads the signal as the softmax probability of the true label (it divides and
+    averages probabilities), and also needs ``population_signals`` (num_population, num_models)
+    of non-member samples: pass ``torch.softmax(logits, -1)[range(N), y]`` as the scores, and
+    build the population matrix with this function too (its keep all False). For other signals
+    (curvature, loss, LiRA's confidence) run_mia asks for attack scores of one's own; the
+    matrices still serve such analyses.
 
     Args:
         shadow_scores: (M, N) finite scores (one query; average or pick queries first).
