@@ -14,9 +14,9 @@ ships offline:
     curvature (curvature_signal: CurvatureScorer(method="zo"), forward passes only, the
     paper's log(h * curvature + 1e-22)), LiRA's logit-scaled confidence and the loss;
   - the attacks, each on every target network with the M shadow networks: curvature LR
-    (likelihood_ratio, online), curvature NLL (nll_ratio, the paper's variant), LiRA (online
-    and offline, logit confidence), a global threshold on the curvature and on the loss (Yeom
-    et al.);
+    (likelihood_ratio: online, with a fixed variance, offline), curvature NLL (nll_ratio, the
+    paper's variant), LiRA (the same three forms, logit confidence), and global thresholds on
+    the curvature and on the loss (Yeom et al.), which need no shadow networks;
   - per attack, AUROC, balanced accuracy and TPR at 1% and 0.1% FPR (curvkern.metrics,
     step convention), mean and standard deviation over the T targets, plus the TPR at 0.1%
     FPR of all targets' scores pooled (LiRA's plot.py pools its test models the same way),
@@ -26,7 +26,8 @@ Scoring runs in float64. In float32, the four-point loss differences of the zero
 estimator (about 4 h^2 = 4e-6 times the curvature, with the paper's h = 1e-3) drown in the
 rounding of the losses: measured on one digits network of this recipe, the float32 curvature
 of the same samples with the same probes differed from the float64 one by 100% (median over
-the images, members and non-members alike) and by a factor up to 100 at the 90th percentile.
+the images, members and non-members alike) and by a factor of 80 to 100 at the 90th
+percentile.
 
     python3 examples/membership_inference.py                  # digits, 32 + 8 networks
     python3 examples/membership_inference.py --dataset fashion-mnist   # 1,000 images, 16 + 4
