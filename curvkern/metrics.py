@@ -1,4 +1,5 @@
-"""Metrics for judging scores: AUROC, ROC curves, cosine similarity, Spearman correlation, top-k.
+"""Metrics for judging scores: AUROC, ROC curves, TPR at a low FPR, balanced accuracy, cosine
+similarity, Spearman correlation, top-k.
 
 Inputs may be tensors, NumPy arrays or sequences; NaN scores (samples never scored, or whose loss
 was not finite) are left out, together with their labels.
@@ -12,7 +13,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["auroc", "roc_curve", "cosine_similarity", "spearman", "rankdata", "topk"]
+__all__ = [
+    "auroc",
+    "roc_curve",
+    "tpr_at_fpr",
+    "balanced_accuracy",
+    "cosine_similarity",
+    "spearman",
+    "rankdata",
+    "topk",
+]
 
 
 def _cpu_tensor(values) -> Tensor:
@@ -44,7 +54,7 @@ def _scores_and_labels(scores, positives) -> tuple[Tensor, Tensor]:
     n_pos = int(p.sum())
     if n_pos == 0 or n_pos == p.numel():
         raise ValueError(
-            f"AUROC needs both positives and negatives among the scored samples, got {n_pos} "
+            f"ROC metrics need both positives and negatives among the scored samples, got {n_pos} "
             f"positives of {p.numel()}"
         )
     return s, p
@@ -108,6 +118,55 @@ def roc_curve(scores, positives) -> RocCurve:
         tpr=torch.cat([zero, tps / tps[-1]]),
         thresholds=torch.cat([torch.tensor([np.inf]), s[cut]]),
     )
+
+
+def tpr_at_fpr(scores, positives, fpr: float) -> float:
+    """The true positive rate at a false positive rate of at most ``fpr`` (higher = positive).
+
+    Step convention: a threshold t flags the samples with score >= t, thresholds run over the
+    observed scores (tied scores are flagged together), and the result is the largest TPR among
+    the thresholds whose FPR <= ``fpr`` (0 when only flagging nothing qualifies). No
+    interpolation between thresholds: every value is reached by an actual threshold.
+
+    Conventions of the membership-inference literature differ here. LiRA's reference code
+    (Carlini et al. 2022, research/mi_lira_2021/plot.py in tensorflow/privacy) takes the last
+    point of scikit-learn's ROC with FPR < ``fpr`` (strictly): the same number unless some
+    threshold has FPR exactly ``fpr``. The Curvature Clues notebooks (Ravikumar et al. 2024)
+    interpolate the ROC linearly (``np.interp``), which gives a larger TPR wherever the curve
+    jumps between thresholds, as it does at low FPR with few negatives.
+
+    Resolution: with n negatives the attainable FPRs are 0, 1/n, 2/n, ...; for ``fpr`` < 1/n
+    (e.g. 0.1% with fewer than 1,000 negatives) only thresholds with no false positive at all
+    qualify, so the result is the TPR at FPR = 0.
+
+    Args:
+        scores: (N,) scores; NaN scores are left out with their labels.
+        positives: (N,) bool or 0/1 labels, with at least one of each.
+        fpr: the false positive rate, in [0, 1].
+    Returns:
+        The TPR, in [0, 1].
+    """
+    if isinstance(fpr, bool) or not isinstance(fpr, (int, float)) or not 0 <= fpr <= 1:
+        raise ValueError(f"fpr must be a number in [0, 1], got {fpr!r}")
+    curve = roc_curve(scores, positives)
+    return float(curve.tpr[curve.fpr <= fpr].max())
+
+
+def balanced_accuracy(scores, positives) -> float:
+    """The best balanced accuracy of a threshold on ``scores``: max_t (TPR(t) + TNR(t)) / 2.
+
+    Thresholds run over the observed scores (plus flagging nothing, which gives 0.5), as in
+    LiRA's reference code (``np.max(1 - (fpr + (1 - tpr)) / 2)``). The Curvature Clues notebooks
+    instead take the threshold where TPR + FPR is closest to 1, which can give less.
+
+    Args:
+        scores: (N,) scores, higher = positive; NaN scores are left out with their labels.
+        positives: (N,) bool or 0/1 labels, with at least one of each.
+    Returns:
+        The balanced accuracy, in [0.5, 1].
+    """
+    curve = roc_curve(scores, positives)
+    return float(((curve.tpr + 1 - curve.fpr) / 2).max())
 
 
 def _paired(a, b) -> tuple[Tensor, Tensor]:
