@@ -1,7 +1,9 @@
 """CurvatureTracker (means, baselines, keep_history, files, crash safety) and score_checkpoints."""
 
+import math
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -281,3 +283,249 @@ def test_saved_file_permissions_follow_the_umask(data, tmp_path, keep_history):
     assert path.stat().st_mode & 0o777 == 0o644
     if keep_history:
         assert (epochs_folder(path) / epoch_file_name(0)).stat().st_mode & 0o777 == 0o644
+
+
+# --- baselines, keep_history=False, load --------------------------------------------------------
+
+NAN = math.nan
+# Three samples over four epochs; sample 2 is not scored at epoch 2 (NaN in every field).
+HAND = {
+    "p_label": [[0.9, 0.8, 0.6, 0.7], [0.2, 0.1, 0.3, 0.2], [0.6, 0.7, NAN, 0.4]],
+    "correct": [[1, 1, 0, 1], [0, 0, 0, 0], [1, 1, NAN, 0]],
+    "margin": [[2.0, 1.5, -0.5, 0.5], [-1.0, -2.0, -0.5, -1.5], [0.5, 1.0, NAN, -0.25]],
+    "loss": [[0.1, 0.2, 0.5, 0.35], [1.6, 2.3, 1.2, 1.6], [0.5, 0.36, NAN, 0.9]],
+    "grad_norm": [[1.0, 2.0, 3.0, 4.0], [0.5, 0.5, 0.5, 0.5], [2.0, 4.0, NAN, 9.0]],
+    "el2n": [[0.1, 0.3, 0.6, 0.4], [1.1, 1.2, 1.0, 1.1], [0.5, 0.4, NAN, 0.8]],
+}
+
+
+def _hand_scores(epoch):
+    scores = CurvatureScores.empty(1e-3, "fd", dtype=torch.float64, size=3)
+    for name, rows in HAND.items():
+        getattr(scores, name).copy_(torch.tensor([r[epoch] for r in rows], dtype=torch.float64))
+    scores.curvature.copy_(scores.loss * 10)
+    scores.n_probes.fill_(10)
+    return scores
+
+
+def _mean(values):
+    finite = [v for v in values if not math.isnan(v)]
+    return sum(finite) / len(finite)
+
+
+@pytest.mark.parametrize("keep_history", [True, False])
+def test_baselines_against_hand_computed_values(tmp_path, keep_history):
+    tracker = CurvatureTracker(_plain_scorer(), 3, tmp_path / "t.npz", keep_history=keep_history)
+    for epoch in range(4):
+        tracker.record(epoch, _hand_scores(epoch))
+    p = HAND["p_label"]
+    expected = {
+        "loss_mean": [_mean(r) for r in HAND["loss"]],
+        "grad_norm_mean": [2.5, 0.5, 5.0],
+        "aum": [0.875, -1.25, 1.25 / 3],
+        "confidence": [0.75, 0.2, 1.7 / 3],
+        "variability": [
+            statistics.pstdev(p[0]),
+            statistics.pstdev(p[1]),
+            statistics.pstdev([0.6, 0.7, 0.4]),
+        ],
+        # sample 0: 1 1 0 1 forgets once; sample 1 is never correct; sample 2: 1 1 (unscored)
+        # 0 forgets once, between the consecutive epochs at which it was scored
+        "forgetting": [1.0, math.inf, 1.0],
+        "el2n": [0.35, 1.1, 1.7 / 3],
+    }
+    for source in (tracker, CurvatureTracker.load(tmp_path / "t.npz")):
+        got = source.baselines()
+        assert set(got) == set(expected)
+        for name, want in expected.items():
+            torch.testing.assert_close(
+                got[name],
+                torch.tensor(want, dtype=torch.float64),
+                rtol=1e-12,
+                atol=1e-12,
+                msg=name,
+            )
+        torch.testing.assert_close(
+            source.mean,
+            torch.tensor([_mean(r) * 10 for r in HAND["loss"]], dtype=torch.float64),
+            rtol=1e-12,
+            atol=1e-12,
+        )
+
+
+def test_baselines_are_nan_without_classification_outputs():
+    tracker = CurvatureTracker(_plain_scorer(), 4, keep_history=False)
+    tracker.record(0, CurvatureScores.empty(1e-3, "fd", size=4))  # every field NaN
+    assert all(torch.isnan(v).all() for v in tracker.baselines().values())
+
+
+def test_running_statistics_equal_the_history():
+    n, epochs = 50, [0, 1, 3, 4, 7]
+    kept = CurvatureTracker(_plain_scorer(), n)
+    running = CurvatureTracker(_plain_scorer(), n, keep_history=False)
+    for epoch in epochs:
+        scores = _synthetic(n, epoch)
+        scores.loss[epoch::5] = NAN  # some samples unscored in some epochs
+        kept.record(epoch, scores)
+        running.record(epoch, scores)
+    assert running.epochs == kept.epochs == epochs
+    for name in SCORE_FIELDS:
+        torch.testing.assert_close(running.field_mean(name), kept.field_mean(name), rtol=0, atol=0)
+    for name, value in kept.baselines().items():
+        torch.testing.assert_close(running.baselines()[name], value, rtol=0, atol=0)
+    # and both equal the plain mean over the history
+    torch.testing.assert_close(kept.field_mean("loss"), kept.field_history("loss").nanmean(0))
+    with pytest.raises(RuntimeError, match="keep_history=False: it keeps running statistics"):
+        _ = running.history
+    with pytest.raises(RuntimeError, match="keep_history=False"):
+        running.field_history("loss")
+
+
+def test_running_statistics_take_epochs_in_order_and_replace_the_last(tmp_path):
+    n = 30
+    path = tmp_path / "r.npz"
+    tracker = CurvatureTracker(_plain_scorer(), n, path, keep_history=False)
+    tracker.record(0, _synthetic(n, 0))
+    tracker.record(2, _synthetic(n, 2, seed=1))  # a first attempt at epoch 2
+    tracker.record(2, _synthetic(n, 2))  # recorded again: replaces it
+    with pytest.raises(ValueError, match=r"epoch 1 comes before the last recorded epoch 2"):
+        tracker.record(1, _synthetic(n, 1))
+    with pytest.raises(ValueError, match="only the last one"):
+        tracker.score_epoch([], 0)  # refused before any scoring
+    tracker.record(5, _synthetic(n, 5))
+    clean = CurvatureTracker(_plain_scorer(), n, keep_history=False)
+    for epoch in (0, 2, 5):
+        clean.record(epoch, _synthetic(n, epoch))
+    assert tracker.epochs == clean.epochs == [0, 2, 5]
+    for name, value in clean.baselines().items():
+        torch.testing.assert_close(tracker.baselines()[name], value, rtol=0, atol=0)
+    torch.testing.assert_close(tracker.mean, clean.mean, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("keep_history", [True, False])
+def test_resume_is_exact(tmp_path, keep_history):
+    n, path = 40, tmp_path / "t.npz"
+    straight = CurvatureTracker(_plain_scorer(), n, keep_history=keep_history)
+    first = CurvatureTracker(_plain_scorer(), n, path, keep_history=keep_history)
+    for epoch in range(3):
+        straight.record(epoch, _synthetic(n, epoch))
+        first.record(epoch, _synthetic(n, epoch))
+    resumed = CurvatureTracker(_plain_scorer(), n, path, keep_history=keep_history)
+    for epoch in range(3, 6):
+        straight.record(epoch, _synthetic(n, epoch))
+        resumed.record(epoch, _synthetic(n, epoch))
+    if not keep_history:  # the last epoch, as saved, is still replaceable after a resume
+        again = CurvatureTracker(_plain_scorer(), n, path, keep_history=False)
+        again.record(5, _synthetic(n, 5))
+        torch.testing.assert_close(again.mean, straight.mean, rtol=0, atol=0)
+    assert resumed.epochs == straight.epochs == list(range(6))
+    for name in SCORE_FIELDS:
+        torch.testing.assert_close(
+            resumed.field_mean(name), straight.field_mean(name), rtol=0, atol=0
+        )
+    for name, value in straight.baselines().items():
+        torch.testing.assert_close(resumed.baselines()[name], value, rtol=0, atol=0)
+    other = not keep_history
+    with pytest.raises(ValueError, match=f"written with keep_history={keep_history}"):
+        CurvatureTracker(_plain_scorer(), n, path, keep_history=other)
+
+
+def test_record_refuses_scores_of_other_settings():
+    tracker = CurvatureTracker(_plain_scorer(n_probes=10, h=1e-3), 5)
+    scores = _synthetic(5, 0)
+    tracker.record(0, scores)
+    with pytest.raises(
+        ValueError, match=r"made with h = 0.01, this tracker's scorer has h = 0.001"
+    ):
+        tracker.record(1, CurvatureScores(**{**scores.__dict__, "h": 1e-2}))
+    with pytest.raises(
+        ValueError, match=r"method = 'hvp', this tracker's scorer has method = 'fd'"
+    ):
+        tracker.record(1, CurvatureScores(**{**scores.__dict__, "method": "hvp"}))
+    fewer = _synthetic(5, 0, n_probes=4)
+    fewer.n_probes[0] = 0  # an unscored sample is fine
+    with pytest.raises(ValueError, match=r"n_probes = 4, this tracker's scorer gives 10"):
+        tracker.record(1, fewer)
+    adaptive = CurvatureTracker(_plain_scorer(n_probes=4, rtol=0.1, max_probes=12), 5)
+    fewer.n_probes[1:] = torch.tensor([4, 8, 12, 9])
+    adaptive.record(0, fewer)  # rounds of 4 up to 12 (the last round may be cut short)
+    fewer.n_probes[1] = 13
+    with pytest.raises(ValueError, match=r"n_probes = 13, this tracker's scorer gives 4 to 12"):
+        adaptive.record(1, fewer)
+    # rows in another order are put in id order; ids that are not 0 .. N-1 are refused
+    shuffled = scores[torch.tensor([3, 0, 4, 1, 2])]
+    tracker.record(2, shuffled)
+    torch.testing.assert_close(tracker.field_history("loss")[-1], scores.loss)
+    with pytest.raises(ValueError, match=r"must hold every id 0 .. 4 once"):
+        tracker.record(3, scores[torch.tensor([0, 0, 1, 2, 3])])
+
+
+@pytest.mark.parametrize("keep_history", [True, False])
+def test_load_is_read_only(tmp_path, keep_history):
+    path = tmp_path / "t.npz"
+    tracker = CurvatureTracker(_plain_scorer(n_probes=10), 7, path, keep_history=keep_history)
+    for epoch in (1, 3):
+        tracker.record(epoch, _synthetic(7, epoch))
+    loaded = CurvatureTracker.load(path)
+    assert loaded.scorer is None and loaded.keep_history is keep_history
+    assert loaded.epochs == [1, 3] and loaded.num_samples == 7
+    torch.testing.assert_close(loaded.mean, tracker.mean, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match=r"opened read-only by CurvatureTracker.load"):
+        loaded.record(4, _synthetic(7, 4))
+    with pytest.raises(RuntimeError, match="read-only"):
+        loaded.score_epoch([], 4)
+    with pytest.raises(FileNotFoundError, match="no tracker file"):
+        CurvatureTracker.load(tmp_path / "missing.npz")
+    (tmp_path / "torn.npz").write_bytes(b"PK\x03\x04 partial")
+    with pytest.raises(ValueError, match="not a readable curvkern tracker file"):
+        CurvatureTracker.load(tmp_path / "torn.npz")
+
+
+def test_reads_format_1_files(tmp_path):
+    # curvkern 0.1 wrote one .npz of (E, N) arrays of seven fields, settings in the metadata
+    import json
+
+    path = tmp_path / "v1.npz"
+    meta = {
+        "format": 1,
+        "num_samples": 4,
+        "method": "fd",
+        "h": 1e-3,
+        "n_probes": 10,
+        "seed": 0,
+        "rtol": None,
+    }
+    old = [
+        "curvature",
+        "curvature_stderr",
+        "trace",
+        "trace_stderr",
+        "frobenius_sq",
+        "loss",
+        "grad_norm",
+    ]
+    arrays = {name: np.arange(8, dtype=np.float32).reshape(2, 4) + i for i, name in enumerate(old)}
+    arrays["epochs"] = np.array([0, 1])
+    arrays["metadata"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    np.savez(path, **arrays)
+    tracker = CurvatureTracker(_plain_scorer(), 4, path)
+    assert tracker.epochs == [0, 1]
+    torch.testing.assert_close(tracker.mean, torch.tensor([2.0, 3.0, 4.0, 5.0]))
+    assert torch.isnan(tracker.field_mean("margin")).all()  # a field format 1 did not have
+    tracker.record(2, _synthetic(4, 2))  # saved in format 2, with the two old epochs
+    assert CurvatureTracker.load(path).epochs == [0, 1, 2]
+    with pytest.raises(ValueError, match="written with keep_history=True"):
+        CurvatureTracker(_plain_scorer(), 4, path, keep_history=False)
+
+
+def test_saving_an_epoch_leaves_the_earlier_files_alone(tmp_path):
+    path = tmp_path / "t.npz"
+    tracker = CurvatureTracker(_plain_scorer(), 1000, path)
+    tracker.record(0, _synthetic(1000, 0))
+    first = epochs_folder(path) / epoch_file_name(0)
+    stamp = (first.stat().st_ino, first.stat().st_mtime_ns)
+    for epoch in range(1, 4):
+        tracker.record(epoch, _synthetic(1000, epoch))
+    assert (first.stat().st_ino, first.stat().st_mtime_ns) == stamp  # not rewritten
+    sizes = {(epochs_folder(path) / epoch_file_name(e)).stat().st_size for e in range(4)}
+    assert len(sizes) == 1  # every epoch's file has one size: O(N), not O(E N)
