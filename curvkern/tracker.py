@@ -58,17 +58,16 @@ class _Running:
     def fold(self, values: Mapping[str, Tensor]) -> None:
         """Adds one epoch ({field: (N,) tensor}, NaN where not scored), after those folded."""
         for f in self.fields:
-            v = values[f].double()
+            v = values[f]
             finite = torch.isfinite(v)
-            self.sum[f] += torch.where(finite, v, 0.0)
+            v = v.double().nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # 0 where not finite
+            self.sum[f] += v
             self.count[f] += finite
             if f == "p_label":
-                self.extra["p_label_sq"] += torch.where(finite, v * v, 0.0)
+                self.extra["p_label_sq"].addcmul_(v, v)
             if f == "correct":
                 last = self.extra["last_correct"]
-                now = torch.where(
-                    finite, (v == 1).to(torch.int8), torch.tensor(-1, dtype=torch.int8)
-                )
+                now = torch.where(finite, (v == 1).to(torch.int8), -1).to(torch.int8)
                 self.extra["forgotten"] += (last == 1) & (now == 0)
                 self.extra["ever_correct"] |= now == 1
                 self.extra["last_correct"] = torch.where(now >= 0, now, last)
