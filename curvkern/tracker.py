@@ -73,12 +73,21 @@ class _Running:
                 self.extra["ever_correct"] |= now == 1
                 self.extra["last_correct"] = torch.where(now >= 0, now, last)
 
-    def copy(self) -> _Running:
+    # The extra statistics that belong to each field.
+    _EXTRA = {
+        "p_label_sq": "p_label",
+        "last_correct": "correct",
+        "forgotten": "correct",
+        "ever_correct": "correct",
+    }
+
+    def copy(self, fields: Sequence[str]) -> _Running:
+        """A copy of the statistics of ``fields`` only (a subset of self.fields)."""
         out = _Running.__new__(_Running)
-        out.fields = self.fields
-        out.sum = {f: t.clone() for f, t in self.sum.items()}
-        out.count = {f: t.clone() for f, t in self.count.items()}
-        out.extra = {k: t.clone() for k, t in self.extra.items()}
+        out.fields = tuple(fields)
+        out.sum = {f: self.sum[f].clone() for f in out.fields}
+        out.count = {f: self.count[f].clone() for f in out.fields}
+        out.extra = {k: t.clone() for k, t in self.extra.items() if self._EXTRA[k] in out.fields}
         return out
 
     def mean(self, field: str) -> Tensor:
@@ -336,7 +345,7 @@ class CurvatureTracker:
             for e in self.epochs:
                 stats.fold(self._epochs[e])
             return stats
-        stats = self._folded.copy()
+        stats = self._folded.copy(fields)
         if self._last is not None:
             stats.fold(self._last[1])
         return stats
