@@ -1,25 +1,34 @@
-"""CurvatureScorer: per-sample input-curvature scores for any PyTorch model."""
+"""CurvatureScorer: per-sample input-curvature scores for any PyTorch model.
+
+The scorer checks its inputs, picks the backend, and schedules the probes (adaptive rounds,
+chunks of at most ``max_batch`` rows); what each method computes lives in
+:mod:`curvkern.estimators`, the model-state and precision contexts in
+:mod:`curvkern._model_state`.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import numbers
 import types
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from . import losses, torch_ops
 from . import ops as kernel_ops
-from . import torch_ops
 from ._extension import kernels_available, missing_kernels_message
-from .scores import CurvatureScores
+from ._model_state import ieee_float32, scoring_mode
+from .estimators import ESTIMATORS, Base, Batch, Objective
+from .scores import CLASSIFICATION_FIELDS, CurvatureScores
 
-__all__ = ["CurvatureScorer", "METHODS", "BACKENDS"]
+__all__ = ["CurvatureScorer", "METHODS", "BACKENDS", "ieee_float32"]
 
 METHODS = ("fd", "hvp", "zo")
 BACKENDS = ("auto", "kernels", "torch")
@@ -33,95 +42,41 @@ MAX_ID = torch_ops.MAX_ID
 # more, 3 times slower at 64. 2^18 elements give 85 and 4,096 rows.
 CPU_PASS_ELEMENTS = 1 << 18
 
-LossFn = Callable[[Tensor, Tensor], Tensor]
+# Samples the once-per-input-signature consistency check evaluates (in passes of at most 3 * 8
+# + 1 rows): enough to see a batch statistic or a random op, cheap next to one scoring pass.
+CHECK_SAMPLES = 8
+# Two evaluations of the same row by a deterministic model and a per-row loss differ by
+# reduction-order rounding (a few ulps of the loss, also between batch sizes); 1000 ulps
+# separates that from dropout or a batch statistic, which change losses at order one.
+CHECK_ULPS = 1000.0
 
-_NO_INPUT_GRADIENT = (
-    "loss_fn(model(x), y) does not depend on x through autograd, so it has no input gradient; "
-    "methods 'fd' and 'hvp' need a model that can be backpropagated to its input (a detach(), "
-    "numpy round trip or torch.no_grad inside the model cuts that path). method='zo' needs "
-    "loss values only."
-)
+# Torch's messages for a model called with an input of another dtype or device than its weights.
+_MISMATCH_MESSAGES = ("same dtype", "same device", "should be the same")
 
+# Mean relative rounding of the step x + h - x above which the scorer warns (_check_step), and
+# the elements of x it looks at: enough to estimate a fraction to about 1/sqrt(4096) = 1.6%.
+STEP_WARN = 0.005
+STEP_SAMPLE = 4096
 
-def _cross_entropy(output: Tensor, y: Tensor) -> Tensor:
-    return F.cross_entropy(output, y, reduction="none")
-
-
-def _repeat_rows(t: Tensor, copies: int) -> Tensor:
-    """(B, ...) -> (copies * B, ...), row c * B + b = t[b]."""
-    return t.repeat(copies, *([1] * (t.dim() - 1)))
-
-
-# Per device type, the torch.backends objects whose fp32_precision lets float32 convolutions and
-# matrix products run in a reduced precision (TF32 on CUDA, by default for cuDNN convolutions;
-# bf16/TF32 in oneDNN on some CPUs when asked for).
-_FP32_PRECISION_KNOBS = {
-    "cuda": ("cudnn.conv", "cuda.matmul"),
-    "cpu": ("mkldnn.conv", "mkldnn.matmul"),
-}
+LossFn = Callable[[Any, Tensor], Tensor]
 
 
-@contextlib.contextmanager
-def ieee_float32(device_type: str) -> Iterator[None]:
-    """Float32 convolutions and matrix products in full IEEE precision, restored on exit.
+class _OutOfMemoryHalving:
+    """Runs a scoring function with a row budget; on CUDA out-of-memory, halves the budget,
+    retries, and remembers the halved budget per device for later batches."""
 
-    TF32 rounds to about 5e-4 relative, while a finite difference g(x + h r) - g(x) is about
-    h = 1e-3 times smaller than g: in TF32 it would be mostly rounding. The fd and zo methods
-    therefore score inside this context. It uses torch's fp32_precision settings (torch >= 2.9)
-    and puts back each one's previous value, so the caller's TF32 choices are unchanged after.
+    def __init__(self) -> None:
+        self.rows: dict[torch.device, int] = {}
 
-    Args:
-        device_type: "cuda" or "cpu" (other devices: nothing to set).
-    """
-    knobs = []
-    for path in _FP32_PRECISION_KNOBS.get(device_type, ()):
-        obj = torch.backends
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-        if obj is not None and hasattr(obj, "fp32_precision"):
-            knobs.append((obj, obj.fp32_precision))
-    try:
-        for obj, _ in knobs:
-            obj.fp32_precision = "ieee"
-        yield
-    finally:
-        for obj, value in knobs:
-            obj.fp32_precision = value
-
-
-@contextlib.contextmanager
-def _scoring_mode(model: Callable) -> Iterator[None]:
-    """Eval mode and frozen parameters; on exit, the model exactly as it was found.
-
-    Restores every submodule's training flag, every parameter's requires_grad and .grad, and the
-    values of all buffers (BatchNorm running statistics included), also when scoring raises.
-    """
-    if not isinstance(model, nn.Module):
-        yield
-        return
-    modules = list(model.modules())
-    training = [m.training for m in modules]
-    params = list(model.parameters())
-    requires_grad = [p.requires_grad for p in params]
-    grads = [p.grad for p in params]
-    buffers = [(b, b.detach().clone(), b._version) for b in model.buffers()]
-    try:
-        model.eval()
-        for p in params:
-            # Gradients with respect to the input only: parameters need no graph of their own.
-            p.requires_grad_(False)
-        yield
-    finally:
-        for m, flag in zip(modules, training, strict=True):
-            m.training = flag
-        for p, flag, grad in zip(params, requires_grad, grads, strict=True):
-            p.requires_grad_(flag)
-            if p.grad is not grad:
-                p.grad = grad
-        with torch.no_grad():
-            for b, saved, version in buffers:
-                if b._version != version:
-                    b.copy_(saved)
+    def run(self, fn: Callable[[int], Any], device: torch.device, rows: int, fixed: bool):
+        """fn(rows), retried with rows // 2 after each OutOfMemoryError unless ``fixed``."""
+        while True:
+            try:
+                return fn(rows)
+            except torch.cuda.OutOfMemoryError:
+                if fixed or rows <= 1:
+                    raise
+                rows = self.rows[device] = rows // 2
 
 
 class CurvatureScorer:
@@ -136,11 +91,17 @@ class CurvatureScorer:
     backward; ``method="zo"`` uses loss values only, four per probe pair (r_k, s_k).
 
     Args:
-        model: any nn.Module or callable mapping a (B, ...) float batch to an output that
-            ``loss_fn`` understands. Scored in eval mode; left exactly as found. A
+        model: any nn.Module or callable mapping a (B, ...) float batch (and keyword inputs) to
+            an output that ``loss_fn`` understands. An nn.Module is scored in eval mode and
+            left exactly as found; a plain callable is called as it is. A
             DistributedDataParallel model is scored through its ``module``.
-        loss_fn: ``loss_fn(output, y)`` -> (B,) per-sample losses. Default: cross entropy with
-            reduction="none".
+        loss_fn: ``loss_fn(output, y)`` -> (B,) per-sample losses, each row's from that row
+            alone. Default: :func:`curvkern.losses.cross_entropy` (reduction "none") on the
+            logits :func:`curvkern.losses.logits_of` finds in the output (a tensor, a
+            tuple/list's first element, a mapping's "logits", an object's ``.logits``).
+        input_key: None to call ``model(x, **model_inputs)``; a keyword (e.g.
+            "inputs_embeds", "pixel_values") to call ``model(**{input_key: x},
+            **model_inputs)``.
         h: finite-difference step, in the model's input space (after normalization).
         n_probes: probes per sample (per round, with ``rtol``).
         seed: probe seed, 0 <= seed < 2^63.
@@ -159,9 +120,10 @@ class CurvatureScorer:
 
     def __init__(
         self,
-        model: Callable[[Tensor], Tensor],
+        model: Callable[..., Any],
         loss_fn: LossFn | None = None,
         *,
+        input_key: str | None = None,
         h: float = 1e-3,
         n_probes: int = 10,
         seed: int = 0,
@@ -175,6 +137,8 @@ class CurvatureScorer:
             raise TypeError(f"model must be an nn.Module or a callable, got {type(model).__name__}")
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable or None, got {type(loss_fn).__name__}")
+        if input_key is not None and (not isinstance(input_key, str) or not input_key):
+            raise TypeError(f"input_key must be a keyword name (str) or None, got {input_key!r}")
         if isinstance(h, bool) or not isinstance(h, numbers.Real) or not math.isfinite(h) or h <= 0:
             raise ValueError(f"h must be a positive finite number, got {h!r}")
         _check_int("n_probes", n_probes, low=1)
@@ -207,7 +171,8 @@ class CurvatureScorer:
             # arms the gradient reducer), and ranks run different numbers of scoring passes.
             model = model.module
         self.model = model
-        self.loss_fn: LossFn = _cross_entropy if loss_fn is None else loss_fn
+        self.loss_fn: LossFn = losses.cross_entropy if loss_fn is None else loss_fn
+        self.input_key = input_key
         self.h = float(h)
         self.n_probes = int(n_probes)
         self.seed = int(seed)
@@ -216,21 +181,34 @@ class CurvatureScorer:
         self.backend = backend
         self.rtol = None if rtol is None else float(rtol)
         self.max_probes = self.n_probes if max_probes is None else int(max_probes)
-        self._auto_rows: dict[torch.device, int] = {}
+        self._estimator = ESTIMATORS[method]
+        self._objective = Objective(self.model, self.loss_fn, input_key)
+        self._halving = _OutOfMemoryHalving()
         self._warned_fallback: set[str] = set()
+        self._warned_step = False
+        self._checked: set[tuple] = set()  # input signatures whose model and loss were checked
 
     def __repr__(self) -> str:
         adaptive = "" if self.rtol is None else f", rtol={self.rtol}, max_probes={self.max_probes}"
+        key = "" if self.input_key is None else f", input_key={self.input_key!r}"
         return (
             f"CurvatureScorer(method={self.method!r}, h={self.h}, n_probes={self.n_probes}, "
-            f"seed={self.seed}, max_batch={self.max_batch}, backend={self.backend!r}{adaptive})"
+            f"seed={self.seed}, max_batch={self.max_batch}, backend={self.backend!r}"
+            f"{key}{adaptive})"
         )
 
     # ------------------------------------------------------------------------------------------
     # Public entry point
 
     def score(
-        self, x: Tensor, y: Tensor, ids: Tensor | Sequence[int] | None = None
+        self,
+        x: Tensor,
+        y: Tensor,
+        ids: Tensor | Sequence[int] | None = None,
+        *,
+        probe_mask: Tensor | None = None,
+        per_position: bool = False,
+        **model_inputs: Any,
     ) -> CurvatureScores:
         """Scores one batch.
 
@@ -239,34 +217,43 @@ class CurvatureScorer:
             y: (B, ...) targets for ``loss_fn``.
             ids: (B,) integer sample ids in [0, 2^56), which fix each sample's probes; None
                 means 0 .. B-1. Give dataset indices to make scores independent of batching.
+            probe_mask: None, or a 0/1 (bool or float) tensor of shape (B, *p), p a prefix of
+                x's sample shape (broadcast over the rest): the curvature is that of the loss
+                restricted to the masked-in coordinates (probes m * r, differences m * dg).
+            per_position: for x of shape (B, T, ...), also return ``curvature_map`` (B, T),
+                mean_k ||dg_k[t]|| / h per position t (methods fd and hvp).
+            **model_inputs: the model's other keyword inputs. A tensor whose first dimension
+                is B is per-sample: its rows go with x's rows into every pass; anything else is
+                passed unchanged.
         Returns:
             CurvatureScores with (B,) fields, on x's device.
         """
         x, y, ids = self._check_batch(x, y, ids)
+        batch = self._make_batch(x, y, ids, probe_mask, per_position, model_inputs)
         out_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         if x.shape[0] == 0:
-            return CurvatureScores.empty(self.h, self.method, out_dtype, x.device)
+            empty = CurvatureScores.empty(self.h, self.method, out_dtype, x.device)
+            if per_position:
+                empty.curvature_map = x.new_zeros((0, x.shape[1]), dtype=out_dtype)
+            return empty
         ops = self._ops_for(x.device)
         with contextlib.ExitStack() as stack:
             if torch.is_inference_mode_enabled():
                 stack.enter_context(torch.inference_mode(False))
-            if self.method in ("fd", "zo"):
-                stack.enter_context(ieee_float32(x.device.type))
-            stack.enter_context(_scoring_mode(self.model))
-            if x.is_inference():
-                x = x.clone()
-            if isinstance(y, Tensor) and y.is_inference():
-                y = y.clone()
-            while True:
-                rows = self._row_budget(x)
-                try:
-                    sums, count, loss, grad_norm = self._score_batch(ops, x, y, ids, rows)
-                    break
-                except torch.cuda.OutOfMemoryError:
-                    if self.max_batch is not None or rows <= 1:
-                        raise
-                    self._auto_rows[x.device] = rows // 2
-        return self._finalize(sums, count, loss, grad_norm, ids, out_dtype)
+            stack.enter_context(self._estimator.context(x.device.type))
+            stack.enter_context(scoring_mode(self.model))
+            batch = _outside_inference(batch)
+            if self._estimator.takes_differences:
+                self._check_step(batch)
+
+            def run(rows: int):
+                self._check_once(batch, rows)
+                return self._score_batch(ops, batch, rows, per_position)
+
+            result = self._halving.run(
+                run, x.device, self._row_budget(x), fixed=self.max_batch is not None
+            )
+        return self._finalize(*result, batch, out_dtype)
 
     # ------------------------------------------------------------------------------------------
     # Checks
@@ -281,24 +268,14 @@ class CurvatureScorer:
         if not x.is_floating_point():
             raise TypeError(
                 f"x must be a floating-point tensor (the model's input after normalization), "
-                f"got dtype {x.dtype}; convert it with x.float()"
+                f"got dtype {x.dtype}. Curvature is measured in a continuous input space: for "
+                f"token ids, score in embedding space, with curvkern.text.TokenScorer(model) "
+                f"(Hugging Face-style models) or CurvatureScorer(model, "
+                f"input_key='inputs_embeds') on x = model.get_input_embeddings()(input_ids); "
+                f"for quantized signals (e.g. uint8 pixels), convert and normalize x as the "
+                f"model expects."
             )
-        if x.dtype not in (torch.float32, torch.float64):
-            if self.method in ("fd", "zo"):
-                raise TypeError(
-                    f"method={self.method!r} needs float32 or float64 input, got {x.dtype}: its "
-                    f"differences (g(x + h r) - g(x) is about h = {self.h} times smaller than "
-                    f"g; loss differences about h^2 times smaller than the loss) are lost to "
-                    f"{x.dtype} rounding. Score with x.float() and a float32 model, a larger "
-                    f"h, or method='hvp'."
-                )
-        if self.method in ("fd", "zo") and torch.is_autocast_enabled(x.device.type):
-            raise RuntimeError(
-                f"method={self.method!r} cannot run under autocast: in reduced precision the "
-                f"finite differences are rounding noise. Call score() outside the autocast "
-                f"region (or inside torch.autocast({x.device.type!r}, enabled=False)) with a "
-                f"float32 model, or use method='hvp'."
-            )
+        self._estimator.check_precision(x, self.h)
         batch = x.shape[0]
         if not isinstance(y, Tensor):
             raise TypeError(f"y must be a torch.Tensor, got {type(y).__name__}")
@@ -327,6 +304,42 @@ class CurvatureScorer:
             raise ValueError(f"ids must lie in [0, 2^56), got ids[{bad}] = {int(ids[bad])}")
         return ids
 
+    def _make_batch(
+        self,
+        x: Tensor,
+        y: Tensor,
+        ids: Tensor,
+        probe_mask: Tensor | None,
+        per_position: bool,
+        model_inputs: dict[str, Any],
+    ) -> Batch:
+        """The Batch: x, y, ids, the mask in the ops' (B, P) form, and the split model inputs."""
+        if self.input_key is not None and self.input_key in model_inputs:
+            raise ValueError(
+                f"model_inputs has the key {self.input_key!r}, which is input_key: x is passed "
+                f"under that keyword; pass the input being scored as x only"
+            )
+        if per_position:
+            if not self._estimator.needs_gradient:
+                raise ValueError(
+                    "per_position=True needs gradient differences per position; method='zo' "
+                    "has loss values only. Use method='fd' or 'hvp'."
+                )
+            if x.dim() < 2:
+                raise ValueError(
+                    f"per_position=True needs x of shape (B, T, ...) with positions T, got "
+                    f"shape {tuple(x.shape)}"
+                )
+        batch = x.shape[0]
+        inputs, shared = {}, {}
+        for key, value in model_inputs.items():
+            if isinstance(value, Tensor) and value.dim() >= 1 and value.shape[0] == batch:
+                inputs[key] = value
+            else:
+                shared[key] = value
+        mask = None if probe_mask is None else torch_ops.as_mask(probe_mask, x)
+        return Batch(x, y, ids, mask, inputs, shared)
+
     def _ops_for(self, device: torch.device) -> types.ModuleType:
         if self.backend == "torch":
             return torch_ops
@@ -343,114 +356,243 @@ class CurvatureScorer:
             )
         return torch_ops
 
-    @property
-    def _rows_per_probe(self) -> int:
-        """Model rows one probe of one sample costs: fd and hvp one, zo its four copies."""
-        return 4 if self.method == "zo" else 1
+    def _check_step(self, batch: Batch) -> None:
+        """Refuses (or warns about) a step h that x's floating-point resolution cannot carry.
+
+        Per batch, on a strided sample of at most STEP_SAMPLE elements of x (so its cost does
+        not grow with the batch): the step x + h - x as x's dtype rounds it, against h.
+        Thresholds: an error when the step is lost (x + h == x) for most elements; a warning
+        when it rounds by more than STEP_WARN on average. Measured on a small float32 MLP with
+        x ~ N(0, 1): a mean step rounding of 0.6% (h = 3e-6) came with per-sample scores up to
+        3% off the exact ones, 2% (h = 1e-6) with 12%, 18% (h = 1e-7) with 175%, as the
+        gradients' own rounding, divided by h, grows alongside.
+        """
+        x = batch.x
+        flat = x.reshape(-1)
+        if flat.numel() > STEP_SAMPLE:
+            flat = flat[:: flat.numel() // STEP_SAMPLE]
+        step = (flat + self.h) - flat
+        lost = float((step == 0).sum()) / max(1, step.numel())
+        error = float((step - self.h).abs().sum()) / (self.h * max(1, step.numel()))
+        if lost <= 0.5 and (error <= STEP_WARN or self._warned_step):
+            return
+        largest = float(x.abs().max())
+        suggest = 1e3 * torch.finfo(x.dtype).eps * largest
+        if lost > 0.5:
+            raise ValueError(
+                f"h = {self.h} is below the floating-point resolution of x ({x.dtype}, |x| up "
+                f"to {largest:.3g}): x + h == x for {lost:.0%} of its elements, so the scores "
+                f"would be rounding. Use h of at least {suggest:.3g} (1000 ulps of the largest "
+                f"|x|), or float64 inputs and model."
+            )
+        self._warned_step = True
+        warnings.warn(
+            f"h = {self.h} is close to the floating-point resolution of x ({x.dtype}, |x| up to "
+            f"{largest:.3g}): rounding changes the step x + h r - x by {error:.1%} on average, "
+            f"and per-sample scores by several times that (the gradients' own rounding is "
+            f"divided by h too). Use h of at least {suggest:.3g} (1000 ulps of the largest "
+            f"|x|), or float64.",
+            stacklevel=3,
+        )
+
+    def _check_once(self, batch: Batch, rows: int) -> None:
+        """Once per input signature: the model's dtype and device, and that the loss of a
+        row is deterministic and independent of the other rows in its pass.
+
+        Costs one pass over k <= 8 samples and one over those samples twice plus one
+        (2k + 1 rows, fewer when ``rows`` is smaller), without gradients, the first time a
+        signature (shapes and dtypes of x, y and the per-sample inputs, and the other inputs'
+        names) is scored.
+        """
+        x = batch.x
+        key = (
+            tuple(x.shape[1:]),
+            x.dtype,
+            x.device,
+            tuple(batch.y.shape[1:]),
+            batch.y.dtype,
+            tuple((k, tuple(v.shape[1:]), v.dtype) for k, v in batch.inputs.items()),
+            tuple(sorted(batch.shared)),
+        )
+        if key in self._checked:
+            return
+        self._check_model_dtype_device(x)
+        k = min(batch.size, CHECK_SAMPLES, max(1, (rows - 1) // 2))
+        first = torch.arange(k, device=x.device)
+        again = torch.cat([first, first, first[:1]])[:rows]
+        a, b, eps = self._check_losses(batch, first, again)
+        bad = _mismatch(a[again], b, eps)
+        if bad is not None and not self._estimator.takes_differences:
+            # hvp runs in the caller's float32 precision: TF32 rounding differs between pass
+            # sizes by ~1e-3; compare again in IEEE float32 before blaming the model.
+            with ieee_float32(x.device.type):
+                a, b, eps = self._check_losses(batch, first, again)
+            bad = _mismatch(a[again], b, eps)
+        if bad is not None:
+            a2, _, _ = self._check_losses(batch, first, first[:0])
+            row = int(again[bad])
+            i = _mismatch(a, a2, eps)
+            if i is not None:
+                raise RuntimeError(
+                    f"the loss at x is not deterministic: two evaluations of sample {i} gave "
+                    f"{float(a[i]):.9g} and {float(a2[i]):.9g}. The finite differences would "
+                    f"be that noise divided by h. A plain callable around a module in train "
+                    f"mode (e.g. lambda x: model(x)[0] with dropout) keeps it random: the "
+                    f"scorer puts only an nn.Module it is given in eval mode. Pass the module "
+                    f"itself (with a loss_fn that picks its output), or call model.eval()."
+                )
+            raise RuntimeError(
+                f"the loss of a sample depends on the other rows of its pass or on their "
+                f"number: sample {row} has loss {float(a[row]):.9g} in a pass of {k} rows and "
+                f"{float(b[bad]):.9g} in a pass of {again.numel()} rows. The scorer stacks "
+                f"many perturbed copies in one pass, so loss_fn(output, y) must return each "
+                f"row's loss from that row alone (no mean over rows, no division by "
+                f"output.shape[0]), and the model must not use batch statistics (e.g. "
+                f"BatchNorm in train mode inside a plain callable; pass the nn.Module itself "
+                f"so that it is scored in eval mode)."
+            )
+        self._checked.add(key)
+
+    def _check_losses(
+        self, batch: Batch, first: Tensor, again: Tensor
+    ) -> tuple[Tensor, Tensor, float]:
+        """Float64 losses of samples ``first`` in one pass and of rows ``again`` in another,
+        and the machine epsilon of the loss's own dtype."""
+        out, eps = [], torch.finfo(torch.float64).eps
+        with torch.no_grad():
+            for index in (first, again):
+                if index.numel() == 0:
+                    out.append(index.double())
+                    continue
+                part = batch.select(index)
+                try:
+                    loss, _ = self._objective.loss(part.x, part, 1)
+                except RuntimeError as e:
+                    text = str(e)
+                    if any(s in text for s in _MISMATCH_MESSAGES):
+                        raise TypeError(
+                            f"the model could not take x (dtype {batch.x.dtype}, device "
+                            f"{batch.x.device}): {text}. Give x "
+                            f"the dtype and device of the model's parameters, e.g. "
+                            f"x.to(next(model.parameters()))."
+                        ) from e
+                    raise
+                if loss.is_floating_point():
+                    eps = max(eps, torch.finfo(loss.dtype).eps)
+                out.append(loss.detach().double())
+        return out[0], out[1], eps
+
+    def _check_model_dtype_device(self, x: Tensor) -> None:
+        """A clear error where x's dtype or device is unlike every floating parameter's."""
+        if not isinstance(self.model, nn.Module):
+            return
+        tensors = [
+            t
+            for t in itertools.chain(self.model.parameters(), self.model.buffers())
+            if t.is_floating_point()
+        ]
+        if not tensors:
+            return
+        if not any(t.device == x.device for t in tensors):
+            raise ValueError(
+                f"x is on {x.device}, the model's parameters on {tensors[0].device}: move one "
+                f"to the other (x.to({str(tensors[0].device)!r}) or model.to(x.device))"
+            )
+        if not any(t.dtype == x.dtype for t in tensors):
+            raise TypeError(
+                f"x has dtype {x.dtype}, the model's parameters {tensors[0].dtype}: convert x "
+                f"(x.to({tensors[0].dtype})) or the model (model.to({x.dtype})); float32 or "
+                f"float64 for methods 'fd' and 'zo'"
+            )
 
     def _row_budget(self, x: Tensor) -> int:
         if self.max_batch is not None:
             return self.max_batch
-        if x.device in self._auto_rows:
-            return self._auto_rows[x.device]
+        if x.device in self._halving.rows:
+            return self._halving.rows[x.device]
         if x.device.type == "cpu":
             return max(1, CPU_PASS_ELEMENTS // max(1, x[0].numel()))
-        return self._rows_per_probe * self.n_probes * x.shape[0]
+        return self._estimator.rows_per_probe * self.n_probes * x.shape[0]
 
     # ------------------------------------------------------------------------------------------
-    # Model evaluation
-
-    def _losses(self, output: Tensor, y: Tensor, rows: int) -> Tensor:
-        loss = self.loss_fn(output, y)
-        if not isinstance(loss, Tensor) or loss.shape != (rows,):
-            shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
-            raise ValueError(
-                f"loss_fn must return one loss per sample, shape ({rows},), got {shape}; "
-                f"use a per-sample loss, e.g. nn.CrossEntropyLoss(reduction='none')"
-            )
-        return loss
-
-    def _loss_and_grad(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """Per-row losses (R,) and input gradients (R, ...) at x (R, ...)."""
-        xr = x.detach().requires_grad_(True)
-        with torch.enable_grad():
-            loss = self._losses(self.model(xr), y, xr.shape[0])
-            grad = None
-            if loss.requires_grad:
-                (grad,) = torch.autograd.grad(loss.sum(), xr, allow_unused=True)
-        if grad is None:
-            raise RuntimeError(_NO_INPUT_GRADIENT)
-        return loss.detach(), grad.detach()
-
-    def _hessian_vector(self, x: Tensor, y: Tensor, v: Tensor) -> Tensor:
-        """H v per row, by double backward: x, v (R, ...) -> (R, ...)."""
-        xr = x.detach().requires_grad_(True)
-        with torch.enable_grad():
-            loss = self._losses(self.model(xr), y, xr.shape[0])
-            grad = None
-            if loss.requires_grad:
-                (grad,) = torch.autograd.grad(loss.sum(), xr, create_graph=True, allow_unused=True)
-            if grad is None:
-                raise RuntimeError(_NO_INPUT_GRADIENT)
-            if not grad.requires_grad:
-                return torch.zeros_like(xr)  # the loss is at most linear in x here
-            (hv,) = torch.autograd.grad(grad, xr, grad_outputs=v, allow_unused=True)
-        return torch.zeros_like(xr) if hv is None else hv.detach()
-
-    # ------------------------------------------------------------------------------------------
-    # Estimation
+    # The probe schedule: groups of samples, adaptive rounds, chunks of probes
 
     def _score_batch(
-        self, ops: types.ModuleType, x: Tensor, y: Tensor, ids: Tensor, rows: int
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Probe sums (B, 4), probe counts (B,), losses (B,) and gradient norms (B,)."""
-        group = max(1, min(x.shape[0], rows // self._rows_per_probe))
+        self, ops: types.ModuleType, batch: Batch, rows: int, per_position: bool
+    ) -> tuple[Tensor, Tensor, Base, Tensor | None]:
+        """Probe sums (B, 4), probe counts (B,), the unperturbed pass's Base, and the sums of
+        the per-position curvature (B, T) (None without per_position)."""
+        group = max(1, min(batch.size, rows // self._estimator.rows_per_probe))
         parts = [
-            self._score_group(ops, x[s : s + group], y[s : s + group], ids[s : s + group], rows)
-            for s in range(0, x.shape[0], group)
+            self._score_group(ops, batch.select(slice(s, s + group)), rows, per_position)
+            for s in range(0, batch.size, group)
         ]
-        return tuple(torch.cat(p) for p in zip(*parts, strict=True))  # type: ignore[return-value]
+        if len(parts) == 1:
+            return parts[0]
+        sums, count, bases, maps = zip(*parts, strict=True)
+        base = Base(
+            torch.cat([b.loss for b in bases]),
+            None,
+            torch.cat([b.grad_norm for b in bases]),
+            torch.cat([b.stats for b in bases]),
+        )
+        return (
+            torch.cat(sums),
+            torch.cat(count),
+            base,
+            None if not per_position else torch.cat(maps),
+        )
 
     def _score_group(
-        self, ops: types.ModuleType, x: Tensor, y: Tensor, ids: Tensor, rows: int
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        batch = x.shape[0]
-        if self.method == "zo":
-            with torch.no_grad():
-                loss = self._losses(self.model(x), y, batch).detach()
-            grad = None
-            grad_norm = torch.full((batch,), math.nan, dtype=torch.float64, device=x.device)
-        else:
-            loss, grad = self._loss_and_grad(x, y)
-            grad = grad.reshape(batch, -1)
-            grad_norm = torch.linalg.vector_norm(grad.double(), dim=1)
-        sums = torch.zeros(batch, 4, dtype=torch.float64, device=x.device)
-        count = torch.zeros(batch, dtype=torch.int64, device=x.device)
-        active = torch.arange(batch, device=x.device)  # samples still drawing probes
+        self, ops: types.ModuleType, batch: Batch, rows: int, per_position: bool
+    ) -> tuple[Tensor, Tensor, Base, Tensor | None]:
+        est = self._estimator
+        size, device = batch.size, batch.x.device
+        base = est.base(self._objective, batch)
+        sums = torch.zeros(size, 4, dtype=torch.float64, device=device)
+        count = torch.zeros(size, dtype=torch.int64, device=device)
+        width = batch.x.shape[1] if per_position else 0
+        cmap = torch.zeros(size, width, dtype=torch.float64, device=device)
+        active = torch.arange(size, device=device)  # samples still drawing probes
         offset = 0  # probes drawn so far by every active sample
         while active.numel():
             sizes = self._round_sizes(offset, active.numel(), rows)
-            everyone = active.numel() == batch
-            xa, ya, ia = (x, y, ids) if everyone else (x[active], y[active], ids[active])
-            if self.method == "fd":
-                ga = grad if everyone else grad[active]
-                stats = self._fd_rounds(ops, xa, ya, ia, ga, offset, sizes, rows)
-            elif self.method == "hvp":
-                stats = self._hvp_rounds(ops, xa, ya, ia, offset, sizes, rows)
-            else:
-                la = loss if everyone else loss[active]
-                stats = self._zo_rounds(ops, xa, ya, ia, la, offset, sizes, rows)
+            everyone = active.numel() == size
+            sub, sub_base = (
+                (batch, base) if everyone else (batch.select(active), base.select(active))
+            )
+            stats = torch.zeros(len(sizes), sub.size, 4, dtype=torch.float64, device=device)
+            maps = torch.zeros(len(sizes), sub.size, width, dtype=torch.float64, device=device)
+            for k0, kk in self._probe_chunks(sum(sizes), sub.size, rows, est.rows_per_probe):
+                data = est.run(
+                    ops, self._objective, sub, sub_base, self.seed, self.h, offset + k0, kk
+                )
+                for r, a, b in self._rounds_in_chunk(sizes, k0, kk):
+                    part, part_map = est.reduce(
+                        ops,
+                        data[a:b],
+                        sub,
+                        sub_base,
+                        self.seed,
+                        self.h,
+                        offset + k0 + a,
+                        per_position,
+                    )
+                    stats[r] += part
+                    if part_map is not None:
+                        maps[r] += part_map
             # Rounds in order; a sample takes no rounds after the one where it converged.
-            live = torch.ones(active.numel(), dtype=torch.bool, device=x.device)
-            for r, size in enumerate(sizes):
+            live = torch.ones(sub.size, dtype=torch.bool, device=device)
+            for r, n in enumerate(sizes):
                 rows_live = active[live]
                 sums[rows_live] += stats[r][live]
-                count[rows_live] += size
-                offset += size
+                cmap[rows_live] += maps[r][live]
+                count[rows_live] += n
+                offset += n
                 if self.rtol is not None:
                     live[live.clone()] = ~self._converged(sums[rows_live], offset)
             active = active[live] if self.rtol is not None else active[:0]
-        return sums, count, loss.to(torch.float64), grad_norm
+        return sums, count, base, cmap if per_position else None
 
     def _round_sizes(self, offset: int, active: int, rows: int) -> list[int]:
         """Probes per round for the next pass over ``active`` samples.
@@ -461,7 +603,7 @@ class CurvatureScorer:
         """
         if self.rtol is None:
             return [self.n_probes]
-        fit = max(1, rows // (self._rows_per_probe * self.n_probes * active))
+        fit = max(1, rows // (self._estimator.rows_per_probe * self.n_probes * active))
         sizes, remaining = [], self.max_probes - offset
         while remaining > 0 and len(sizes) < fit:
             sizes.append(min(self.n_probes, remaining))
@@ -485,57 +627,6 @@ class CurvatureScorer:
                 yield r, start - k0, stop - k0
             first += size
 
-    def _fd_rounds(self, ops, x, y, ids, grad, offset, sizes, rows) -> Tensor:
-        """(rounds, B, 4) probe sums; grad (B, D) is g(x)."""
-        batch = x.shape[0]
-        stats = torch.zeros(len(sizes), batch, 4, dtype=torch.float64, device=x.device)
-        for k0, kk in self._probe_chunks(sum(sizes), batch, rows):
-            xp = ops.perturb(x, ids, self.seed, kk, self.h, offset + k0)  # (kk * B, ...)
-            _, gp = self._loss_and_grad(xp, _repeat_rows(y, kk))
-            gp = gp.reshape(kk, batch, -1)  # (kk, B, D)
-            for r, a, b in self._rounds_in_chunk(sizes, k0, kk):
-                part = ops.probe_reduce(grad, gp[a:b], ids, self.seed, self.h, offset + k0 + a)
-                stats[r] += part.double()
-        return stats
-
-    def _hvp_rounds(self, ops, x, y, ids, offset, sizes, rows) -> Tensor:
-        """(rounds, B, 4) probe sums of H r_k, by double backward."""
-        batch = x.shape[0]
-        stats = torch.zeros(len(sizes), batch, 4, dtype=torch.float64, device=x.device)
-        # The reduction runs in float32 at least (the ops take float32 and float64).
-        reduce_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        zero = x.new_zeros(batch, x[0].numel(), dtype=reduce_dtype)
-        for k0, kk in self._probe_chunks(sum(sizes), batch, rows):
-            r = ops.rademacher(self.seed, ids, kk, x.shape[1:], offset + k0, 0, reduce_dtype)
-            v = r.reshape(kk * batch, *x.shape[1:]).to(x.dtype)
-            hv = self._hessian_vector(_repeat_rows(x, kk), _repeat_rows(y, kk), v)
-            # (kk, B, D): H r_k, so h = 1 in probe_reduce
-            hv = hv.reshape(kk, batch, -1).to(reduce_dtype)
-            for rnd, a, b in self._rounds_in_chunk(sizes, k0, kk):
-                part = ops.probe_reduce(zero, hv[a:b], ids, self.seed, 1.0, offset + k0 + a)
-                stats[rnd] += part.double()
-        return stats
-
-    def _zo_rounds(self, ops, x, y, ids, loss, offset, sizes, rows) -> Tensor:
-        """(rounds, B, 4) sums of |e|, e^2, t, t^2 with e ~ r^T H s, t ~ (r^T H r + s^T H s) / 2."""
-        batch = x.shape[0]
-        stats = torch.zeros(len(sizes), batch, 4, dtype=torch.float64, device=x.device)
-        scale = 4.0 * self.h * self.h
-        with torch.no_grad():
-            for k0, kk in self._probe_chunks(sum(sizes), batch, rows, self._rows_per_probe):
-                xp = ops.perturb_zo(x, ids, self.seed, kk, self.h, offset + k0)  # (4 kk B, ...)
-                lp = self._losses(self.model(xp), _repeat_rows(y, 4 * kk), xp.shape[0])
-                lp = lp.detach().double().reshape(4, kk, batch)
-                # Four-point differences, exact for quadratics (errors O(h^2)):
-                # L(x+hr+hs) - L(x-hr+hs) - L(x+hr-hs) + L(x-hr-hs) = 4 h^2 r^T H s, and
-                # their sum - 4 L(x) = 2 h^2 (r^T H r + s^T H s).
-                bilinear = (lp[0] - lp[1] - lp[2] + lp[3]) / scale  # (kk, B)
-                trace = (lp.sum(0) - 4.0 * loss.double()) / scale  # (kk, B)
-                per_probe = torch.stack([bilinear.abs(), bilinear**2, trace, trace**2], dim=-1)
-                for r, a, b in self._rounds_in_chunk(sizes, k0, kk):
-                    stats[r] += per_probe[a:b].sum(0)
-        return stats
-
     def _converged(self, sums: Tensor, n: int) -> Tensor:
         """Which samples (with sums (A, 4) over n probes each) need no further probes."""
         if n >= self.max_probes:
@@ -545,13 +636,16 @@ class CurvatureScorer:
             return ~torch.isfinite(mean)
         return (stderr <= self.rtol * mean) | ~torch.isfinite(mean) | ~torch.isfinite(stderr)
 
+    # ------------------------------------------------------------------------------------------
+    # Results
+
     def _finalize(
         self,
         sums: Tensor,
         count: Tensor,
-        loss: Tensor,
-        grad_norm: Tensor,
-        ids: Tensor,
+        base: Base,
+        cmap: Tensor | None,
+        batch: Batch,
         dtype: torch.dtype,
     ) -> CurvatureScores:
         n = count.double()
@@ -563,27 +657,86 @@ class CurvatureScorer:
             "trace": trace,
             "trace_stderr": trace_stderr,
             "frobenius_sq": sums[:, 1] / n,
-            "loss": loss,
-            "grad_norm": grad_norm,
+            "loss": base.loss,
+            "grad_norm": base.grad_norm,
+            **{name: base.stats[:, i] for i, name in enumerate(CLASSIFICATION_FIELDS)},
         }
-        checked = [v for k, v in fields.items() if not (k == "grad_norm" and self.method == "zo")]
+        if cmap is not None:
+            cmap = cmap / n.unsqueeze(1)
+        # NaN by design: grad_norm without a gradient, the classification fields of other outputs.
+        unchecked = set(CLASSIFICATION_FIELDS)
+        if not self._estimator.needs_gradient:
+            unchecked.add("grad_norm")
+        checked = [v for k, v in fields.items() if k not in unchecked]
         bad = ~torch.stack([torch.isfinite(v) for v in checked]).all(dim=0)
         n_bad = int(bad.sum())
         if n_bad:
             for v in fields.values():
                 v[bad] = math.nan
+            if cmap is not None:
+                cmap[bad] = math.nan
             warnings.warn(
                 f"{n_bad} of {bad.numel()} samples had a non-finite loss or gradient; their "
                 f"scores are NaN",
                 stacklevel=3,
             )
+        if self._estimator.takes_differences:
+            self._warn_zero_differences(sums, bad, batch)
         return CurvatureScores(
             **{k: v.to(dtype) for k, v in fields.items()},
-            ids=ids,
+            ids=batch.ids,
             n_probes=count,
             h=self.h,
             method=self.method,
+            curvature_map=None if cmap is None else cmap.to(dtype),
         )
+
+    def _warn_zero_differences(self, sums: Tensor, bad: Tensor, batch: Batch) -> None:
+        """Warns about samples whose differences were exactly zero for every probe."""
+        zero = (sums[:, 0] == 0) & ~bad
+        if batch.mask is not None:
+            zero &= batch.mask.sum(1) > 0  # a sample masked out entirely has curvature 0
+        n_zero = int(zero.sum())
+        if n_zero:
+            first = int(zero.nonzero()[0, 0])
+            what = "gradient differences" if self.method == "fd" else "four-point differences"
+            warnings.warn(
+                f"{n_zero} of {zero.numel()} samples (first: id {int(batch.ids[first])}) had "
+                f"{what} exactly zero for every probe, so their curvature is 0: either h = "
+                f"{self.h} is lost to rounding at these inputs (x + h r == x), or the loss is "
+                f"linear in x around them. Check h against the scale of x.",
+                stacklevel=3,
+            )
+
+
+def _mismatch(expected: Tensor, got: Tensor, eps: float) -> int | None:
+    """Index of the first row where ``got`` differs from ``expected`` by more than CHECK_ULPS
+    ulps (machine epsilon ``eps``) of the largest |loss| (both non-finite counts as equal), or
+    None."""
+    if got.numel() == 0:
+        return None
+    finite = torch.isfinite(expected) & torch.isfinite(got)
+    scale = float(expected[finite].abs().max()) if bool(finite.any()) else 0.0
+    tol = CHECK_ULPS * eps * max(scale, torch.finfo(torch.float32).tiny)
+    differ = ((expected - got).abs() > tol) & finite
+    differ |= torch.isfinite(expected) != torch.isfinite(got)
+    return int(differ.nonzero()[0, 0]) if bool(differ.any()) else None
+
+
+def _outside_inference(batch: Batch) -> Batch:
+    """The batch with inference tensors cloned: autograd cannot record them."""
+
+    def fix(t):
+        return t.clone() if isinstance(t, Tensor) and t.is_inference() else t
+
+    return Batch(
+        fix(batch.x),
+        fix(batch.y),
+        batch.ids,
+        fix(batch.mask),
+        {k: fix(v) for k, v in batch.inputs.items()},
+        {k: fix(v) for k, v in batch.shared.items()},
+    )
 
 
 def _mean_and_stderr(total: Tensor, total_sq: Tensor, n: Tensor | float) -> tuple[Tensor, Tensor]:

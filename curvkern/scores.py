@@ -7,9 +7,10 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["CurvatureScores", "SCORE_FIELDS"]
+__all__ = ["CurvatureScores", "SCORE_FIELDS", "CLASSIFICATION_FIELDS"]
 
 # The float fields, each a (B,) tensor.
 SCORE_FIELDS = (
@@ -20,7 +21,15 @@ SCORE_FIELDS = (
     "frobenius_sq",
     "loss",
     "grad_norm",
+    "margin",
+    "p_label",
+    "correct",
+    "el2n",
 )
+
+# The fields computed from the model's output at x when it is (B, C) logits with integer labels
+# (NaN otherwise): the training-dynamics baselines curvature is compared with.
+CLASSIFICATION_FIELDS = ("margin", "p_label", "correct", "el2n")
 
 
 @dataclasses.dataclass
@@ -36,10 +45,20 @@ class CurvatureScores:
         frobenius_sq: estimate of ||H||_F^2 = tr(H^2), mean_k ||H r_k||^2.
         loss: per-sample loss L(x, y).
         grad_norm: ||grad_x L(x, y)|| (NaN for method "zo", which takes no gradient).
+        margin: logit_y - max_{j != y} logit_j at x (area under the margin, per epoch).
+        p_label: softmax probability of the label y at x.
+        correct: 1.0 if the argmax of the logits at x is y, else 0.0.
+        el2n: ||softmax(logits) - onehot(y)||_2 at x (the EL2N score).
+            These four come from the unperturbed pass (no extra model pass), and are NaN unless
+            the output is (B, C) logits (as :func:`curvkern.losses.logits_of` finds them) and y
+            holds (B,) integer labels.
         ids: (B,) int64 sample ids.
         n_probes: (B,) int64 number of probes each sample got.
         h: the finite-difference step the scores were computed with.
         method: "fd", "hvp" or "zo".
+        curvature_map: (B, T) per-position curvature mean_k ||dg_k[t]|| / h when scored with
+            ``per_position=True`` (masked-out positions 0); None otherwise. Not a (B,) field, so
+            not in :meth:`to_dict`; it follows the rows in indexing, ``to`` and ``cat``.
     """
 
     curvature: Tensor
@@ -49,10 +68,15 @@ class CurvatureScores:
     frobenius_sq: Tensor
     loss: Tensor
     grad_norm: Tensor
+    margin: Tensor
+    p_label: Tensor
+    correct: Tensor
+    el2n: Tensor
     ids: Tensor
     n_probes: Tensor
     h: float
     method: str
+    curvature_map: Tensor | None = None
 
     def __len__(self) -> int:
         return self.ids.shape[0]
@@ -82,13 +106,19 @@ class CurvatureScores:
 
     def to(self, device: torch.device | str) -> CurvatureScores:
         """A copy with every tensor on ``device``."""
+        cmap = None if self.curvature_map is None else self.curvature_map.to(device)
         return dataclasses.replace(
-            self, **{name: t.to(device) for name, t in self.to_dict().items()}
+            self,
+            **{name: t.to(device) for name, t in self.to_dict().items()},
+            curvature_map=cmap,
         )
 
     def __getitem__(self, index) -> CurvatureScores:
         """The rows ``index`` (a slice, an index tensor or a boolean mask)."""
-        return dataclasses.replace(self, **{name: t[index] for name, t in self.to_dict().items()})
+        cmap = None if self.curvature_map is None else self.curvature_map[index]
+        return dataclasses.replace(
+            self, **{name: t[index] for name, t in self.to_dict().items()}, curvature_map=cmap
+        )
 
     @classmethod
     def empty(
@@ -111,7 +141,11 @@ class CurvatureScores:
 
     @classmethod
     def cat(cls, parts: Sequence[CurvatureScores]) -> CurvatureScores:
-        """The rows of ``parts`` one after the other (all from the same h and method)."""
+        """The rows of ``parts`` one after the other (all from the same h and method).
+
+        Curvature maps (all parts have one, or none has) of different lengths T are padded on
+        the right with NaN to the longest: those positions do not exist in the shorter parts.
+        """
         if not parts:
             raise ValueError("CurvatureScores.cat needs at least one part")
         first = parts[0]
@@ -125,4 +159,18 @@ class CurvatureScores:
             name: torch.cat([getattr(p, name) for p in parts])
             for name in (*SCORE_FIELDS, "ids", "n_probes")
         }
-        return cls(**tensors, h=first.h, method=first.method)
+        return cls(**tensors, h=first.h, method=first.method, curvature_map=_cat_maps(parts))
+
+
+def _cat_maps(parts: Sequence[CurvatureScores]) -> Tensor | None:
+    """The parts' (B_i, T_i) curvature maps stacked into (sum B_i, max T_i), or None if none."""
+    maps = [p.curvature_map for p in parts]
+    if all(m is None for m in maps):
+        return None
+    if any(m is None for m in maps):
+        raise ValueError(
+            "cannot concatenate scores with and without curvature_map; score every part with "
+            "the same per_position setting"
+        )
+    width = max(m.shape[1] for m in maps)
+    return torch.cat([F.pad(m, (0, width - m.shape[1]), value=math.nan) for m in maps])

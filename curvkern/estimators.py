@@ -1,0 +1,428 @@
+"""The three curvature estimators, fd, hvp and zo: each one small object holding its facts.
+
+An estimator knows how many model rows one probe costs, whether it needs input gradients,
+whether it takes finite differences (and so refuses half precision and autocast and runs in IEEE
+float32), and two functions: :meth:`Estimator.run`, one model pass over a chunk of probes, and
+:meth:`Estimator.reduce`, the per-sample probe sums of (part of) that chunk. The loop over chunks
+and adaptive rounds is written once, in :class:`curvkern.CurvatureScorer`.
+
+A :class:`Batch` holds the samples (x, y, ids, probe mask and the model's other inputs) and
+repeats their per-sample inputs exactly as the probe rows repeat x; an :class:`Objective` calls
+the model and the loss on such rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import types
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._model_state import double_backward_attention, ieee_float32
+from .losses import classification_stats
+
+__all__ = ["Batch", "Base", "Objective", "Estimator", "ESTIMATORS"]
+
+_NO_INPUT_GRADIENT = (
+    "loss_fn(model(x), y) does not depend on x through autograd, so it has no input gradient; "
+    "methods 'fd' and 'hvp' need a model that can be backpropagated to its input (a detach(), "
+    "numpy round trip or torch.no_grad inside the model cuts that path). method='zo' needs "
+    "loss values only."
+)
+
+
+# Autograd's messages for an op whose backward cannot be differentiated again.
+_NO_DOUBLE_BACKWARD = ("derivative for", "double backward", "differentiate twice")
+
+
+def _no_double_backward(cause: str) -> str:
+    return (
+        f"method='hvp' differentiates the model's backward pass again, and an op of this model "
+        f"has no such derivative ({cause}). Use method='fd' (first-order autograd only), or "
+        f"replace that op by one built from differentiable torch ops. (Fused scaled-dot-product "
+        f"attention is already switched to its math kernel for hvp.)"
+    )
+
+
+def _has_error_node(t: Tensor) -> bool:
+    """Whether t's autograd graph holds an error node (what a once-differentiable backward
+    leaves where its own derivative would be)."""
+    seen, stack = set(), [t.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if "Error" in type(node).__name__:
+            return True
+        stack.extend(fn for fn, _ in node.next_functions)
+    return False
+
+
+def repeat_rows(t: Tensor, copies: int) -> Tensor:
+    """(B, ...) -> (copies * B, ...), row c * B + b = t[b]."""
+    if copies == 1:
+        return t
+    return t.repeat(copies, *([1] * (t.dim() - 1)))
+
+
+@dataclasses.dataclass
+class Batch:
+    """The samples being scored and everything a model pass over their rows needs.
+
+    Attributes:
+        x: (B, ...) inputs.
+        y: (B, ...) targets.
+        ids: (B,) int64 sample ids.
+        mask: (B, P) probe mask in x's dtype (the ops' form), or None.
+        inputs: per-sample keyword inputs of the model, each (B, ...).
+        shared: the model's other keyword inputs, passed unchanged.
+    """
+
+    x: Tensor
+    y: Tensor
+    ids: Tensor
+    mask: Tensor | None = None
+    inputs: dict[str, Tensor] = dataclasses.field(default_factory=dict)
+    shared: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def size(self) -> int:
+        return self.x.shape[0]
+
+    def select(self, index: Tensor | slice) -> Batch:
+        """The samples ``index`` (an index tensor or a slice), with their inputs and mask."""
+        return Batch(
+            self.x[index],
+            self.y[index],
+            self.ids[index],
+            None if self.mask is None else self.mask[index],
+            {k: v[index] for k, v in self.inputs.items()},
+            self.shared,
+        )
+
+    def targets(self, copies: int) -> Tensor:
+        """y for ``copies`` stacked copies of the batch: (copies * B, ...)."""
+        return repeat_rows(self.y, copies)
+
+    def keywords(self, copies: int) -> dict[str, Any]:
+        """The model's keyword inputs for ``copies`` stacked copies of the batch."""
+        if not self.inputs:
+            return self.shared
+        return {**self.shared, **{k: repeat_rows(v, copies) for k, v in self.inputs.items()}}
+
+    def element_mask(self, dtype: torch.dtype | None = None) -> Tensor | None:
+        """The probe mask per input element, (B, D), or None without a mask."""
+        if self.mask is None:
+            return None
+        per_part = self.x[0].numel() // max(1, self.mask.shape[1])
+        m = self.mask.repeat_interleave(per_part, dim=1) if per_part > 1 else self.mask
+        return m if dtype is None else m.to(dtype)
+
+
+@dataclasses.dataclass
+class Base:
+    """What an estimator takes from the unperturbed pass at x, per sample.
+
+    Attributes:
+        loss: (B,) float64 losses L(x, y).
+        grad: (B, D) input gradients g(x) in x's dtype (None for zo).
+        grad_norm: (B,) float64 ||m * g(x)|| (m the probe mask, 1 without one; NaN for zo).
+        stats: (B, 4) float64 classification statistics (margin, p_label, correct, el2n).
+    """
+
+    loss: Tensor
+    grad: Tensor | None
+    grad_norm: Tensor
+    stats: Tensor
+
+    def select(self, index: Tensor | slice) -> Base:
+        return Base(
+            self.loss[index],
+            None if self.grad is None else self.grad[index],
+            self.grad_norm[index],
+            self.stats[index],
+        )
+
+
+class Objective:
+    """The model and the per-sample loss, evaluated on rows of a :class:`Batch`.
+
+    Args:
+        model: callable; called ``model(x, **keywords)``, or ``model(**{input_key: x},
+            **keywords)`` when ``input_key`` is set.
+        loss_fn: ``loss_fn(output, y)`` -> (R,) per-row losses.
+        input_key: the keyword that takes x, or None to pass x first.
+    """
+
+    def __init__(self, model: Callable, loss_fn: Callable, input_key: str | None) -> None:
+        self.model = model
+        self.loss_fn = loss_fn
+        self.input_key = input_key
+
+    def output(self, xp: Tensor, batch: Batch, copies: int):
+        """The model's output on xp, (copies * B, ...) rows of ``batch``."""
+        keywords = batch.keywords(copies)
+        if self.input_key is None:
+            return self.model(xp, **keywords)
+        return self.model(**{self.input_key: xp}, **keywords)
+
+    def losses(self, output, y: Tensor, rows: int) -> Tensor:
+        """loss_fn(output, y), checked to hold one loss per row: (rows,)."""
+        loss = self.loss_fn(output, y)
+        if not isinstance(loss, Tensor) or loss.shape != (rows,):
+            shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+            raise ValueError(
+                f"loss_fn must return one loss per sample, shape ({rows},), got {shape}; "
+                f"use a per-sample loss, e.g. nn.CrossEntropyLoss(reduction='none')"
+            )
+        return loss
+
+    def loss(self, xp: Tensor, batch: Batch, copies: int) -> tuple[Tensor, Any]:
+        """Per-row losses (R,) at xp (R = copies * B rows), and the model's output."""
+        output = self.output(xp, batch, copies)
+        return self.losses(output, batch.targets(copies), xp.shape[0]), output
+
+    def loss_and_grad(
+        self, xp: Tensor, batch: Batch, copies: int, create_graph: bool = False
+    ) -> tuple[Tensor, Tensor, Any]:
+        """Per-row losses (R,), input gradients (R, ...) at xp, and the model's output.
+
+        With ``create_graph`` the gradient keeps its graph, for a second backward with respect
+        to xp: xp must then be a leaf that requires grad.
+        """
+        xr = xp if create_graph else xp.detach().requires_grad_(True)
+        with torch.enable_grad():
+            loss, output = self.loss(xr, batch, copies)
+            grad = None
+            if loss.requires_grad:
+                (grad,) = torch.autograd.grad(
+                    loss.sum(), xr, create_graph=create_graph, allow_unused=True
+                )
+        if grad is None:
+            raise RuntimeError(_NO_INPUT_GRADIENT)
+        return loss, grad, output
+
+
+def _masked_norm(g: Tensor, m: Tensor | None) -> Tensor:
+    """||m * g|| per row of g (B, D), in float64."""
+    g = g.double()
+    return torch.linalg.vector_norm(g if m is None else g * m.double(), dim=1)
+
+
+def _position_norms(d: Tensor, batch: Batch, m: Tensor | None, h: float) -> Tensor:
+    """sum_k ||m * d_k[t]|| / h per sample and position t: d (k, B, D) -> (B, T) float64."""
+    if m is not None:
+        d = d * m.to(d.dtype)
+    k, b = d.shape[0], d.shape[1]
+    d = d.reshape(k, b, batch.x.shape[1], -1).double()
+    return torch.linalg.vector_norm(d, dim=-1).sum(0) / h
+
+
+def _cast(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """The (B, P) probe mask in the dtype of the data an op takes it with (None stays None)."""
+    return None if mask is None else mask.to(dtype)
+
+
+class Estimator:
+    """One curvature estimator: its facts, its pass over a chunk of probes, and its reduction.
+
+    Attributes:
+        name: the ``method`` string.
+        rows_per_probe: model rows one probe of one sample costs.
+        needs_gradient: whether it backpropagates to the input (and so reports grad_norm).
+        takes_differences: whether it differences nearby values (fd, zo): it then refuses
+            half precision and autocast, and runs in IEEE float32.
+    """
+
+    name = ""
+    rows_per_probe = 1
+    needs_gradient = True
+    takes_differences = True
+
+    def check_precision(self, x: Tensor, h: float) -> None:
+        """Refuses inputs whose precision would turn the estimate into rounding noise."""
+        if not self.takes_differences:
+            return
+        if x.dtype not in (torch.float32, torch.float64):
+            raise TypeError(
+                f"method={self.name!r} needs float32 or float64 input, got {x.dtype}: its "
+                f"differences (g(x + h r) - g(x) is about h = {h} times smaller than "
+                f"g; loss differences about h^2 times smaller than the loss) are lost to "
+                f"{x.dtype} rounding. Score with x.float() and a float32 model, a larger "
+                f"h, or method='hvp'."
+            )
+        if torch.is_autocast_enabled(x.device.type):
+            raise RuntimeError(
+                f"method={self.name!r} cannot run under autocast: in reduced precision the "
+                f"finite differences are rounding noise. Call score() outside the autocast "
+                f"region (or inside torch.autocast({x.device.type!r}, enabled=False)) with a "
+                f"float32 model, or use method='hvp'."
+            )
+
+    @contextlib.contextmanager
+    def context(self, device_type: str) -> Iterator[None]:
+        """The numerical context every pass of this estimator runs in."""
+        if self.takes_differences:
+            with ieee_float32(device_type):
+                yield
+        else:
+            yield
+
+    def base(self, objective: Objective, batch: Batch) -> Base:
+        """Loss, gradient and classification statistics at the unperturbed x."""
+        loss, grad, output = objective.loss_and_grad(batch.x, batch, 1)
+        grad = grad.detach().reshape(batch.size, -1)
+        return Base(
+            loss.detach().double(),
+            grad,
+            _masked_norm(grad, batch.element_mask()),
+            classification_stats(output, batch.y),
+        )
+
+    def run(
+        self,
+        ops: types.ModuleType,
+        objective: Objective,
+        batch: Batch,
+        base: Base,
+        seed: int,
+        h: float,
+        offset: int,
+        n: int,
+    ) -> Tensor:
+        """One model pass over probes offset .. offset + n - 1 of every sample: (n, B, ...)."""
+        raise NotImplementedError
+
+    def reduce(
+        self,
+        ops: types.ModuleType,
+        data: Tensor,
+        batch: Batch,
+        base: Base,
+        seed: int,
+        h: float,
+        offset: int,
+        per_position: bool,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Per-sample sums over the probes of ``data`` (the first k of :meth:`run`'s output,
+        probes offset .. offset + k - 1): (B, 4) float64 sums of (curvature, its square,
+        trace, its square), and with ``per_position`` the (B, T) float64 sums of the
+        per-position curvature (else None)."""
+        raise NotImplementedError
+
+
+class FiniteDifference(Estimator):
+    """dg_k = g(x + h m r_k) - g(x): one gradient pass per probe."""
+
+    name = "fd"
+
+    def run(self, ops, objective, batch, base, seed, h, offset, n):
+        mask = _cast(batch.mask, batch.x.dtype)
+        xp = ops.perturb(batch.x, batch.ids, seed, n, h, offset, mask)  # (n B, ...)
+        _, grad, _ = objective.loss_and_grad(xp, batch, n)
+        return grad.detach().reshape(n, batch.size, -1)  # (n, B, D)
+
+    def reduce(self, ops, data, batch, base, seed, h, offset, per_position):
+        mask = _cast(batch.mask, data.dtype)
+        stats = ops.probe_reduce(base.grad, data, batch.ids, seed, h, offset, mask).double()
+        cmap = None
+        if per_position:
+            cmap = _position_norms(data - base.grad, batch, batch.element_mask(), h)
+        return stats, cmap
+
+
+class HessianVector(Estimator):
+    """H (m r_k) exactly, by a double backward (no step h, no O(h) error)."""
+
+    name = "hvp"
+    takes_differences = False
+
+    @contextlib.contextmanager
+    def context(self, device_type):
+        # No differences, so TF32 is only rounding; attention must take a kernel whose backward
+        # can be differentiated again.
+        with double_backward_attention():
+            yield
+
+    def run(self, ops, objective, batch, base, seed, h, offset, n):
+        x = batch.x
+        # The reduction runs in float32 at least (the ops take float32 and float64).
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        r = ops.rademacher(seed, batch.ids, n, x.shape[1:], offset, 0, dtype)  # (n, B, ...)
+        m = batch.element_mask(dtype)
+        if m is not None:
+            r = r * m.reshape(1, *x.shape)
+        v = r.reshape(n * batch.size, *x.shape[1:]).to(x.dtype)
+        xr = repeat_rows(x, n).detach().requires_grad_(True)
+        with torch.enable_grad():
+            _, grad, _ = objective.loss_and_grad(xr, batch, n, create_graph=True)
+            if not grad.requires_grad:  # the loss is at most linear in x here
+                return torch.zeros(n, batch.size, x[0].numel(), dtype=dtype, device=x.device)
+            if _has_error_node(grad):
+                # A once-differentiable backward leaves an error node that is not connected to
+                # x: autograd would silently drop its share of H r (all of it, in a model made
+                # of such ops). A walk over the graph's nodes, cheap next to the pass.
+                raise RuntimeError(
+                    _no_double_backward("a backward marked once_differentiable is in the graph")
+                )
+            try:
+                (hv,) = torch.autograd.grad(grad, xr, grad_outputs=v, allow_unused=True)
+            except RuntimeError as e:
+                if not any(s in str(e) for s in _NO_DOUBLE_BACKWARD):
+                    raise
+                raise RuntimeError(_no_double_backward(str(e))) from e
+        if hv is None:  # the gradient does not depend on x: H = 0
+            return torch.zeros(n, batch.size, x[0].numel(), dtype=dtype, device=x.device)
+        return hv.detach().reshape(n, batch.size, -1).to(dtype)  # (n, B, D): H m r_k
+
+    def reduce(self, ops, data, batch, base, seed, h, offset, per_position):
+        zero = data.new_zeros(data.shape[1:])
+        mask = _cast(batch.mask, data.dtype)
+        # data holds H r_k itself, so the step is 1
+        stats = ops.probe_reduce(zero, data, batch.ids, seed, 1.0, offset, mask).double()
+        cmap = None
+        if per_position:
+            cmap = _position_norms(data, batch, batch.element_mask(), 1.0)
+        return stats, cmap
+
+
+class ZerothOrder(Estimator):
+    """Four loss values per probe pair (r_k, s_k): |r^T H s| without any backward."""
+
+    name = "zo"
+    rows_per_probe = 4
+    needs_gradient = False
+
+    def base(self, objective, batch):
+        with torch.no_grad():
+            loss, output = objective.loss(batch.x, batch, 1)
+        nan = torch.full((batch.size,), math.nan, dtype=torch.float64, device=batch.x.device)
+        return Base(loss.double(), None, nan, classification_stats(output, batch.y))
+
+    def run(self, ops, objective, batch, base, seed, h, offset, n):
+        mask = _cast(batch.mask, batch.x.dtype)
+        with torch.no_grad():
+            xp = ops.perturb_zo(batch.x, batch.ids, seed, n, h, offset, mask)  # (4 n B, ...)
+            lp, _ = objective.loss(xp, batch, 4 * n)
+        lp = lp.double().reshape(4, n, batch.size)
+        # Four-point differences, exact for quadratics (errors O(h^2)):
+        # L(x+hr+hs) - L(x-hr+hs) - L(x+hr-hs) + L(x-hr-hs) = 4 h^2 r^T H s, and
+        # their sum - 4 L(x) = 2 h^2 (r^T H r + s^T H s).
+        scale = 4.0 * h * h
+        bilinear = (lp[0] - lp[1] - lp[2] + lp[3]) / scale  # (n, B)
+        trace = (lp.sum(0) - 4.0 * base.loss) / scale  # (n, B)
+        return torch.stack([bilinear.abs(), bilinear**2, trace, trace**2], dim=-1)  # (n, B, 4)
+
+    def reduce(self, ops, data, batch, base, seed, h, offset, per_position):
+        return data.sum(0), None
+
+
+ESTIMATORS: dict[str, Estimator] = {
+    e.name: e for e in (FiniteDifference(), HessianVector(), ZerothOrder())
+}
