@@ -12,21 +12,6 @@ from torch import Tensor
 
 __all__ = ["CurvatureScores", "SCORE_FIELDS", "CLASSIFICATION_FIELDS"]
 
-# The float fields, each a (B,) tensor.
-SCORE_FIELDS = (
-    "curvature",
-    "curvature_stderr",
-    "trace",
-    "trace_stderr",
-    "frobenius_sq",
-    "loss",
-    "grad_norm",
-    "margin",
-    "p_label",
-    "correct",
-    "el2n",
-)
-
 # The fields computed from the model's output at x when it is (B, C) logits with integer labels
 # (NaN otherwise): the training-dynamics baselines curvature is compared with.
 CLASSIFICATION_FIELDS = ("margin", "p_label", "correct", "el2n")
@@ -139,6 +124,50 @@ class CurvatureScores:
             method=method,
         )
 
+    def to_rows(self) -> tuple[Tensor, Tensor]:
+        """The rows that a gather across processes carries: ids and every per-sample number.
+
+        Returns:
+            ids (B,) int64 and values (B, F + 1) float64 on the CPU: the columns are
+            SCORE_FIELDS in order, then n_probes (exact in float64 below 2**53).
+        """
+        columns = [getattr(self, name).double() for name in SCORE_FIELDS]
+        columns.append(self.n_probes.double())
+        return self.ids.cpu(), torch.stack(columns, dim=1).cpu()
+
+    @classmethod
+    def from_rows(
+        cls,
+        ids: Tensor,
+        values: Tensor,
+        *,
+        size: int,
+        h: float,
+        method: str,
+        dtype: torch.dtype = torch.float32,
+    ) -> CurvatureScores:
+        """Scores of ids 0 .. size-1 from rows made by :meth:`to_rows` (the inverse).
+
+        Args:
+            ids: (R,) int64 ids in [0, size); an id given twice keeps its last row.
+            values: (R, F + 1) float64 rows, columns as to_rows writes them.
+            size: N, the number of rows of the result.
+            h, method: the scorer's step and method.
+            dtype: the float fields' dtype.
+        Returns:
+            CurvatureScores of ``size`` rows on the CPU; NaN and n_probes 0 for ids not in ids.
+        """
+        if values.shape != (ids.shape[0], len(SCORE_FIELDS) + 1):
+            raise ValueError(
+                f"values must have shape (R, {len(SCORE_FIELDS) + 1}) with R = {ids.shape[0]} "
+                f"(SCORE_FIELDS then n_probes), got {tuple(values.shape)}"
+            )
+        result = cls.empty(h, method, dtype=dtype, size=size)
+        for i, name in enumerate(SCORE_FIELDS):
+            getattr(result, name)[ids] = values[:, i].to(dtype)
+        result.n_probes[ids] = values[:, -1].long()
+        return result
+
     @classmethod
     def cat(cls, parts: Sequence[CurvatureScores]) -> CurvatureScores:
         """The rows of ``parts`` one after the other (all from the same h and method).
@@ -160,6 +189,15 @@ class CurvatureScores:
             for name in (*SCORE_FIELDS, "ids", "n_probes")
         }
         return cls(**tensors, h=first.h, method=first.method, curvature_map=_cat_maps(parts))
+
+
+# The (B,) float fields: the fields declared as Tensor, other than ids and n_probes. Derived from
+# the declaration above, so that a new field reaches the gather, the tracker and its file.
+SCORE_FIELDS = tuple(
+    f.name
+    for f in dataclasses.fields(CurvatureScores)
+    if f.type == "Tensor" and f.name not in ("ids", "n_probes")
+)
 
 
 def _cat_maps(parts: Sequence[CurvatureScores]) -> Tensor | None:
