@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["logits_of", "cross_entropy", "classification_stats"]
+__all__ = ["logits_of", "cross_entropy", "classification_stats", "sequence_cross_entropy"]
 
 
 def logits_of(output) -> Tensor:
@@ -117,3 +117,47 @@ def classification_stats(output, y: Tensor) -> Tensor:
     el2n = torch.linalg.vector_norm(prob - F.one_hot(label.squeeze(1), classes).double(), dim=1)
     stats = torch.stack([own - others, p_label, correct, el2n], dim=1)
     return stats.masked_fill(~valid.unsqueeze(1), math.nan)
+
+
+def sequence_cross_entropy(
+    output, labels: Tensor, ignore_index: int = -100, shift: bool = True
+) -> Tensor:
+    """Per-sequence mean token cross entropy: the loss of a language or token model, per sample.
+
+    Each sequence's loss is the mean over its own non-ignored targets, so it does not depend on
+    the other rows of the batch or on how much padding the batch adds (padding carries the
+    label ``ignore_index``).
+
+    Args:
+        output: the model's output, any form :func:`logits_of` accepts, holding (B, T, V) logits.
+        labels: (B, T) integer targets; ``ignore_index`` marks positions without a target
+            (padding, prompt tokens).
+        ignore_index: the label of positions that do not count.
+        shift: True for causal language models, whose labels are the input ids: the logits at
+            position t predict the label at t + 1 (as Hugging Face's causal LMs do). False when
+            position t's logits predict labels[:, t] (token classification).
+    Returns:
+        (B,) losses; NaN for a sequence without any target.
+    """
+    logits = logits_of(output)
+    if logits.dim() != 3:
+        raise ValueError(
+            f"sequence_cross_entropy needs logits of shape (B, T, V), got {tuple(logits.shape)}"
+        )
+    if not isinstance(labels, Tensor) or labels.is_floating_point() or labels.dtype == torch.bool:
+        got = labels.dtype if isinstance(labels, Tensor) else type(labels).__name__
+        raise TypeError(f"labels must be an integer tensor of shape (B, T), got {got}")
+    if labels.shape != logits.shape[:2]:
+        raise ValueError(
+            f"labels must have shape (B, T) = {tuple(logits.shape[:2])} to match the logits "
+            f"{tuple(logits.shape)}, got {tuple(labels.shape)}"
+        )
+    if shift:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    # (B, V, T') against (B, T'): cross_entropy's layout for a sequence of targets.
+    tokens = F.cross_entropy(
+        logits.transpose(1, 2), labels.long(), ignore_index=ignore_index, reduction="none"
+    )
+    count = (labels != ignore_index).sum(1)
+    mean = tokens.sum(1) / count.clamp(min=1).to(tokens.dtype)
+    return torch.where(count > 0, mean, torch.full_like(mean, math.nan))
