@@ -1,0 +1,172 @@
+"""Hugging Face Trainer callback: epoch-averaged curvature of a Trainer's training samples.
+
+    from curvkern.integrations.huggingface import CurvatureCallback
+    callback = CurvatureCallback(train_set, batch_size=32, path="curvature.npz")
+    trainer = transformers.Trainer(model, args, train_dataset=train_set, callbacks=[callback])
+    trainer.train()
+    callback.tracker.mean
+
+The Trainer shuffles, shards and drops the columns its model does not take; the callback
+scores its own sequential loader over the data set it is given, so ids are that data set's
+indices. Items are dicts as the Trainer takes them: ``input_ids`` (with ``attention_mask``)
+for token models, scored in embedding space by :class:`curvkern.text.TokenScorer`, or
+``pixel_values`` for image models, scored by :class:`curvkern.CurvatureScorer` with
+``input_key="pixel_values"``; the target is ``labels`` (or ``label``); every other tensor column
+(e.g. ``token_type_ids``) is passed to the model.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from ..scorer import CurvatureScorer
+from ..text import TokenScorer
+from ._scoring import EpochScoring
+
+try:
+    from transformers import TrainerCallback
+except ImportError as error:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        "curvkern.integrations.huggingface needs transformers: pip install 'curvkern[text]'"
+    ) from error
+
+__all__ = ["CurvatureCallback"]
+
+_LABEL_KEYS = ("labels", "label")
+_INPUT_KEYS = ("input_ids", "pixel_values")
+# Value of padded positions per column; padding is masked out of the probes and the loss.
+_PAD = {"labels": -100, "label": -100}
+
+
+def _as_tensor(value) -> Tensor:
+    return value if isinstance(value, Tensor) else torch.as_tensor(value)
+
+
+def _stack(key: str, values: Sequence) -> Tensor:
+    """One column of a batch; token sequences of different lengths are right-padded."""
+    rows = [_as_tensor(v) for v in values]
+    if all(r.shape == rows[0].shape for r in rows):
+        return torch.stack(rows)
+    if any(r.dim() != rows[0].dim() or r.shape[1:] != rows[0].shape[1:] for r in rows):
+        raise ValueError(
+            f"column {key!r} has items of shapes that differ beyond their length: "
+            f"{sorted({tuple(r.shape) for r in rows})}"
+        )
+    length = max(r.shape[0] for r in rows)
+    out = rows[0].new_full((len(rows), length, *rows[0].shape[1:]), _PAD.get(key, 0))
+    for i, r in enumerate(rows):
+        out[i, : r.shape[0]] = r
+    return out
+
+
+def collate(items: Sequence[tuple]) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
+    """IndexedDataset items (dict, ..., id) of Trainer-style dicts -> (x, y, ids, model_inputs).
+
+    x is ``input_ids`` or ``pixel_values``, y the labels, model_inputs every other column
+    (``attention_mask`` made from the lengths when sequences of different lengths have none).
+    """
+    dicts = [item[0] for item in items]
+    first = dicts[0]
+    if not isinstance(first, Mapping):
+        raise TypeError(
+            "the Hugging Face CurvatureCallback takes a data set of dict items (input_ids, "
+            f"attention_mask, labels or pixel_values, labels), got {type(first).__name__} items"
+        )
+    key = next((k for k in _INPUT_KEYS if k in first), None)
+    label = next((k for k in _LABEL_KEYS if k in first), None)
+    if key is None or label is None:
+        raise KeyError(
+            f"items need one of {_INPUT_KEYS} and one of {_LABEL_KEYS}; got keys {sorted(first)}"
+        )
+    columns = {k: _stack(k, [d[k] for d in dicts]) for k in first if k != "label"}
+    if label == "label":
+        columns["labels"] = _stack("labels", [d["label"] for d in dicts])
+    if key == "input_ids" and "attention_mask" not in columns:
+        lengths = torch.tensor([len(d["input_ids"]) for d in dicts])
+        positions = torch.arange(columns["input_ids"].shape[1])
+        columns["attention_mask"] = (positions < lengths[:, None]).long()
+    x, y = columns.pop(key), columns.pop("labels")
+    ids = torch.as_tensor([item[-1] for item in items], dtype=torch.int64)
+    return x, y, ids, columns
+
+
+class _DictItems(Dataset):
+    """Dict items as (item, 0) pairs, which IndexedDataset takes; collate unpacks them."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        return self.dataset[index], 0
+
+
+class CurvatureCallback(TrainerCallback):
+    """Scores ``dataset`` at the end of training epochs of a ``transformers.Trainer``.
+
+    Args:
+        dataset: map-style data set of dict items as the Trainer takes them (a ``datasets``
+            Dataset with torch format, or a list of dicts).
+        batch_size: samples per scoring batch.
+        path: tracker file, saved after every scored epoch and resumed from if it exists.
+        every_n_epochs: score after every n-th epoch (0-based epochs n-1, 2n-1, ...).
+        keep_history: keep every epoch's scores (True) or only running statistics (False).
+        **scorer_kwargs: arguments of the scorer (loss_fn, h, n_probes, seed, method, ...).
+            A causal LM needs ``loss_fn=curvkern.losses.sequence_cross_entropy``.
+
+    Attributes:
+        tracker: the :class:`curvkern.CurvatureTracker`, made at the first scored epoch; its
+            epochs are 0-based (the Trainer's ``state.epoch`` at the epoch's end, minus one).
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        *,
+        batch_size: int = 64,
+        path: str | os.PathLike | None = None,
+        every_n_epochs: int = 1,
+        keep_history: bool = True,
+        **scorer_kwargs,
+    ) -> None:
+        self._scoring = EpochScoring(
+            _DictItems(dataset),
+            batch_size=batch_size,
+            path=path,
+            every_n_epochs=every_n_epochs,
+            keep_history=keep_history,
+            collate_fn=collate,
+        )
+        self.scorer_kwargs = scorer_kwargs
+
+    @property
+    def tracker(self):
+        return self._scoring.tracker
+
+    def _make_scorer(self, model):
+        first = self._scoring.dataset.dataset.dataset[0]
+        if not isinstance(first, Mapping):
+            collate([(first, 0, 0)])  # raises the error that names the expected items
+        if "input_ids" in first:
+            labels = _as_tensor(first.get("labels", first.get("label")))
+            if labels.dim() >= 1 and "loss_fn" not in self.scorer_kwargs:
+                raise ValueError(
+                    "the items' labels are per token (a causal or masked LM): pass "
+                    "loss_fn=curvkern.losses.sequence_cross_entropy (shift=True for a causal "
+                    "LM) to CurvatureCallback; the default loss takes one class label per item"
+                )
+            return TokenScorer(model, **self.scorer_kwargs)
+        return CurvatureScorer(model, input_key="pixel_values", **self.scorer_kwargs)
+
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        epoch = round(state.epoch) - 1
+        if model is None or not self._scoring.due(epoch):
+            return
+        self._scoring.score(lambda: self._make_scorer(model), epoch)
