@@ -6,7 +6,7 @@ Quick use::
     scores = CurvatureScorer(model).score(x, y, ids)   # per-sample CurvatureScores
 """
 
-from . import metrics, ops, reference, torch_ops
+from . import losses, metrics, ops, privacy, reference, text, torch_ops
 from ._extension import has_cuda_kernels, has_kernels, kernels_available
 from .dataset import IndexedDataset, score_dataset
 from .scorer import CurvatureScorer
@@ -22,7 +22,10 @@ __all__ = [
     "IndexedDataset",
     "score_checkpoints",
     "score_dataset",
+    "losses",
     "metrics",
+    "privacy",
+    "text",
     "has_cuda_kernels",
     "has_kernels",
     "kernels_available",

@@ -38,7 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .scorer import CurvatureScorer, _scoring_mode
+from ._model_state import scoring_mode
+from .scorer import CurvatureScorer
 
 __all__ = [
     "likelihood_ratio",
@@ -375,7 +376,7 @@ def _batches(x: Tensor, batch_size: int):
 
 @torch.no_grad()
 def _outputs(model, x: Tensor, batch_size: int) -> Tensor:
-    with _scoring_mode(model):
+    with scoring_mode(model):
         return torch.cat([model(x[part]) for part in _batches(x, batch_size)])
 
 
@@ -411,7 +412,7 @@ def loss_signal(
         (N,) float64 tensor, lower on members.
     """
     fn = loss_fn or (lambda out, t: F.cross_entropy(out, t, reduction="none"))
-    with torch.no_grad(), _scoring_mode(model):
+    with torch.no_grad(), scoring_mode(model):
         parts = [fn(model(x[p]), y[p]).double() for p in _batches(x, batch_size)]
     return torch.cat(parts).cpu()
 
