@@ -65,7 +65,7 @@ from scores import OutputHistory, baselines_of, compared, percentile_ranks
 from torch import nn
 
 from curvkern import CurvatureScorer, CurvatureTracker
-from curvkern.dataset import atomic_write
+from curvkern.io import atomic_write
 from curvkern.metrics import auroc, cosine_similarity, spearman, topk
 
 QUICK = {"subset": 300, "epochs": 10}  # --quick, for the tests (explicit flags still win)
