@@ -18,7 +18,6 @@ eval mode at the scored epochs:
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 # Display name, and +1 where a high value flags a sample, -1 where a low one does.
 BASELINES = {
@@ -32,13 +31,15 @@ BASELINES = {
 }
 
 
-def compared(tracker, baselines: dict[str, torch.Tensor]) -> tuple[dict, dict, dict]:
-    """The scores of one run: (values, ranking, names), each a dict by CSV column name.
+def compared(tracker) -> tuple[dict, dict, dict]:
+    """The scores of one run of ``tracker``: (values, ranking, names), each a dict by CSV column
+    name.
 
     values: (N,) arrays as measured; ranking: the same, negated where a low value flags a sample,
     so that high ranks first for every score; names: what the tables call them.
     """
     epochs = len(tracker.epochs)
+    baselines = tracker.baselines()
     values = {
         "curvature_mean": tracker.mean.numpy(),
         "curvature_last": tracker.history[-1].numpy(),
@@ -54,53 +55,6 @@ def compared(tracker, baselines: dict[str, torch.Tensor]) -> tuple[dict, dict, d
     sign = {key: s for key, (_, s) in BASELINES.items()}
     ranking = {key: sign.get(key, 1) * v for key, v in values.items()}
     return values, ranking, names
-
-
-class OutputHistory:
-    """The model's margin, p(label), correctness and EL2N at every scored epoch, and the
-    baselines computed from them as ``tracker.baselines()`` defines them; for a curvkern whose
-    tracker does not compute them yet."""
-
-    def __init__(self) -> None:
-        self.fields: dict[str, list[torch.Tensor]] = {
-            "margin": [], "p_label": [], "correct": [], "el2n": []
-        }  # fmt: skip
-
-    @torch.no_grad()
-    def record(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Appends this epoch's (N,) fields of ``model`` (in eval mode) on (x, y)."""
-        model.eval()
-        logits = torch.cat([model(part) for part in x.split(4096)])
-        p = logits.softmax(1)
-        label_logit = logits.gather(1, y[:, None])[:, 0]
-        others = logits.scatter(1, y[:, None], float("-inf")).amax(1)
-        self.fields["margin"].append(label_logit - others)
-        self.fields["p_label"].append(p.gather(1, y[:, None])[:, 0])
-        self.fields["correct"].append((logits.argmax(1) == y).float())
-        onehot = torch.nn.functional.one_hot(y, p.shape[1]).to(p.dtype)
-        self.fields["el2n"].append((p - onehot).norm(dim=1))
-
-    def baselines(self, tracker) -> dict[str, torch.Tensor]:
-        """The dict of (N,) tensors of tracker.baselines(), from the recorded epochs."""
-        margin, p_label, correct, el2n = (torch.stack(v) for v in self.fields.values())
-        forgets = ((correct[:-1] == 1) & (correct[1:] == 0)).sum(0).float()
-        forgets[correct.sum(0) == 0] = float("inf")
-        return {
-            "loss_mean": tracker.field_mean("loss"),
-            "grad_norm_mean": tracker.field_mean("grad_norm"),
-            "aum": margin.mean(0),
-            "confidence": p_label.mean(0),
-            "variability": p_label.std(0, correction=0),
-            "forgetting": forgets,
-            "el2n": el2n.mean(0),
-        }
-
-
-def baselines_of(tracker, outputs: OutputHistory) -> dict[str, torch.Tensor]:
-    """``tracker.baselines()`` where this curvkern has it, else computed from ``outputs``."""
-    if hasattr(tracker, "baselines"):
-        return tracker.baselines()
-    return outputs.baselines(tracker)
 
 
 def percentile_ranks(values: np.ndarray) -> np.ndarray:
