@@ -11,8 +11,8 @@ import numpy as np
 
 
 def mean_sd(values: Sequence[float], digits: int = 3) -> str:
-    """ "m ± s": the mean and the sample standard deviation (ddof 1) of one result over seeds;
-    just the value for one seed."""
+    """One result over seeds as "mean ± sample standard deviation (ddof 1)", with ``digits``
+    decimals; just the value for one seed."""
     values = np.asarray(values, dtype=float)
     if len(values) == 1:
         return f"{values[0]:.{digits}f}" if digits else f"{values[0]:.0f}"
