@@ -192,7 +192,7 @@ def score_dataset(
             or buffer), else where the batches are.
     Returns:
         CurvatureScores of N rows on the CPU, ids 0 .. N-1; NaN scores and n_probes 0 for ids
-        never seen.
+        never seen. Only the (B,) fields are gathered: curvature_map is None.
     Raises:
         ValueError: an id outside [0, N), or one id with two different rows.
     """

@@ -35,6 +35,7 @@ __all__ = [
     "atomic_write",
     "write_arrays",
     "read_arrays",
+    "read_metadata",
     "epochs_folder",
     "FORMAT_VERSION",
 ]
@@ -89,19 +90,29 @@ def read_arrays(path: str | os.PathLike) -> tuple[dict, dict[str, Tensor]]:
     """(metadata, {name: tensor}) of a file written by write_arrays (or format 1).
 
     Raises:
-        ValueError: the file is not a tracker file (no metadata, or a pickle inside).
+        FileNotFoundError: no file at ``path``.
+        ValueError: not a tracker file (torn, foreign, no metadata, or a pickle inside).
     """
+    return _read(path, arrays=True)
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The metadata of a file written by write_arrays, without reading its arrays."""
+    return _read(path, arrays=False)[0]
+
+
+def _read(path, arrays: bool) -> tuple[dict, dict[str, Tensor]]:
     try:
         with np.load(path, allow_pickle=False) as data:
             if "metadata" not in data.files:
                 raise ValueError(f"{path} is not a curvkern tracker file (no metadata array)")
             metadata = json.loads(data["metadata"].tobytes().decode())
-            arrays = {k: torch.from_numpy(data[k]) for k in data.files if k != "metadata"}
+            names = [k for k in data.files if k != "metadata"] if arrays else []
+            return metadata, {k: torch.from_numpy(data[k]) for k in names}
     except FileNotFoundError:
         raise
     except (OSError, EOFError, zipfile.BadZipFile, json.JSONDecodeError) as e:  # torn, foreign
         raise ValueError(f"{path} is not a readable curvkern tracker file: {e}") from e
-    return metadata, arrays
 
 
 def epochs_folder(path: str | os.PathLike) -> Path:

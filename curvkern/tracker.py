@@ -60,7 +60,8 @@ class _Running:
         for f in self.fields:
             v = values[f]
             finite = torch.isfinite(v)
-            v = v.double().nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # 0 where not finite
+            # A copy (also of float64 input, which may be a kept epoch), 0 where not finite.
+            v = v.to(torch.float64, copy=True).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
             self.sum[f] += v
             self.count[f] += finite
             if f == "p_label":
@@ -72,12 +73,21 @@ class _Running:
                 self.extra["ever_correct"] |= now == 1
                 self.extra["last_correct"] = torch.where(now >= 0, now, last)
 
-    def copy(self) -> _Running:
+    # The extra statistics that belong to each field.
+    _EXTRA = {
+        "p_label_sq": "p_label",
+        "last_correct": "correct",
+        "forgotten": "correct",
+        "ever_correct": "correct",
+    }
+
+    def copy(self, fields: Sequence[str]) -> _Running:
+        """A copy of the statistics of ``fields`` only (a subset of self.fields)."""
         out = _Running.__new__(_Running)
-        out.fields = self.fields
-        out.sum = {f: t.clone() for f, t in self.sum.items()}
-        out.count = {f: t.clone() for f, t in self.count.items()}
-        out.extra = {k: t.clone() for k, t in self.extra.items()}
+        out.fields = tuple(fields)
+        out.sum = {f: self.sum[f].clone() for f in out.fields}
+        out.count = {f: self.count[f].clone() for f in out.fields}
+        out.extra = {k: t.clone() for k, t in self.extra.items() if self._EXTRA[k] in out.fields}
         return out
 
     def mean(self, field: str) -> Tensor:
@@ -150,21 +160,8 @@ class CurvatureTracker:
         if not isinstance(keep_history, bool):
             raise TypeError(f"keep_history must be a bool, got {keep_history!r}")
         self.scorer = scorer
-        self.num_samples = num_samples
-        self.path = None if path is None else Path(path)
-        self.keep_history = keep_history
-        self._settings = {k: scorer_setting(scorer, k) for k in _SETTINGS}
-        self._read_only = False
-        self._dtype = torch.float32
-        # keep_history=True: every epoch's {field: (N,)}, and those not yet in files.
-        self._epochs: dict[int, dict[str, Tensor]] = {}
-        self._unsaved: set[int] = set()
-        # keep_history=False: the epochs before the last one, folded; the last one as recorded.
-        self._folded = _Running(SCORE_FIELDS, num_samples) if not keep_history else None
-        self._folded_epochs: list[int] = []
-        self._last: tuple[int, dict[str, Tensor]] | None = None
-        if self.path is not None and self.path.exists():
-            self._load(self.path)
+        settings = {k: scorer_setting(scorer, k) for k in _SETTINGS}
+        self._setup(num_samples, path, keep_history, settings, read_only=False)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> CurvatureTracker:
@@ -172,21 +169,37 @@ class CurvatureTracker:
 
         Its means, baselines and (with a kept history) history are those of the file;
         ``record`` and ``score_epoch`` raise.
+
+        Raises:
+            FileNotFoundError: no file at ``path``.
+            ValueError: not a tracker file, or one of an unknown format.
         """
-        metadata, _ = _read_metadata(path)
+        if not Path(path).exists():
+            raise FileNotFoundError(f"no tracker file at {path}")
+        metadata = io.read_metadata(path)
         tracker = cls.__new__(cls)
         tracker.scorer = None
-        tracker.num_samples = int(metadata["num_samples"])
-        tracker.path = Path(path)
-        tracker.keep_history = metadata.get("layout", "history") == "history"
-        tracker._settings = _settings_in(metadata)
-        tracker._read_only = True
-        tracker._dtype = torch.float32
-        tracker._epochs, tracker._unsaved = {}, set()
-        tracker._folded = None if tracker.keep_history else _Running(SCORE_FIELDS, 0)
-        tracker._folded_epochs, tracker._last = [], None
-        tracker._load(Path(path))
+        keep_history = metadata.get("layout", "history") == "history"
+        settings = _settings_in(metadata)
+        tracker._setup(int(metadata["num_samples"]), path, keep_history, settings, read_only=True)
         return tracker
+
+    def _setup(self, num_samples, path, keep_history, settings, read_only) -> None:
+        self.num_samples = num_samples
+        self.path = None if path is None else Path(path)
+        self.keep_history = keep_history
+        self._settings = settings
+        self._read_only = read_only
+        self._dtype = torch.float32  # float64 once any recorded epoch is
+        # keep_history=True: every epoch's {field: (N,)}, and those not yet in files.
+        self._epochs: dict[int, dict[str, Tensor]] = {}
+        self._unsaved: set[int] = set()
+        # keep_history=False: the epochs before the last one, folded; the last one as recorded.
+        self._folded = None if keep_history else _Running(SCORE_FIELDS, num_samples)
+        self._folded_epochs: list[int] = []
+        self._last: tuple[int, dict[str, Tensor]] | None = None
+        if self.path is not None and self.path.exists():
+            self._load(self.path)
 
     # -- recording --------------------------------------------------------------------------
 
@@ -332,7 +345,7 @@ class CurvatureTracker:
             for e in self.epochs:
                 stats.fold(self._epochs[e])
             return stats
-        stats = self._folded.copy()
+        stats = self._folded.copy(fields)
         if self._last is not None:
             stats.fold(self._last[1])
         return stats
@@ -498,12 +511,6 @@ class CurvatureTracker:
 def _check_epoch(epoch) -> None:
     if isinstance(epoch, bool) or not isinstance(epoch, int):
         raise TypeError(f"epoch must be an int, got {epoch!r}")
-
-
-def _read_metadata(path) -> tuple[dict, dict]:
-    if not Path(path).exists():
-        raise FileNotFoundError(f"no tracker file at {path}")
-    return io.read_arrays(path)
 
 
 def _settings_in(metadata: dict) -> dict:

@@ -75,7 +75,9 @@ def test_unseen_ids_are_nan(data):
 
 def test_bad_loaders(data):
     scorer = CurvatureScorer(smooth_classifier(), n_probes=1)
-    with pytest.raises(TypeError, match=r"must yield \(x, y, ids\) or .* batches, got list of length 2"):
+    with pytest.raises(
+        TypeError, match=r"must yield \(x, y, ids\) or .* batches, got list of length 2"
+    ):
         score_dataset(scorer, _loader(data.dataset), progress=False)
     with pytest.raises(ValueError, match=r"ids must lie in \[0, num_samples = 10\), got id 1"):
         score_dataset(scorer, _loader(Subset(data, [1, 12])), num_samples=10, progress=False)

@@ -93,6 +93,8 @@ def test_tracker_mean_ignores_unscored_epochs_per_sample(data):
     # samples scored only at epoch 0 keep their epoch-0 curvature as their mean
     torch.testing.assert_close(tracker.mean[5:], full.curvature[5:])
     assert tracker.history.shape == (2, N) and torch.isnan(tracker.history[1, 5:]).all()
+    tracker.baselines()  # computing statistics leaves the kept (float64) epochs as they were
+    assert torch.isnan(tracker.history[1, 5:]).all()
 
 
 def test_tracker_refuses_other_settings(data, tmp_path):
