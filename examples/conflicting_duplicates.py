@@ -5,16 +5,22 @@ No network fits both; a network that memorizes tries, and bends its loss around 
 example copies a fraction of a real image data set (--duplicates, default 3%) and gives each
 copy another class, trains an MLP until it memorizes everything it can, scores every image with
 CurvatureTracker after every epoch, and reports where the pair members (the original, with its
-true label, and the copy, with the other one) rank by curvature and by loss: AUROC, how many of
-the top 2m are pair members (m pairs), and their median percentile ranks (100 = highest).
+true label, and the copy, with the other one) rank by curvature, by loss and by the training-
+dynamics baselines of the same run (tracker.baselines()): AUROC, how many of the top 2m are pair
+members (m pairs), and their median percentile ranks (100 = highest), as the mean and standard
+deviation over --seeds runs.
 
 Writes, under --out (default outputs/conflicting_duplicates), files named after the data set:
   <dataset>_pairs.png   duplicated images with both labels and the ranks of both copies
-  <dataset>_found.png   per score, the fraction of pair members among the r highest, against r
+  <dataset>_found.png   per score, the fraction of pair members among the r highest (recall),
+                        against r
   <dataset>_scores.csv  every image's label, role (original, copy or -), pair and scores
+  (all three from the first seed), and <dataset>_seeds.csv: every seed's results
 
-    python3 examples/conflicting_duplicates.py                    # digits: 15 s on 2 CPU cores
-    python3 examples/conflicting_duplicates.py --dataset mnist-5k # 5,000 MNIST digits: 2 minutes
+    python3 examples/conflicting_duplicates.py --seeds 5                     # digits
+    python3 examples/conflicting_duplicates.py --dataset mnist-5k --seeds 5  # 5,000 MNIST digits
+
+(the README's "Results on real data" gives the measured times and tables.)
 """
 
 from __future__ import annotations
@@ -25,21 +31,10 @@ import time
 
 import numpy as np
 import torch
-from common import (
-    check_positive,
-    describe,
-    draw_image,
-    example_parser,
-    load_or_exit,
-    markdown_table,
-    mlp,
-    percentile_ranks,
-    pyplot,
-    recipe_for,
-    tracked_scores,
-    train_tracked,
-    write_csv,
-)
+from data import ImageData, add_data_arguments, batches, load_or_exit
+from models import adam, add_training_arguments, describe, mlp, recipe_for, train_epoch
+from plots import draw_image, line_styles, markdown_table, mean_sd, pyplot, write_csv
+from scores import compared, percentile_ranks
 
 from curvkern import CurvatureScorer, CurvatureTracker
 from curvkern.metrics import auroc, topk
@@ -49,7 +44,10 @@ ROLES = ("-", "original", "copy")
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
-    parser = example_parser(__doc__)
+    summary, _, details = __doc__.partition("\n\n")
+    parser = argparse.ArgumentParser(
+        description=summary, epilog=details, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument(
         "--duplicates", type=float, default=0.03,
         help="fraction of the images copied with another label (default: 0.03)",
@@ -63,11 +61,60 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
         "--quick", action="store_true",
         help=f"a seconds-long run for tests: {QUICK['subset']} images, {QUICK['epochs']} epochs",
     )  # fmt: skip
+    add_data_arguments(parser)
+    add_training_arguments(parser)
     args = parser.parse_args(argv)
-    check_positive(parser, args, "pairs")
+    args.recipe = recipe_for(parser, args, "pairs", **(QUICK if args.quick else {}))
     if not 0 < args.duplicates <= 0.5:
         parser.error(f"--duplicates must lie in (0, 0.5], got {args.duplicates}")
     return parser, args
+
+
+def with_conflicting_copies(data: ImageData, fraction: float, seed: int):
+    """The images and labels with a random ``fraction`` of the images appended once more, each
+    copy with another class. Returns x, y, the source index of each copy (m,), and role (N + m,):
+    0 not duplicated, 1 original, 2 copy."""
+    gen = torch.Generator().manual_seed(seed)
+    n, m = len(data), max(1, round(fraction * len(data)))
+    source = torch.randperm(n, generator=gen)[:m]
+    shift = torch.randint(1, data.num_classes, (m,), generator=gen)
+    x = torch.cat([data.x, data.x[source]])
+    y = torch.cat([data.y, (data.y[source] + shift) % data.num_classes])
+    role = np.zeros(n + m, dtype=int)
+    role[source.numpy()], role[n:] = 1, 2
+    return x, y, source, role
+
+
+def run(data: ImageData, args: argparse.Namespace, seed: int) -> dict:
+    """One seed: adds the conflicting copies, trains and tracks, scores."""
+    recipe = args.recipe
+    data = data.subset(recipe.subset, seed)
+    x, y, source, role = with_conflicting_copies(data, args.duplicates, seed)
+    start = time.perf_counter()
+
+    # The training loop, with the curvature tracked after every epoch (or every k-th).
+    torch.manual_seed(seed)
+    model = mlp(x[0].numel(), data.num_classes, recipe.hidden)
+    optimizer, schedule = adam(model, recipe, len(x))
+    order = torch.Generator().manual_seed(seed)
+    tracker = CurvatureTracker(CurvatureScorer(model, n_probes=args.probes, seed=seed), len(x))
+    for epoch in range(1, recipe.epochs + 1):
+        train_epoch(model, optimizer, schedule, x, y, recipe.batch_size, order)
+        if epoch % args.track_every == 0 or epoch == recipe.epochs:
+            tracker.score_epoch(batches(x, y), epoch, progress=False)
+    values, ranking, names = compared(tracker)
+
+    fitted = tracker.field_history("correct")[
+        -1
+    ].numpy()  # the trained model: the loop scores the last epoch
+    print(
+        f"seed {seed}: train accuracy on the images not duplicated {fitted[role == 0].mean():.1%};"
+        f" on the pairs (one label at most of each can be fitted): originals "
+        f"{fitted[role == 1].mean():.1%}, copies {fitted[role == 2].mean():.1%}; training and "
+        f"tracking {time.perf_counter() - start:.0f} s"
+    )
+    return {"data": data, "y": y, "source": source, "role": role, "values": values,
+            "ranking": ranking, "names": names}  # fmt: skip
 
 
 def plot_pairs(
@@ -81,7 +128,7 @@ def plot_pairs(
     )
     axes = np.atleast_1d(axes).ravel()
     for ax, image, text in zip(axes, images, titles, strict=False):
-        draw_image(ax, image, text, marked=False)
+        draw_image(ax, image, text)
     for ax in axes[len(images) :]:
         ax.axis("off")
     fig.suptitle(title, fontsize=9)
@@ -92,102 +139,45 @@ def plot_pairs(
 def plot_found_curves(
     path: str, columns: dict[str, np.ndarray], members: np.ndarray, title: str
 ) -> None:
-    """Per score, the fraction of pair members among the r highest-scored images, against r."""
+    """Per score, the recall among the r highest-scored images: the fraction of all pair members
+    that they hold, against r."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(5.6, 3.9), layout="constrained")
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), layout="constrained")
     n, positives = len(members), int(members.sum())
     r = np.arange(1, n + 1)
-    for name, values in columns.items():
+    for (name, values), style in zip(columns.items(), line_styles(len(columns)), strict=True):
         order = np.argsort(-values, kind="stable")
-        ax.plot(r, np.cumsum(members[order]) / positives, lw=1.6, label=name)
+        ax.plot(r, np.cumsum(members[order]) / positives, lw=1.4, label=name, **style)
     ax.plot(r, np.minimum(r, positives) / positives, color="black", lw=0.8, ls=":", label="ideal")
     ax.plot(r, r / n, color="gray", lw=0.8, ls="--", label="chance")
     ax.axvline(positives, color="gray", lw=0.6)
     ax.set_xscale("log")
     ax.set_xlim(1, n)
     ax.set_xlabel(f"r: the highest-scored images inspected (log scale; line at r = {positives})")
-    ax.set_ylabel("pair members found (fraction)")
+    ax.set_ylabel("recall: fraction of all pair members found")
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, loc="upper left")
+    ax.legend(fontsize=6.5, loc="upper left")
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
-    """Runs the example; returns each score's AUROC for the pair members, by CSV column name."""
-    parser, args = parse_args(argv)
-    recipe = recipe_for(args, **(QUICK if args.quick else {}))
-    start = time.perf_counter()
-    data = load_or_exit(parser, args, recipe)
-
-    # The copies: m distinct images, each given a class other than its own.
-    gen = torch.Generator().manual_seed(args.seed)
-    n, m = len(data), max(1, round(args.duplicates * len(data)))
-    source = torch.randperm(n, generator=gen)[:m]
-    other = (data.y[source] + torch.randint(1, data.num_classes, (m,), generator=gen)) % (
-        data.num_classes
-    )
-    x = torch.cat([data.x, data.x[source]])
-    y = torch.cat([data.y, other])
-    role = np.zeros(n + m, dtype=int)  # 0: not duplicated, 1: original, 2: copy
-    role[source.numpy()], role[n:] = 1, 2
+def save_pictures(prefix: str, first: dict, pairs: int) -> None:
+    """The first seed's CSV of scores, pictures of pairs and recall curves."""
+    data, y, source, role = first["data"], first["y"], first["source"], first["role"]
+    values, ranking, names = first["values"], first["ranking"], first["names"]
+    n, m = len(data), len(source)
     pair = np.full(n + m, -1)
     pair[source.numpy()], pair[n:] = np.arange(m), np.arange(m)
-    print(
-        f"{data.name}: {n} images and {m} copies of them with another label "
-        f"({args.duplicates:.0%}); {describe(recipe, data)}"
-    )
-
-    torch.manual_seed(args.seed)
-    model = mlp(x[0].numel(), data.num_classes, recipe.hidden)
-    tracker = CurvatureTracker(CurvatureScorer(model, n_probes=args.probes, seed=args.seed), n + m)
-    train_start = time.perf_counter()
-    fitted = train_tracked(model, x, y, recipe, tracker, args.track_every, args.seed).numpy()
-    print(
-        f"training and tracking: {time.perf_counter() - train_start:.0f} s; train accuracy on the "
-        f"images not duplicated: {fitted[role == 0].mean():.1%}; on the pairs (one label at most "
-        f"of each can be fitted): originals {fitted[role == 1].mean():.1%}, copies "
-        f"{fitted[role == 2].mean():.1%}"
-    )
-
-    columns, names = tracked_scores(tracker)
-    members = role > 0
-    percentiles = {key: percentile_ranks(values) for key, values in columns.items()}
-    aurocs = {key: auroc(values, members) for key, values in columns.items()}
-    rows = [
-        (
-            names[key],
-            f"{aurocs[key]:.3f}",
-            f"{int(members[topk(values, 2 * m).indices.numpy()].sum())}/{2 * m}",
-            f"{np.median(percentiles[key][role == 1]):.1f}",
-            f"{np.median(percentiles[key][role == 2]):.1f}",
-        )
-        for key, values in columns.items()
-    ]
-    print(f"\nWhere the {2 * m} members of the {m} conflicting pairs rank among {n + m} images:\n")
-    header = (
-        "score", "AUROC", f"pair members in the top {2 * m}",
-        "median percentile, originals", "median percentile, copies",
-    )  # fmt: skip
-    print(markdown_table(header, rows))
-
-    os.makedirs(args.out, exist_ok=True)
-    prefix = os.path.join(args.out, data.name)
     labels = y.numpy()
     write_csv(
         f"{prefix}_scores.csv",
-        {
-            "id": np.arange(n + m),
-            "dataset_index": np.concatenate([data.index, data.index[source.numpy()]]),
-            "label": labels,
-            "role": np.array(ROLES)[role],
-            "pair": pair,
-            **columns,
-        },
-    )
-    shown = np.arange(min(args.pairs, m))
+        {"id": np.arange(n + m), "label": labels, "role": np.array(ROLES)[role], "pair": pair,
+         "dataset_index": np.concatenate([data.index, data.index[source.numpy()]]), **values},
+    )  # fmt: skip
+    shown = np.arange(min(pairs, m))
     originals, copies = source.numpy()[shown], n + shown
-    curvature, loss = percentiles["curvature_mean"], percentiles["loss_mean"]
+    curvature = percentile_ranks(ranking["curvature_mean"])
+    loss = percentile_ranks(ranking["loss_mean"])
     plot_pairs(
         f"{prefix}_pairs.png",
         [data.raw[i] for i in originals],
@@ -202,13 +192,67 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )
     plot_found_curves(
         f"{prefix}_found.png",
-        {names[key]: values for key, values in columns.items()},
-        members,
-        f"{data.name}: finding the {2 * m} members of {m} conflicting pairs among {n + m} images",
+        {names[key]: v for key, v in ranking.items()},
+        role > 0,
+        f"{data.name}: finding the {2 * m} members of {m} conflicting pairs among {n + m} images "
+        f"(first seed)",
     )
-    print(f"\nwrote {prefix}_pairs.png, {prefix}_found.png, {prefix}_scores.csv")
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    """Runs the example; returns each score's AUROC for the pair members (mean over seeds), by
+    CSV column name."""
+    parser, args = parse_args(argv)
+    start = time.perf_counter()
+    data = load_or_exit(parser, args)
+    seeds = range(args.seed, args.seed + args.seeds)
+    print(
+        f"{data.name}: {min(len(data), args.recipe.subset or len(data))} images, "
+        f"{args.duplicates:.0%} of them copied with another label; "
+        f"{describe(args.recipe, data.x[0].numel(), data.num_classes)}; seeds {seeds.start}.."
+        f"{seeds.stop - 1}"
+    )
+    runs = [run(data, args, seed) for seed in seeds]
+
+    names, m = runs[0]["names"], len(runs[0]["source"])
+    results = {key: {"auroc": [], "top": [], "originals": [], "copies": []} for key in names}
+    for r in runs:
+        members = r["role"] > 0
+        for key, values in r["ranking"].items():
+            percentile = percentile_ranks(values)
+            results[key]["auroc"].append(auroc(values, members))
+            results[key]["top"].append(int(members[topk(values, 2 * m).indices.numpy()].sum()))
+            results[key]["originals"].append(np.median(percentile[r["role"] == 1]))
+            results[key]["copies"].append(np.median(percentile[r["role"] == 2]))
+    spread = f"mean ± sd over {len(runs)} seeds" if len(runs) > 1 else f"seed {args.seed}"
+    n = len(runs[0]["y"])
+    print(
+        f"\nWhere the {2 * m} members of {m} conflicting pairs rank among {n} images ({spread}):\n"
+    )
+    header = (
+        "score", "AUROC", f"pair members in the top {2 * m}",
+        "median percentile, originals", "median percentile, copies",
+    )  # fmt: skip
+    top_digits = 1 if len(runs) > 1 else 0
+    rows = [
+        (names[key], mean_sd(v["auroc"]), mean_sd(v["top"], top_digits),
+         mean_sd(v["originals"], 1), mean_sd(v["copies"], 1))
+        for key, v in results.items()
+    ]  # fmt: skip
+    print(markdown_table(header, rows))
+
+    os.makedirs(args.out, exist_ok=True)
+    prefix = os.path.join(args.out, data.name)
+    save_pictures(prefix, runs[0], args.pairs)
+    keys = [(i, key) for i in range(len(runs)) for key in names]
+    write_csv(
+        f"{prefix}_seeds.csv",
+        {"seed": [seeds[i] for i, _ in keys], "score": [key for _, key in keys],
+         **{field: [results[key][field][i] for i, key in keys] for field in results[keys[0][1]]}},
+    )  # fmt: skip
+    print(f"\nwrote {prefix}_pairs.png, _found.png, _scores.csv, _seeds.csv")
     print(f"total time: {time.perf_counter() - start:.0f} s")
-    return aurocs
+    return {key: float(np.mean(v["auroc"])) for key, v in results.items()}
 
 
 if __name__ == "__main__":

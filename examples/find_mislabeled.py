@@ -4,24 +4,26 @@ Flips a fraction of the labels of a real image data set (--flip, default 10%), t
 until it memorizes them (training accuracy on the noisy labels near 100%), scores every image
 with CurvatureTracker after every epoch (or every k-th: --track-every), and reports how well each
 score finds the flipped labels: AUROC, and how many of the k highest-scored images are flipped
-(k = the number flipped). The scores:
+(k = the number flipped), as the mean and standard deviation over --seeds runs. The scores:
 
   - input curvature averaged over the scored epochs (the paper's memorization score),
-  - input curvature after the last epoch,
-  - the final loss, and the loss averaged over the scored epochs (the tracker records both),
+  - input curvature after the last epoch, and the final loss,
+  - the training-dynamics baselines the tracker records in the same run (tracker.baselines():
+    mean loss, mean input-gradient norm, AUM, confidence, variability, forgetting, EL2N),
   - cleanlab's label-quality score, when cleanlab is installed, from out-of-sample predicted
     probabilities: K-fold cross-validation (--folds) with the same network and recipe.
 
 Writes, under --out (default outputs/find_mislabeled), files named after the data set:
-  <dataset>_top_curvature.png  the highest-curvature images, flipped ones in red
-  <dataset>_roc.png            the ROC curves of all the scores
-  <dataset>_scores.csv         every image's labels and scores
+  <dataset>_top_curvature.png  the first seed's highest-curvature images, flipped ones in red
+  <dataset>_roc.png            the first seed's ROC curves of all the scores
+  <dataset>_scores.csv         the first seed's labels and scores of every image
+  <dataset>_seeds.csv          every seed's AUROC and top-k count of every score
 
-    python3 examples/find_mislabeled.py                          # digits: 25 s on 2 CPU cores
-    python3 examples/find_mislabeled.py --dataset fashion-mnist  # 10,000 images: 5 minutes
+    python3 examples/find_mislabeled.py --seeds 5                          # digits
+    python3 examples/find_mislabeled.py --dataset fashion-mnist --seeds 5  # 10,000 images each
 
-(Times measured on a 2-core x86_64 CPU, cleanlab's cross-validation included; see
-examples/RESULTS.md.)
+(on an idle 2-core CPU, cleanlab's cross-validation included: about 24 s per digits seed and
+5 minutes per Fashion-MNIST seed; the README's "Results on real data" gives the tables.)
 """
 
 from __future__ import annotations
@@ -32,27 +34,19 @@ import time
 
 import numpy as np
 import torch
-from common import (
-    ImageData,
+from data import ImageData, add_data_arguments, batches, flip_labels, load_or_exit
+from models import (
     Recipe,
-    accuracy,
-    check_positive,
+    adam,
+    add_training_arguments,
     describe,
-    example_parser,
-    flip_labels,
-    load_or_exit,
-    markdown_table,
     mlp,
-    predict_proba,
-    progress_bar,
-    pyplot,
     recipe_for,
-    save_image_grid,
-    tracked_scores,
-    train_classifier,
-    train_tracked,
-    write_csv,
+    train,
+    train_epoch,
 )
+from plots import line_styles, markdown_table, mean_sd, pyplot, save_image_grid, write_csv
+from scores import compared
 
 from curvkern import CurvatureScorer, CurvatureTracker
 from curvkern.metrics import auroc, roc_curve, topk
@@ -63,7 +57,10 @@ QUICK_FOLDS = 2
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
-    parser = example_parser(__doc__)
+    summary, _, details = __doc__.partition("\n\n")
+    parser = argparse.ArgumentParser(
+        description=summary, epilog=details, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument(
         "--flip", type=float, default=0.1, help="fraction of labels flipped (default: 0.1)"
     )
@@ -85,8 +82,10 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
         help=f"a seconds-long run for tests: {QUICK['subset']} images, {QUICK['epochs']} epochs, "
         f"{QUICK_FOLDS} folds",
     )  # fmt: skip
+    add_data_arguments(parser)
+    add_training_arguments(parser)
     args = parser.parse_args(argv)
-    check_positive(parser, args, "h", "top")
+    args.recipe = recipe_for(parser, args, "h", "top", **(QUICK if args.quick else {}))
     if args.folds is None:
         args.folds = QUICK_FOLDS if args.quick else 5
     if not 0 < args.flip < 1:
@@ -96,146 +95,174 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
     return parser, args
 
 
-def cross_validated_probabilities(
-    data: ImageData, labels: torch.Tensor, recipe: Recipe, folds: int, seed: int
-) -> np.ndarray:
-    """Out-of-sample predicted probabilities (N, C): each image scored by a network trained
-    with ``recipe`` on the other folds (stratified by ``labels``)."""
-    from sklearn.model_selection import StratifiedKFold
-
-    probabilities = np.zeros((len(data), data.num_classes))
-    splits = StratifiedKFold(folds, shuffle=True, random_state=seed).split(data.raw, labels.numpy())
-    with progress_bar(folds, "cleanlab folds") as bar:
-        for fold, (train, held_out) in enumerate(splits):
-            torch.manual_seed(seed + 1 + fold)
-            model = mlp(data.x[0].numel(), data.num_classes, recipe.hidden)
-            train_classifier(
-                model, data.x[train], labels[train], recipe.epochs, recipe.lr,
-                recipe.batch_size, seed + 1 + fold, decay=recipe.decay,
-            )  # fmt: skip
-            probabilities[held_out] = predict_proba(model, data.x[held_out]).numpy()
-            bar.update()
-    return probabilities
-
-
 def cleanlab_quality(
     data: ImageData, labels: torch.Tensor, recipe: Recipe, folds: int, seed: int
 ) -> np.ndarray | None:
-    """cleanlab's label-quality score per image (low: likely mislabeled), None without cleanlab."""
+    """cleanlab's label-quality score per image (low: likely mislabeled), from out-of-sample
+    probabilities: each image predicted by a network trained with ``recipe`` on the other
+    folds. None without cleanlab."""
     try:
         from cleanlab.rank import get_label_quality_scores
     except ImportError:
         print("cleanlab is not installed: `pip install cleanlab` adds its label-quality score.")
         return None
-    start = time.perf_counter()
-    probabilities = cross_validated_probabilities(data, labels, recipe, folds, seed)
-    predicted = probabilities.argmax(1)
+    from sklearn.model_selection import StratifiedKFold
+
+    probabilities = np.zeros((len(data), data.num_classes))
+    splits = StratifiedKFold(folds, shuffle=True, random_state=seed).split(data.raw, labels)
+    for fold, (fit, held_out) in enumerate(splits):
+        torch.manual_seed(seed + 1 + fold)
+        model = mlp(data.x[0].numel(), data.num_classes, recipe.hidden)
+        train(model, data.x[fit], labels[fit], recipe, seed + 1 + fold)
+        with torch.no_grad():
+            probabilities[held_out] = model(data.x[held_out]).softmax(1).numpy()
     print(
-        f"cleanlab: out-of-sample probabilities from {folds}-fold cross-validation with the same "
-        f"network and recipe ({time.perf_counter() - start:.0f} s); held-out accuracy "
-        f"{np.mean(predicted == labels.numpy()):.1%} on the given labels, "
-        f"{np.mean(predicted == data.y.numpy()):.1%} on the true ones"
+        f"  cleanlab: {folds}-fold held-out accuracy "
+        f"{np.mean(probabilities.argmax(1) == labels.numpy()):.1%} on the given labels"
     )
     return get_label_quality_scores(labels.numpy(), probabilities)
 
 
+def run(data: ImageData, args: argparse.Namespace, seed: int) -> dict:
+    """One seed: flips labels, trains and tracks, scores. Returns the run's data, labels,
+    flipped mask, and its score values, ranking and names (scores.compared)."""
+    recipe = args.recipe
+    data = data.subset(recipe.subset, seed)
+    noisy, flipped = flip_labels(data.y, args.flip, data.num_classes, seed=seed)
+    start = time.perf_counter()
+
+    # The training loop, with the curvature tracked after every epoch (or every k-th).
+    torch.manual_seed(seed)
+    model = mlp(data.x[0].numel(), data.num_classes, recipe.hidden)
+    optimizer, schedule = adam(model, recipe, len(data))
+    order = torch.Generator().manual_seed(seed)
+    scorer = CurvatureScorer(model, h=args.h, n_probes=args.probes, seed=seed)
+    tracker = CurvatureTracker(scorer, len(data))
+    for epoch in range(1, recipe.epochs + 1):
+        train_epoch(model, optimizer, schedule, data.x, noisy, recipe.batch_size, order)
+        if epoch % args.track_every == 0 or epoch == recipe.epochs:
+            tracker.score_epoch(batches(data.x, noisy), epoch, progress=False)
+    values, ranking, names = compared(tracker)
+
+    fitted = tracker.field_history("correct")[
+        -1
+    ].bool()  # the trained model: the loop scores the last epoch
+    print(
+        f"seed {seed}: train accuracy on the noisy labels {fitted.float().mean():.1%} (flipped "
+        f"ones: {fitted[flipped].float().mean():.1%} memorized); training and tracking "
+        f"{time.perf_counter() - start:.0f} s"
+    )
+    quality = cleanlab_quality(data, noisy, recipe, args.folds, seed) if args.folds else None
+    if quality is not None:
+        values["cleanlab_label_quality"] = quality
+        ranking["cleanlab_label_quality"] = -quality
+        names["cleanlab_label_quality"] = f"cleanlab label quality ({args.folds}-fold, low first)"
+    return {"data": data, "noisy": noisy, "flipped": flipped.numpy(), "values": values,
+            "ranking": ranking, "names": names}  # fmt: skip
+
+
 def plot_roc(path: str, scores: dict[str, np.ndarray], flipped: np.ndarray, title: str) -> None:
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(5.2, 4.6))
-    for name, values in scores.items():
+    fig, ax = plt.subplots(figsize=(6.4, 5.4))
+    for (name, values), style in zip(scores.items(), line_styles(len(scores)), strict=True):
         curve = roc_curve(values, flipped)
-        ax.plot(curve.fpr, curve.tpr, lw=1.6, label=f"{name}: {auroc(values, flipped):.3f}")
+        label = f"{name}: {auroc(values, flipped):.3f}"
+        ax.plot(curve.fpr, curve.tpr, lw=1.4, label=label, **style)
     ax.plot([0, 1], [0, 1], color="gray", lw=0.8, ls="--", label="chance: 0.5")
     ax.set_xlabel("false positive rate (clean labels flagged)")
     ax.set_ylabel("true positive rate (flipped labels found)")
     ax.set_title(title, fontsize=9)
-    ax.legend(title="score: AUROC", fontsize=7, title_fontsize=7, loc="lower right")
+    ax.legend(title="score: AUROC", fontsize=6.5, title_fontsize=7, loc="lower right")
     ax.set_aspect("equal")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
-    """Runs the example; returns the AUROC of each score by its CSV column name."""
-    parser, args = parse_args(argv)
-    recipe = recipe_for(args, **(QUICK if args.quick else {}))
-    start = time.perf_counter()
-    data = load_or_exit(parser, args, recipe)
-    noisy, flipped = flip_labels(data.y, args.flip, data.num_classes, seed=args.seed)
-    print(
-        f"{data.name}: {len(data)} images, {int(flipped.sum())} labels flipped ({args.flip:.0%}); "
-        f"{describe(recipe, data)}; curvature scored every {args.track_every} epoch(s) with "
-        f"{args.probes} probes"
-    )
-
-    torch.manual_seed(args.seed)
-    model = mlp(data.x[0].numel(), data.num_classes, recipe.hidden)
-    tracker = CurvatureTracker(
-        CurvatureScorer(model, h=args.h, n_probes=args.probes, seed=args.seed), len(data)
-    )
-    train_start = time.perf_counter()
-    fitted = train_tracked(model, data.x, noisy, recipe, tracker, args.track_every, args.seed)
-    print(
-        f"training and tracking: {time.perf_counter() - train_start:.0f} s; train accuracy on "
-        f"the noisy labels: {fitted.float().mean():.1%} (flipped ones: "
-        f"{fitted[flipped].float().mean():.1%} memorized); accuracy on the true labels: "
-        f"{accuracy(model, data.x, data.y):.1%}"
-    )
-
-    columns, names = tracked_scores(tracker)
-    ranking = dict(columns)  # each score ranks suspicious images high; cleanlab's quality, low
-    quality = cleanlab_quality(data, noisy, recipe, args.folds, args.seed) if args.folds else None
-    if quality is not None:
-        columns["cleanlab_label_quality"] = quality
-        ranking["cleanlab_label_quality"] = -quality
-        names["cleanlab_label_quality"] = f"cleanlab label quality ({args.folds}-fold, low first)"
-
-    positives = flipped.numpy()
+def save_pictures(prefix: str, first: dict, top: int) -> None:
+    """The first seed's CSV of scores, ROC curves and top-curvature images."""
+    data, noisy, positives = first["data"], first["noisy"], first["flipped"]
+    values, ranking, names = first["values"], first["ranking"], first["names"]
     k = int(positives.sum())
-    aurocs = {key: auroc(values, positives) for key, values in ranking.items()}
-    rows = [
-        (names[key], f"{aurocs[key]:.3f}", f"{int(positives[topk(values, k).indices].sum())}/{k}")
-        for key, values in ranking.items()
-    ]
-    print(f"\nFinding the {k} flipped labels among {len(data)} {data.name} images:\n")
-    print(markdown_table(("score", "AUROC", f"flipped among the top {k}"), rows))
-
-    os.makedirs(args.out, exist_ok=True)
-    prefix = os.path.join(args.out, data.name)
     write_csv(
         f"{prefix}_scores.csv",
-        {
-            "id": np.arange(len(data)),
-            "dataset_index": data.index,
-            "given_label": noisy.numpy(),
-            "true_label": data.y.numpy(),
-            "flipped": positives.astype(int),
-            **columns,
-        },
-    )
+        {"id": np.arange(len(data)), "dataset_index": data.index, "given_label": noisy.numpy(),
+         "true_label": data.y.numpy(), "flipped": positives.astype(int), **values},
+    )  # fmt: skip
     plot_roc(
         f"{prefix}_roc.png",
-        {names[key]: values for key, values in ranking.items()},
+        {names[key]: v for key, v in ranking.items()},
         positives,
-        f"{data.name}: finding {k} flipped labels among {len(data)} images",
+        f"{data.name}: finding {k} flipped labels among {len(data)} images (first seed)",
     )
-    top = topk(columns["curvature_mean"], min(args.top, len(data))).indices.numpy()
+    shown = topk(values["curvature_mean"], min(top, len(data))).indices.numpy()
     save_image_grid(
         f"{prefix}_top_curvature.png",
-        [data.raw[i] for i in top],
+        [data.raw[i] for i in shown],
         [
             f"#{rank + 1} given {data.classes[noisy[i]]}"
             + (f"\ntrue {data.classes[data.y[i]]}" if positives[i] else "")
-            for rank, i in enumerate(top)
+            for rank, i in enumerate(shown)
         ],
-        positives[top],
-        f"{data.name}: the {len(top)} images of highest epoch-averaged curvature among "
-        f"{len(data)}; red: flipped label ({int(positives[top].sum())} of {len(top)})",
+        positives[shown],
+        f"{data.name}: the {len(shown)} images of highest epoch-averaged curvature among "
+        f"{len(data)} (first seed); red: flipped label ({int(positives[shown].sum())} of "
+        f"{len(shown)})",
     )
-    print(f"\nwrote {prefix}_top_curvature.png, {prefix}_roc.png, {prefix}_scores.csv")
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    """Runs the example; returns each score's AUROC, the mean over seeds, by CSV column name."""
+    parser, args = parse_args(argv)
+    start = time.perf_counter()
+    data = load_or_exit(parser, args)
+    seeds = range(args.seed, args.seed + args.seeds)
+    size = min(len(data), args.recipe.subset or len(data))
+    print(
+        f"{data.name}: {size} images, {args.flip:.0%} of labels flipped; "
+        f"{describe(args.recipe, data.x[0].numel(), data.num_classes)}; curvature scored every "
+        f"{args.track_every} epoch(s) with {args.probes} probes; seeds {seeds.start}.."
+        f"{seeds.stop - 1}"
+    )
+    runs = [run(data, args, seed) for seed in seeds]
+
+    names = runs[0]["names"]
+    k = int(runs[0]["flipped"].sum())
+    aurocs = {key: [auroc(r["ranking"][key], r["flipped"]) for r in runs] for key in names}
+    found = {
+        key: [int(r["flipped"][topk(r["ranking"][key], k).indices.numpy()].sum()) for r in runs]
+        for key in names
+    }
+    spread = f"mean ± sd over {len(runs)} seeds" if len(runs) > 1 else f"seed {args.seed}"
+    print(f"\nFinding the {k} flipped labels among {size} {data.name} images ({spread}):\n")
+    header = ("score", "AUROC", f"flipped among the top {k}")
+    rows = [
+        (names[key], mean_sd(aurocs[key]), mean_sd(found[key], 1 if len(runs) > 1 else 0))
+        for key in names
+    ]
+    print(markdown_table(header, rows))
+    top = min(args.top, size)
+    in_picture = [
+        int(r["flipped"][topk(r["values"]["curvature_mean"], top).indices.numpy()].sum())
+        for r in runs
+    ]
+    print(
+        f"\nflipped labels among the {top} images of highest epoch-averaged curvature: "
+        f"{mean_sd(in_picture, 1)} ({spread}; per seed {in_picture})"
+    )
+
+    os.makedirs(args.out, exist_ok=True)
+    prefix = os.path.join(args.out, data.name)
+    save_pictures(prefix, runs[0], args.top)
+    write_csv(
+        f"{prefix}_seeds.csv",
+        {"seed": [s for s in seeds for _ in names], "score": [key for _ in seeds for key in names],
+         "auroc": [aurocs[key][i] for i in range(len(runs)) for key in names],
+         f"flipped_in_top_{k}": [found[key][i] for i in range(len(runs)) for key in names]},
+    )  # fmt: skip
+    print(f"\nwrote {prefix}_top_curvature.png, _roc.png, _scores.csv, _seeds.csv")
     print(f"total time: {time.perf_counter() - start:.0f} s")
-    return aurocs
+    return {key: float(np.mean(v)) for key, v in aurocs.items()}
 
 
 if __name__ == "__main__":

@@ -25,14 +25,16 @@ resumes, a rerun takes seconds.
 Writes, under --out (default outputs/memorization_validation), files named after the data set:
   <dataset>_scatter.png        mem against each score
   <dataset>_top_memorized.png  the most memorized images, with their curvature percentile
-  <dataset>_scores.csv         every image's mem, in/out counts and scores
+  <dataset>_scores.csv         every image's mem, in/out counts and scores (first seed)
+  <dataset>_seeds.csv          every seed's agreement of every score with mem
   <dataset>_fz_<key>.npz       the cache of the K networks' results
 
-    python3 examples/memorization_validation.py                # digits: 2.5 minutes, then 15 s
-    python3 examples/memorization_validation.py --flip 0.1 --out outputs/memorization_flip
+    python3 examples/memorization_validation.py --seeds 5
+    python3 examples/memorization_validation.py --seeds 5 --flip 0.1 --out outputs/memorization_flip
 
-(On 2 CPU cores; the second time from the cache.) Digits is the data set where hundreds of
-networks are affordable on a CPU.
+mem is estimated once (with --seed); --seeds repeats the tracked network only. Digits is the
+data set where hundreds of networks are affordable on a CPU: minutes on 2 cores, seconds from
+the cache (the README's "Results on real data" gives the measured times and tables).
 """
 
 from __future__ import annotations
@@ -47,26 +49,19 @@ import time
 
 import numpy as np
 import torch
-from common import (
+from data import add_data_arguments, batches, flip_labels, load_or_exit
+from models import (
     Recipe,
-    check_positive,
+    adam,
+    add_training_arguments,
     describe,
-    example_parser,
-    flip_labels,
-    learning_rate,
-    load_or_exit,
-    markdown_table,
     mlp,
-    percentile_ranks,
-    progress_bar,
-    pyplot,
     recipe_for,
-    save_image_grid,
-    tracked_scores,
-    train_classifier,
-    train_tracked,
-    write_csv,
+    train,
+    train_epoch,
 )
+from plots import markdown_table, mean_sd, pyplot, save_image_grid, write_csv
+from scores import compared, percentile_ranks
 from torch import nn
 
 from curvkern import CurvatureScorer, CurvatureTracker
@@ -80,7 +75,7 @@ CACHE_FORMAT = 1  # part of the cache key: bump it when the networks' training c
 
 
 class BatchedMLP(nn.Module):
-    """K independent copies of common.mlp applied at once: (K, B, in) -> (K, B, classes).
+    """K independent copies of models.mlp applied at once: (K, B, in) -> (K, B, classes).
 
     Layer l of network k has weight ``weights[l][k]`` (in, out) and bias ``biases[l][k]``
     (1, out), initialized as nn.Linear does (uniform in +-1/sqrt(in)) from network k's own
@@ -113,7 +108,7 @@ class BatchedMLP(nn.Module):
         return x
 
     def network(self, k: int) -> nn.Module:
-        """Network k as a common.mlp with the same weights."""
+        """Network k as a models.mlp with the same weights."""
         _, in_features, hidden = self.weights[0].shape
         model = mlp(in_features, self.weights[-1].shape[2], hidden)
         linears = [m for m in model if isinstance(m, nn.Linear)]
@@ -135,7 +130,7 @@ def train_on_subsets(
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Trains one MLP per seed on its own random ``size`` of the images, all at once.
 
-    Every network trains as common.train_classifier would train it alone, up to rounding: Adam,
+    Every network trains as models.train would train it alone, up to rounding: Adam,
     mini-batches of recipe.batch_size in a random order per epoch (the last one shorter), the
     recipe's learning rate schedule; the loss summed over networks gives each its own batch-mean
     gradient, and Adam's update is elementwise.
@@ -156,15 +151,11 @@ def train_on_subsets(
     model = BatchedMLP(flat.shape[1], num_classes, recipe.hidden, generators)
     # The fused kernel updates the stacked weights in one pass; measured on 2 cores, the default
     # (foreach) took about twice as long per network, in temporary buffers the size of a stack.
-    optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr, fused=True)
-    steps = recipe.epochs * math.ceil(size / recipe.batch_size)
-    step = 0
+    optimizer, schedule = adam(model, recipe, size, fused=True)
     for _ in range(recipe.epochs):
         order = torch.stack([torch.randperm(size, generator=g) for g in generators])
         batches = members.gather(1, order)  # (K, size): each network's epoch order
         for index in batches.split(recipe.batch_size, dim=1):  # (K, b)
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(step, steps, recipe.lr, recipe.decay)
             logits = model(flat[index])  # (K, b, C)
             loss = nn.functional.cross_entropy(
                 logits.flatten(0, 1), y[index].flatten(), reduction="sum"
@@ -172,7 +163,7 @@ def train_on_subsets(
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            step += 1
+            schedule.step()
     masks = torch.zeros(len(seeds), len(x), dtype=torch.bool)
     masks.scatter_(1, members, True)
     with torch.no_grad():
@@ -215,22 +206,20 @@ def subset_runs(
         print(f"memorization: the {models} networks' results are cached in {path}")
         return SubsetRuns(runs.masks[:models], runs.correct[:models])
     start = time.perf_counter()
-    with progress_bar(models, "subset networks", unit="network") as bar:
-        bar.update(done)
-        for first in range(done, models, chunk):
-            seeds = [network_seed(seed, k) for k in range(first, min(first + chunk, models))]
-            masks, correct = train_on_subsets(x, y, num_classes, size, recipe, seeds)
-            runs = SubsetRuns(
-                np.concatenate([runs.masks, masks.numpy()]),
-                np.concatenate([runs.correct, correct.numpy()]),
-            )
-            _save_atomically(path, runs, settings)
-            bar.update(len(seeds))
+    for first in range(done, models, chunk):
+        seeds = [network_seed(seed, k) for k in range(first, min(first + chunk, models))]
+        masks, correct = train_on_subsets(x, y, num_classes, size, recipe, seeds)
+        runs = SubsetRuns(
+            np.concatenate([runs.masks, masks.numpy()]),
+            np.concatenate([runs.correct, correct.numpy()]),
+        )
+        _save_atomically(path, runs, settings)
+        print(f"  {len(runs.masks)} of {models} networks trained", flush=True)
     seconds = time.perf_counter() - start
     print(
         f"memorization: trained {models - done} networks in {seconds:.0f} s "
         f"({seconds / (models - done):.2f} s each, {chunk} at a time; one alone with "
-        f"common.train_classifier: {_one_network_seconds(x, y, num_classes, size, recipe):.2f} "
+        f"models.train: {_one_network_seconds(x, y, num_classes, size, recipe):.2f} "
         f"s); cached in {path}"
     )
     return runs
@@ -243,10 +232,7 @@ def _one_network_seconds(
     index = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:size]
     model = mlp(x[0].numel(), num_classes, recipe.hidden)
     start = time.perf_counter()
-    train_classifier(
-        model, x[index], y[index], recipe.epochs, recipe.lr, recipe.batch_size,
-        decay=recipe.decay,
-    )  # fmt: skip
+    train(model, x[index], y[index], recipe, seed=0)
     return time.perf_counter() - start
 
 
@@ -285,7 +271,10 @@ def plot_scatter(
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
-    parser = example_parser(__doc__)
+    summary, _, details = __doc__.partition("\n\n")
+    parser = argparse.ArgumentParser(
+        description=summary, epilog=details, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument(
         "--models", type=int,
         help=f"networks on random subsets for mem (default: 256, {QUICK_MODELS} with --quick)",
@@ -301,7 +290,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
     )  # fmt: skip
     parser.add_argument(
         "--flip", type=float, default=0.0,
-        help="fraction of labels flipped (default: 0, clean labels as in the paper)",
+        help="fraction of labels flipped, with --seed (default: 0, clean labels as in the paper)",
     )  # fmt: skip
     parser.add_argument(
         "--out", default="outputs/memorization_validation",
@@ -312,8 +301,10 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
         help=f"a seconds-long run for tests: {QUICK['subset']} images, {QUICK['epochs']} epochs, "
         f"{QUICK_MODELS} networks",
     )  # fmt: skip
+    add_data_arguments(parser)
+    add_training_arguments(parser)
     args = parser.parse_args(argv)
-    check_positive(parser, args)
+    args.recipe = recipe_for(parser, args, **(QUICK if args.quick else {}))
     if args.models is None:
         args.models = QUICK_MODELS if args.quick else 256
     if args.models < 2 or args.chunk < 1 or not 0 < args.fraction < 1 or not 0 <= args.flip < 1:
@@ -324,18 +315,56 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
     return parser, args
 
 
-def main(argv: list[str] | None = None) -> dict[str, tuple[float, float]]:
-    """Runs the example; returns (cosine similarity, Spearman) with mem, by CSV column name."""
-    parser, args = parse_args(argv)
-    recipe = recipe_for(args, **(QUICK if args.quick else {}))
+def tracked_run(x: torch.Tensor, labels: torch.Tensor, num_classes: int, args, seed: int):
+    """One network trained on all the images with the curvature tracked: the scores of
+    scores.compared (values, ranking, names)."""
+    recipe = args.recipe
     start = time.perf_counter()
-    data = load_or_exit(parser, args, recipe)
+    torch.manual_seed(seed)
+    model = mlp(x[0].numel(), num_classes, recipe.hidden)
+    optimizer, schedule = adam(model, recipe, len(x))
+    order = torch.Generator().manual_seed(seed)
+    tracker = CurvatureTracker(CurvatureScorer(model, n_probes=args.probes, seed=seed), len(x))
+    for epoch in range(1, recipe.epochs + 1):
+        train_epoch(model, optimizer, schedule, x, labels, recipe.batch_size, order)
+        if epoch % args.track_every == 0 or epoch == recipe.epochs:
+            tracker.score_epoch(batches(x, labels), epoch, progress=False)
+    accuracy = tracker.field_history("correct")[
+        -1
+    ].mean()  # the trained model: the loop scores the last epoch
+    print(
+        f"seed {seed}: one network on all {len(x)} images, train accuracy {accuracy:.1%}, "
+        f"{len(tracker.epochs)} epochs scored ({time.perf_counter() - start:.0f} s)"
+    )
+    return compared(tracker)
+
+
+def agreement(mem: np.ndarray, values: np.ndarray) -> tuple[float, float, float]:
+    """(cosine similarity, Spearman, AUROC for mem >= MEMORIZED) of a score with mem, over the
+    images some network held out (mem is NaN for the others). The cosine similarity is NaN for
+    a score with negative or infinite values (it compares magnitudes)."""
+    held_out = np.isfinite(mem)
+    mem, values = mem[held_out], values[held_out]
+    usable = np.isfinite(values).all() and (values >= 0).all()
+    cosine = cosine_similarity(mem, values) if usable else float("nan")
+    return cosine, spearman(mem, values), auroc(values, mem >= MEMORIZED)
+
+
+def main(argv: list[str] | None = None) -> dict[str, tuple[float, float]]:
+    """Runs the example; returns (cosine similarity, Spearman) with mem, means over seeds, by
+    CSV column name."""
+    parser, args = parse_args(argv)
+    recipe = args.recipe
+    start = time.perf_counter()
+    data = load_or_exit(parser, args).subset(recipe.subset, args.seed)
     labels, flipped = flip_labels(data.y, args.flip, data.num_classes, seed=args.seed)
     size = round(args.fraction * len(data))
+    seeds = range(args.seed, args.seed + args.seeds)
     print(
         f"{data.name}: {len(data)} images ({int(flipped.sum())} labels flipped); "
-        f"{describe(recipe, data)}; mem from {args.models} networks on random {size}-image "
-        f"subsets"
+        f"{describe(recipe, data.x[0].numel(), data.num_classes)}; mem from {args.models} "
+        f"networks on random {size}-image subsets; tracked networks with seeds {seeds.start}.."
+        f"{seeds.stop - 1}"
     )
 
     os.makedirs(args.out, exist_ok=True)
@@ -356,38 +385,23 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[float, float]]:
         f"{runs.correct[~runs.masks].mean():.1%}; mean mem {np.nanmean(mem):.3f}"
     )
 
-    torch.manual_seed(args.seed)
-    model = mlp(data.x[0].numel(), data.num_classes, recipe.hidden)
-    tracker = CurvatureTracker(
-        CurvatureScorer(model, n_probes=args.probes, seed=args.seed), len(data)
-    )
-    train_start = time.perf_counter()
-    fitted = train_tracked(model, data.x, labels, recipe, tracker, args.track_every, args.seed)
-    accuracy = fitted.float().mean().item()
+    tracked = [tracked_run(data.x, labels, data.num_classes, args, seed) for seed in seeds]
+    values, ranking, names = tracked[0]
+    stats = {key: np.array([agreement(mem, r[1][key]) for r in tracked]) for key in names}
+    memorized = int((mem[np.isfinite(mem)] >= MEMORIZED).sum())
+    spread = f"mean ± sd over {len(seeds)} seeds" if len(seeds) > 1 else f"seed {args.seed}"
     print(
-        f"curvature: one network on all {len(data)} images, train accuracy {accuracy:.1%}, "
-        f"{len(tracker.epochs)} epochs scored ({time.perf_counter() - train_start:.0f} s)"
+        f"\nAgreement with memorization scores mem(i) from {args.models} networks "
+        f"(the tracked network's {spread}):\n"
     )
-
-    columns, names = tracked_scores(tracker)
-    stats = {
-        key: (cosine_similarity(mem, values), spearman(mem, values))
-        for key, values in columns.items()
-    }
-    held_out = np.isfinite(mem)  # mem is NaN for an image no network held out
-    memorized = mem[held_out] >= MEMORIZED
-    rows = [
-        (
-            names[key], f"{cos:.3f}", f"{rho:.3f}",
-            f"{auroc(columns[key][held_out], memorized):.3f}",
-        )
-        for key, (cos, rho) in stats.items()
-    ]  # fmt: skip
-    print(f"\nAgreement with memorization scores mem(i) from {args.models} networks:\n")
     header = (
         "score", "cosine similarity", "Spearman",
-        f"AUROC for the {int(memorized.sum())} images with mem >= {MEMORIZED}",
+        f"AUROC for the {memorized} images with mem >= {MEMORIZED}",
     )  # fmt: skip
+    rows = [
+        (names[key], *(mean_sd(s[:, j]) if np.isfinite(s[:, j]).all() else "—" for j in range(3)))
+        for key, s in stats.items()
+    ]
     print(markdown_table(header, rows))
 
     prefix = os.path.join(args.out, data.name)
@@ -396,17 +410,26 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[float, float]]:
         {
             "id": np.arange(len(data)), "dataset_index": data.index, "label": labels.numpy(),
             "flipped": flipped.numpy().astype(int), "mem": mem, "networks_in": n_in,
-            "networks_out": n_out, **columns,
+            "networks_out": n_out, **values,
         },
     )  # fmt: skip
+    keys = [(i, key) for i in range(len(seeds)) for key in names]
+    write_csv(
+        f"{prefix}_seeds.csv",
+        {"seed": [seeds[i] for i, _ in keys], "score": [key for _, key in keys],
+         **{field: [stats[key][i, j] for i, key in keys]
+            for j, field in enumerate(("cosine", "spearman", "auroc_memorized"))}},
+    )  # fmt: skip
+    shown = ("curvature_mean", "curvature_last", "loss_final", "loss_mean")
     plot_scatter(
         f"{prefix}_scatter.png",
         mem,
-        {names[key]: values for key, values in columns.items()},
-        {names[key]: value for key, value in stats.items()},
-        f"{data.name}: memorization from {args.models} networks against one network's scores",
+        {names[key]: values[key] for key in shown},
+        {names[key]: stats[key][0, :2] for key in shown},
+        f"{data.name}: memorization from {args.models} networks against one network's scores "
+        f"(first seed)",
     )
-    curvature_pct = percentile_ranks(columns["curvature_mean"])
+    curvature_pct = percentile_ranks(values["curvature_mean"])
     top = topk(mem, min(32, int(np.isfinite(mem).sum()))).indices.numpy()  # NaN: never out
     save_image_grid(
         f"{prefix}_top_memorized.png",
@@ -417,12 +440,12 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[float, float]]:
         ],
         flipped.numpy()[top],
         f"{data.name}: the {len(top)} most memorized images (mem from {args.models} networks) "
-        f"and the percentile of their epoch-averaged curvature"
+        f"and the percentile of their epoch-averaged curvature (first seed)"
         + ("; red: flipped label" if args.flip else ""),
     )
-    print(f"\nwrote {prefix}_scatter.png, {prefix}_top_memorized.png, {prefix}_scores.csv")
+    print(f"\nwrote {prefix}_scatter.png, _top_memorized.png, _scores.csv, _seeds.csv")
     print(f"total time: {time.perf_counter() - start:.0f} s")
-    return stats
+    return {key: (float(s[:, 0].mean()), float(s[:, 1].mean())) for key, s in stats.items()}
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ import argparse
 import time
 
 import torch
-from common import flip_labels, load_digits, mlp
+from data import flip_labels, load_digits
+from models import mlp
 from torch.utils.data import DataLoader, TensorDataset
 
 from curvkern import CurvatureScorer, CurvatureTracker, IndexedDataset  # curvkern (1/3)

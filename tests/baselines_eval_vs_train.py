@@ -20,7 +20,8 @@ from curvkern import CurvatureScorer, CurvatureTracker, IndexedDataset
 from curvkern.metrics import auroc, spearman
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
-from common import flip_labels, load_digits, mlp  # noqa: E402
+from data import flip_labels, load_digits  # noqa: E402
+from models import mlp  # noqa: E402
 
 
 def main() -> None:
