@@ -6,22 +6,18 @@ the weights move. This trains the setup of examples/train_and_track.py (digits, 
 labels flipped, a ReLU MLP, Adam, batches of 64, 40 epochs), optionally with dropout, records
 both, and prints how much they differ and how well each finds the flipped labels:
 
-    python3 -m tests.baselines_eval_vs_train [--dropout 0.3]
+    python3 examples/baselines_eval_vs_train.py [--dropout 0.3]
 """
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
+from data import flip_labels, load_digits
+from models import mlp
 from torch.utils.data import DataLoader, TensorDataset
 
 from curvkern import CurvatureScorer, CurvatureTracker, IndexedDataset
 from curvkern.metrics import auroc, spearman
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
-from data import flip_labels, load_digits  # noqa: E402
-from models import mlp  # noqa: E402
 
 
 def main() -> None:
