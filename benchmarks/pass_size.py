@@ -3,7 +3,9 @@
     python3 -m benchmarks.pass_size WORKLOAD ROWS... [--cycles N] [--threads T]
 
 WORKLOAD is a CPU workload of workloads.WORKLOADS or ``mlp`` (64-256-256-10 with ReLU, B = 256,
-n = 10). Every cycle runs the floor and the scorer (kernels backend) at each ROWS, interleaved
+n = 10). A ROWS is a number (the scorer, kernels backend, with that max_batch) or a variant of
+workloads.make_variant (``published``, ``scorer-kernels`` with the default pass size, ...). Every
+cycle runs the floor and each ROWS, interleaved
 (common's rotation); prints each one's median wall and process CPU time, and the median over
 cycles of its ratio to the floor in the same cycle, with the smallest and largest. With one
 thread (the default here) the CPU time is the work done, however loaded the machine is.
@@ -39,7 +41,7 @@ def _mlp() -> Workload:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("workload", choices=[*sorted(WORKLOADS), "mlp"])
-    parser.add_argument("rows", type=int, nargs="+", help="max_batch values to time")
+    parser.add_argument("rows", nargs="+", help="max_batch values or variant names")
     parser.add_argument("--cycles", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
@@ -47,7 +49,12 @@ def main() -> None:
     w = _mlp() if args.workload == "mlp" else build_workload(args.workload, "cpu")
     fns = {"floor": make_variant(w, "floor")}
     for rows in args.rows:
-        scorer = CurvatureScorer(w.model, n_probes=w.n_probes, max_batch=rows, backend="kernels")
+        if not rows.isdigit():
+            fns[rows] = make_variant(w, rows)
+            continue
+        scorer = CurvatureScorer(
+            w.model, n_probes=w.n_probes, max_batch=int(rows), backend="kernels"
+        )
         fns[f"rows={rows}"] = lambda s=scorer: s.score(w.x, w.y, w.ids)
     names = list(fns)
     for fn in fns.values():  # warm-up
