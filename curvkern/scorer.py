@@ -33,9 +33,10 @@ MAX_ID = torch_ops.MAX_ID
 # the floor at 64 to 128 rows per pass, 1.36x at 8 and 1.9x with all 640 rows in one pass (its
 # activations fall out of cache); torchvision's ResNet-18 on 3x224x224, B = 8, costs 1.25x at one
 # row per pass (what the element budget alone gives), 1.11x at 2, 1.00x at 4 and 8, 1.09x at 16:
-# every pass re-reads the 47 MB of weights, which one row does not amortize. An MLP on 64
-# features costs 1.3 to 1.4x its floor from 256 rows up (fixed per-call costs, not the pass
-# size), 2x at 64. The rule gives 85, 8 and 4,096 rows.
+# every pass re-reads the 47 MB of weights, which one row does not amortize (a second run: 1.00x
+# with this rule, 1.32x with one row; the published algorithm 1.84x). An MLP on 64 features
+# costs 1.3 to 1.4x its floor from 256 rows up (fixed per-call costs, not the pass size), 2x at
+# 64. The rule gives 85, 8 and 4,096 rows.
 CPU_PASS_ELEMENTS = 1 << 18
 CPU_MIN_ROWS = 8
 
