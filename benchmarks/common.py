@@ -1,4 +1,4 @@
-"""What every benchmark file shares: devices, rounds, synchronized timing."""
+"""What every benchmark file shares: devices, rounds, and the one timing mode (interleaved)."""
 
 from __future__ import annotations
 
@@ -12,15 +12,7 @@ import torch
 
 import curvkern
 
-__all__ = [
-    "CUDA",
-    "GPU_MARKS",
-    "device_param",
-    "rounds_for",
-    "synchronize",
-    "time_call",
-    "time_interleaved",
-]
+__all__ = ["CUDA", "device_param", "rounds_for", "synchronize", "time_interleaved"]
 
 CUDA = torch.cuda.is_available() and curvkern.has_cuda_kernels()
 GPU_MARKS = (
@@ -28,12 +20,12 @@ GPU_MARKS = (
     pytest.mark.skipif(not CUDA, reason="needs a CUDA device and curvkern's CUDA kernels"),
 )
 
-# (rounds, warmup rounds) per (kind, device), for --quick and for a full run. Every timed call
-# is one round (iterations=1): an end-to-end call takes 0.1 to 1 s, an op call 10 us to 50 ms,
-# far above the timer's resolution. Medians over these rounds are what summarize.py compares;
-# the CPU figures need the most rounds, as two cores shared with the OS are noisy.
+# (cycles, warm-up cycles) per (kind, device), for --quick and for a full run. A cycle runs every
+# variant of a group once; each call is one timed sample, far above the timer's resolution (an
+# end-to-end call takes 0.1 to 10 s, an op call 10 us to 50 ms). The CPU needs the most cycles:
+# two cores shared with other processes are noisy.
 ROUNDS = {
-    ("end-to-end", "cpu"): {"quick": (7, 1), "full": (21, 2)},
+    ("end-to-end", "cpu"): {"quick": (5, 1), "full": (15, 1)},
     ("end-to-end", "cuda"): {"quick": (10, 2), "full": (30, 3)},
     ("op", "cpu"): {"quick": (30, 3), "full": (100, 5)},
     ("op", "cuda"): {"quick": (100, 10), "full": (500, 20)},
@@ -50,7 +42,7 @@ def device_param(device: str, value: Any, *, id: str, full_only: bool = False):
 
 
 def rounds_for(kind: str, device: str, quick: bool) -> tuple[int, int]:
-    """(rounds, warmup rounds) for a benchmark of ``kind`` ("end-to-end" or "op")."""
+    """(cycles, warm-up cycles) for a group of ``kind`` ("end-to-end" or "op") on ``device``."""
     return ROUNDS[(kind, device)]["quick" if quick else "full"]
 
 
@@ -60,43 +52,37 @@ def synchronize(device: torch.device | str) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_call(benchmark, fn: Callable[[], Any], device: torch.device | str, kind: str, quick: bool):
-    """Times fn() with pytest-benchmark, the device synchronized inside every timed call.
-
-    Returns:
-        The result of the last call (with --benchmark-disable: of the single call).
-    """
-
-    def timed():
-        out = fn()
-        synchronize(device)  # CUDA calls return when queued; the round ends when they finish
-        return out
-
-    rounds, warmup = rounds_for(kind, torch.device(device).type, quick)
-    return benchmark.pedantic(timed, rounds=rounds, warmup_rounds=warmup, iterations=1)
-
-
 def time_interleaved(
     benchmark,
     fns: Mapping[str, Callable[[], Any]],
     device: torch.device | str,
-    kind: str,
-    quick: bool,
-) -> dict[str, dict[str, float]]:
-    """Times the calls of a group in round-robin cycles, for ratios that load changes spare.
+    rounds: tuple[int, int],
+) -> dict[str, dict[str, Any]]:
+    """Times the variants of a group in round-robin cycles; the one timing mode of the suite.
 
-    On a shared machine the load changes over seconds, so one call timed a minute after another
-    can see a different machine; ratios of sequential medians then carry that drift. Here every
-    cycle runs each call once (in an order rotated from cycle to cycle, so that no call always
-    follows the same one), each timed alone with the device synchronized. pytest-benchmark times
-    the whole cycle; the per-call times are returned for extra_info.
+    On a shared machine the load changes over seconds, so a variant timed a minute after another
+    can see a different machine, and a ratio of two sequential medians carries that drift. Here
+    every cycle runs each variant once (in an order rotated from cycle to cycle, so that none
+    always follows the same one), each timed alone with the device synchronized inside the timed
+    interval (CUDA calls return when queued). pytest-benchmark times the whole cycle; the
+    per-variant times go to extra_info, where summarize.py reads them.
 
+    Each call's process CPU time is recorded too: with one torch thread (--torch-threads 1) it
+    is the work done, whatever share of the cores other processes left this one, so on a loaded
+    machine CPU-time ratios hold where wall-clock ones drift.
+
+    Args:
+        benchmark: pytest-benchmark's fixture.
+        fns: variant name -> zero-argument call.
+        device: the device the calls run on.
+        rounds: (timed cycles, warm-up cycles); with --benchmark-disable, one cycle.
     Returns:
-        Per call name: {"median_s", "min_s", "q1_s", "q3_s", "rounds"} over the timed (non-warm-up)
-        cycles; with --benchmark-disable, over the single cycle.
+        Per variant: {"median_s", "q1_s", "q3_s", "min_s", "times_s", "cpu_times_s"} over the
+        timed cycles, the lists in cycle order (index i of every variant is the same cycle).
     """
     names = list(fns)
     times: dict[str, list[float]] = {name: [] for name in names}
+    cpu_times: dict[str, list[float]] = {name: [] for name in names}
     cycles = 0
 
     def cycle() -> None:
@@ -104,22 +90,25 @@ def time_interleaved(
         first = cycles % len(names)
         cycles += 1
         for name in names[first:] + names[:first]:
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             fns[name]()
             synchronize(device)
             times[name].append(time.perf_counter() - start)
+            cpu_times[name].append(time.process_time() - start_cpu)
 
-    rounds, warmup = rounds_for(kind, torch.device(device).type, quick)
-    benchmark.pedantic(cycle, rounds=rounds, warmup_rounds=warmup, iterations=1)
+    timed, warmup = rounds
+    benchmark.pedantic(cycle, rounds=timed, warmup_rounds=warmup, iterations=1)
     summary = {}
     for name, values in times.items():
-        values = values[warmup:] if len(values) > warmup else values  # drop the warm-up cycles
+        skip = warmup if len(values) > warmup else 0  # drop the warm-up cycles
+        values = values[skip:]
         q1, _, q3 = statistics.quantiles(values, n=4) if len(values) > 1 else values * 3
         summary[name] = {
             "median_s": statistics.median(values),
-            "min_s": min(values),
             "q1_s": q1,
             "q3_s": q3,
-            "rounds": len(values),
+            "min_s": min(values),
+            "times_s": values,
+            "cpu_times_s": cpu_times[name][skip:],
         }
     return summary

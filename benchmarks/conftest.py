@@ -1,8 +1,9 @@
 """pytest options and fixtures of the benchmark suite (``pytest benchmarks``).
 
-``--quick`` runs fewer rounds and skips the larger CPU sizes (the CPU run then takes under two
-minutes); with ``--benchmark-disable`` every benchmarked call runs once, untimed, which is CI's
-smoke test of this code. ``-m gpu`` selects the CUDA benchmarks, which skip without a GPU.
+``--quick`` runs fewer cycles, skips the larger CPU op sizes and shrinks the ImageNet-size
+workload's batch and probes; with ``--benchmark-disable`` every benchmarked call runs once,
+untimed, which is CI's smoke test of this code. ``-m gpu`` selects the CUDA benchmarks, which
+skip without a GPU.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def pytest_addoption(parser):
         "--quick",
         action="store_true",
         default=False,
-        help="curvkern benchmarks: fewer rounds, no large CPU sizes (CPU run under two minutes)",
+        help="curvkern benchmarks: fewer cycles, no large CPU op sizes, a smaller ImageNet batch",
     )
     parser.addoption(
         "--torch-threads",

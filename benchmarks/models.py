@@ -1,7 +1,6 @@
-"""The networks the end-to-end benchmarks score: a small CNN (CPU) and a CIFAR ResNet-18 (GPU).
-
-Both take (B, 3, 32, 32) float inputs in the model's input space (after normalization) and return
-(B, 10) logits.
+"""The networks the end-to-end benchmarks score: a small CNN and a CIFAR ResNet-18, which take
+(B, 3, 32, 32) inputs and return (B, 10) logits, and torchvision's ImageNet ResNet-18, (B, 3, 224,
+224) -> (B, 1000). Inputs are in the model's input space (after normalization).
 """
 
 from __future__ import annotations
@@ -9,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["SmallCNN", "CifarResNet18", "calibrate_batchnorm"]
+__all__ = ["SmallCNN", "CifarResNet18", "imagenet_resnet18", "calibrate_batchnorm"]
 
 
 class SmallCNN(nn.Sequential):
@@ -81,6 +80,15 @@ class CifarResNet18(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.stages(self.stem(x)))
+
+
+def imagenet_resnet18(classes: int = 1000) -> nn.Module:
+    """torchvision's ResNet-18 (7x7 stride-2 stem, max-pool, four stages), random weights:
+    about 11.7 M parameters; (B, 3, 224, 224) -> (B, 64, 56, 56) -> ... -> (B, 512, 7, 7) ->
+    (B, classes). torchvision is imported here, only by the workload that needs it."""
+    import torchvision
+
+    return torchvision.models.resnet18(weights=None, num_classes=classes)
 
 
 @torch.no_grad()

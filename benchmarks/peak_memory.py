@@ -3,10 +3,11 @@
 On the CPU, torch allocates tensors with malloc/posix_memalign, which tracemalloc does not see,
 so the CPU measure is the process's resident set size (Linux /proc/self/status):
 
-1. in a separate Python process (``python -m benchmarks.peak_memory WORKLOAD VARIANT ...``),
-   whose allocator maps every allocation of 64 KiB or more on its own (FIXED_MMAP_THRESHOLD)
-   and so returns it to the OS when freed, build the workload; then for each variant, run the
-   call once (one-time allocations: oneDNN primitives, autograd's worker threads);
+1. in a separate Python process (``python -m benchmarks.workloads WORKLOAD VARIANT ...``, started
+   by :class:`RssPeakJob`), whose allocator maps every allocation of 64 KiB or more on its own
+   (FIXED_MMAP_THRESHOLD) and so returns it to the OS when freed, build the workload; then for
+   each variant, run the call once (one-time allocations: oneDNN primitives, autograd's worker
+   threads);
 2. return freed memory to the OS (gc, then glibc's malloc_trim), and take the resident size as
    the baseline;
 3. reset the kernel's high-water mark (write "5" to /proc/self/clear_refs, Linux >= 4.0), run
@@ -14,11 +15,12 @@ so the CPU measure is the process's resident set size (Linux /proc/self/status):
 
 Peak = VmHWM - baseline: every byte the call touched beyond what was resident before it, at the
 moment the most was. The variants of a workload share one process: measured in either order,
-or each in a fresh process, their peaks agreed within 0.3 MiB (RESULTS.md). The workload
-"known" allocates a given number of bytes, so that the suite can check the method
-(test_bench_scorer.py does). Where clear_refs cannot be written, the high-water mark since the
-process started (ru_maxrss) is used, which hides a call's peak below the peak of the imports;
-the result's "method" then says so.
+or each in a fresh process, their peaks agreed within 0.3 MiB (RESULTS.md). This module's own
+entry point (``python -m benchmarks.peak_memory BYTES``) measures a call that allocates a known
+number of bytes, so that the suite can check the method (test_bench_scorer.py does). Where
+clear_refs cannot be written, the high-water mark since the process started (ru_maxrss) is
+used, which hides a call's peak below the peak of the imports; the result's "method" then says
+so.
 """
 
 from __future__ import annotations
@@ -117,18 +119,19 @@ def rss_peak_bytes(fn: Callable[[], Any]) -> dict[str, Any]:
 
 
 class RssPeakJob:
-    """``python -m benchmarks.peak_memory *args``, started now; :meth:`result` waits for it.
+    """``python -m MODULE *args`` with FIXED_MMAP_THRESHOLD, started now; :meth:`result` waits
+    for it and reads the JSON the module prints last: {name: rss_peak_bytes result}.
 
     Its own resident memory is all it measures, so it may run beside other work: that changes
     how long it takes, not what it finds.
     """
 
-    def __init__(self, *args: str) -> None:
-        self.args = args
+    def __init__(self, module: str, *args: str) -> None:
+        self.args = (module, *args)
         path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
         env = dict(os.environ, PYTHONPATH=path, **FIXED_MMAP_THRESHOLD)
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.peak_memory", *args],
+            [sys.executable, "-m", *self.args],
             cwd=REPO,
             env=env,
             stdout=subprocess.PIPE,
@@ -143,8 +146,8 @@ class RssPeakJob:
             self._proc.kill()
         self._proc.communicate()
 
-    def result(self, timeout: float = 900) -> dict[str, Any]:
-        """{name: rss_peak_bytes result} for each variant (or the one known allocation)."""
+    def result(self, timeout: float = 1800) -> dict[str, Any]:
+        """{name: rss_peak_bytes result}, as the module printed it."""
         if self._result is None:
             stdout, stderr = self._proc.communicate(timeout=timeout)
             if self._proc.returncode != 0:
@@ -157,23 +160,12 @@ class RssPeakJob:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """Prints {BYTES: rss_peak_bytes result} of a call that allocates and touches BYTES bytes."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("workload", help="a key of benchmarks.workloads.WORKLOADS, or 'known'")
-    parser.add_argument("variants", nargs="+", help="its variants, or a byte count for 'known'")
-    parser.add_argument("--device", default="cpu")
-    args = parser.parse_args(argv)
-    if "CURVKERN_BENCH_THREADS" in os.environ:  # as the benchmark run (--torch-threads)
-        torch.set_num_threads(int(os.environ["CURVKERN_BENCH_THREADS"]))
-    calls: dict[str, Callable[[], Any]] = {}
-    if args.workload == "known":
-        for size in map(int, args.variants):
-            calls[str(size)] = lambda size=size: torch.ones(size, dtype=torch.uint8)  # touches all
-    else:
-        from .workloads import build_workload, make_variant
-
-        workload = build_workload(args.workload, args.device)
-        calls = {variant: make_variant(workload, variant) for variant in args.variants}
-    print(json.dumps({name: rss_peak_bytes(fn) for name, fn in calls.items()}))
+    parser.add_argument("bytes", type=int, help="bytes the measured call allocates")
+    size = parser.parse_args(argv).bytes
+    call = lambda: torch.ones(size, dtype=torch.uint8)  # noqa: E731 (touches every byte)
+    print(json.dumps({str(size): rss_peak_bytes(call)}))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """End to end, one batch: the published algorithm, the scorer on both backends, and the floor.
 
-Per workload (benchmarks.workloads.WORKLOADS) one group, all rows on the same model, batch and
-probes:
+Per (workload, device) one group, every variant on the same model, batch and probes, timed in
+round-robin cycles (common.time_interleaved):
 
 - ``published``: curvkern.reference.paper_curvature, the algorithm of the paper's code;
 - ``scorer-torch``, ``scorer-kernels``: CurvatureScorer.score with that backend, defaults else;
@@ -9,96 +9,85 @@ probes:
   finite-difference implementation must make; ``floor-stacked`` (CUDA), the same rows in the
   two passes the scorer makes on CUDA.
 
-Outputs are checked equal before timing (CheckedWorkload.verify), and each variant's peak
-memory is recorded in extra_info (peak_memory.py says how it is measured). A second group,
-"... interleaved", times the same calls in round-robin cycles (common.time_interleaved).
+Outputs are checked against each other before timing (workloads.CheckedWorkload.verify), and each
+variant's peak memory goes to extra_info (peak_memory.py says how it is measured).
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
 
 import pytest
 import torch
 
-from .common import device_param, time_call, time_interleaved
+from .common import device_param, rounds_for, time_interleaved
 from .peak_memory import RssPeakJob, cuda_peak_bytes
-from .workloads import WORKLOADS, CheckedWorkload, Workload, make_variant, variants_for
+from .workloads import WORKLOADS, CheckedWorkload, build_workload, make_variant, variants_for
 
-# (workload, device) pairs; the ResNet-18 at B = 256 only on a GPU.
 SETUPS = [
     device_param(device, (name, device), id=f"{name}-{device}")
-    for name, device in [("small_cnn", "cpu"), ("small_cnn", "cuda"), ("resnet18", "cuda")]
+    for name, device in [
+        ("small_cnn", "cpu"),
+        ("resnet18_imagenet", "cpu"),
+        ("small_cnn", "cuda"),
+        ("resnet18", "cuda"),
+    ]
 ]
-VARIANTS = variants_for("cuda")  # all of them; those not measured on a device skip there
 
 
-@pytest.fixture(scope="module")
-def setup(request) -> Iterator[CheckedWorkload]:
-    """The workload (on the CPU, its peak-memory subprocess starts meanwhile)."""
-    # With --benchmark-disable (CI's smoke run) nothing is recorded: no memory measurement.
-    measure = not request.config.getoption("benchmark_disable")
-    checked = CheckedWorkload(*request.param, measure_memory=measure)
-    yield checked
-    checked.close()
-
-
-def _group(w: Workload) -> str:
-    return f"end-to-end {w.name} B={w.batch} n={w.n_probes} {w.device.type}"
-
-
-def _info(w: Workload) -> dict:
-    return {
-        "workload": w.name,
-        "description": WORKLOADS[w.name].description,
-        "device": w.device.type,
-        "batch": w.batch,
-        "n_probes": w.n_probes,
-        "h": w.h,
-    }
-
-
-@pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("setup", SETUPS, indirect=True)
-def test_end_to_end(benchmark, setup: CheckedWorkload, variant: str, quick: bool):
-    w = setup.w32
-    if variant not in variants_for(w.device.type):
-        pytest.skip(f"{variant} is not measured on {w.device.type} (see variants_for)")
-    errors = setup.verify(variant)  # before timing: raises if the variant disagrees
-    peak = setup.peak_memory(variant)  # before timing
-    benchmark.group = _group(w)
+@pytest.mark.parametrize("setup", SETUPS)
+def test_end_to_end(benchmark, setup: tuple[str, str], quick: bool, pytestconfig):
+    name, device = setup
+    if name == "resnet18_imagenet":
+        pytest.importorskip("torchvision")
+    variants = variants_for(device)
+    # With --benchmark-disable (CI's smoke run) nothing is recorded: no memory measurement. On
+    # the CPU it runs in a subprocess, started now, beside the checks.
+    measure = not pytestconfig.getoption("benchmark_disable")
+    args = [name, *variants] + (["--quick"] if quick else [])
+    job = RssPeakJob("benchmarks.workloads", *args) if measure and device == "cpu" else None
+    try:
+        checked = CheckedWorkload(build_workload(name, device, quick))
+        errors = {v: checked.verify(v) for v in variants}  # raises if a variant disagrees
+        w = checked.w32
+        if not measure:
+            peaks = {}
+        elif job is not None:
+            peaks = {
+                v: r["peak_bytes"] for v, r in job.result().items()
+            }  # waits: not beside timing
+        else:
+            peaks = {v: cuda_peak_bytes(make_variant(w, v), w.device) for v in variants}
+    finally:
+        if job is not None:
+            job.close()
+    shape = "x".join(map(str, w.x.shape[1:]))
+    benchmark.group = f"end-to-end {name} {shape} B={w.batch} n={w.n_probes} {device}"
     benchmark.extra_info.update(
         kind="end-to-end",
-        variant=variant,
-        peak_memory_bytes=peak["peak_bytes"],
-        peak_memory_method=peak["method"],
+        workload=name,
+        description=WORKLOADS[name].description,
+        device=device,
+        batch=w.batch,
+        n_probes=w.n_probes,
+        h=w.h,
         check_max_rel_err=errors,
-        **_info(w),
+        peak_memory_bytes=peaks,
     )
-    time_call(benchmark, make_variant(w, variant), w.device, "end-to-end", quick)
-
-
-@pytest.mark.parametrize("setup", SETUPS, indirect=True)
-def test_end_to_end_interleaved(benchmark, setup: CheckedWorkload, quick: bool):
-    w = setup.w32
-    variants = variants_for(w.device.type)
-    for variant in variants:
-        setup.verify(variant)  # before timing (cached when test_end_to_end ran)
-    setup.settle()
-    benchmark.group = f"{_group(w)} interleaved"
-    benchmark.extra_info.update(kind="end-to-end-interleaved", variants=list(variants), **_info(w))
-    fns = {variant: make_variant(w, variant) for variant in variants}
-    benchmark.extra_info["interleaved"] = time_interleaved(
-        benchmark, fns, w.device, "end-to-end", quick
-    )
+    fns = {v: make_variant(w, v) for v in variants}
+    rounds = rounds_for("end-to-end", device, quick)
+    if name == "resnet18_imagenet" and not quick:
+        # fewer cycles: at B = 8 the floor took 2.3 s on two quiet cores, published about 2x
+        # the scorer (CPU times in RESULTS.md), so a cycle is over 10 s
+        rounds = (7, 1)
+    benchmark.extra_info["variants"] = time_interleaved(benchmark, fns, w.device, rounds)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self")
 def test_peak_rss_measures_a_known_allocation():
     """The CPU peak-memory method, on a call that allocates and touches exactly 64 MiB."""
     size = 64 << 20
-    result = RssPeakJob("known", str(size)).result()[str(size)]
+    result = RssPeakJob("benchmarks.peak_memory", str(size)).result()[str(size)]
     # Within 1 MiB: allocator bookkeeping and pages that happened to be resident already; a
     # method that missed the allocation (tracemalloc) or counted the imports (ru_maxrss since
     # the process started) would be off by far more.

@@ -18,10 +18,14 @@ FLOAT32_ERROR_FACTOR times the reference's own float32 error on the same samples
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
 import dataclasses
-from collections.abc import Callable, Iterator
+import json
+import math
+import os
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -31,8 +35,8 @@ from torch import Tensor, nn
 import curvkern
 from curvkern import CurvatureScorer, reference
 
-from .models import CifarResNet18, SmallCNN, calibrate_batchnorm
-from .peak_memory import RssPeakJob, cuda_peak_bytes
+from .models import CifarResNet18, SmallCNN, calibrate_batchnorm, imagenet_resnet18
+from .peak_memory import rss_peak_bytes
 
 __all__ = [
     "WORKLOADS",
@@ -45,31 +49,67 @@ __all__ = [
 
 H = 1e-3  # the published code's step and curvkern's default
 SEED = 0  # probe seed
-# Samples of the float64 checks (scores are per sample): all of the CPU batch; on CUDA, 64 of
-# 256, as float64 convolutions are slow there.
-CHECK_SAMPLES = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class Size:
+    """Batch, probes, sample shape, and how many samples the float64 check scores."""
+
+    batch: int
+    n_probes: int
+    sample_shape: tuple[int, ...]
+    check_samples: int
 
 
 @dataclasses.dataclass(frozen=True)
 class WorkloadSpec:
     model: Callable[[], nn.Module]
-    batch: int
-    n_probes: int
+    classes: int
+    full: Size
+    quick: Size  # under --quick: the same, or smaller where the full size takes seconds a call
     description: str
 
+    def size(self, quick: bool) -> Size:
+        return self.quick if quick else self.full
 
+
+_CIFAR = (3, 32, 32)
+_IMAGENET = (3, 224, 224)
+# check_samples: the float64 check scores that many samples; all of the small CNN's batch, fewer
+# where float64 convolutions take seconds (CUDA; 224x224 on the CPU).
 WORKLOADS = {
     "small_cnn": WorkloadSpec(
-        SmallCNN, 64, 10, "small CNN (conv32-pool-conv64-pool-fc128-fc10) on 3x32x32"
+        SmallCNN,
+        10,
+        Size(64, 10, _CIFAR, 64),
+        Size(64, 10, _CIFAR, 64),
+        "small CNN (conv32-pool-conv64-pool-fc128-fc10)",
     ),
-    "resnet18": WorkloadSpec(CifarResNet18, 256, 10, "CIFAR ResNet-18 on 3x32x32"),
+    "resnet18": WorkloadSpec(
+        CifarResNet18,
+        10,
+        Size(256, 10, _CIFAR, 64),
+        Size(256, 10, _CIFAR, 64),
+        "CIFAR ResNet-18",
+    ),
+    # An ImageNet-size input on the CPU: one sample is 150,528 elements, 49 times a CIFAR image,
+    # where the CPU's default pass size matters (curvkern.scorer's CPU_MIN_ROWS). --quick, for
+    # CI's smoke run: 3x112x112 (37,632 elements, still under the minimum row count's rule), 2
+    # samples, 4 probes; about 40 times less work than the full size.
+    "resnet18_imagenet": WorkloadSpec(
+        imagenet_resnet18,
+        1000,
+        Size(8, 10, _IMAGENET, 2),
+        Size(2, 4, (3, 112, 112), 2),
+        "torchvision ResNet-18 (random weights, 1000 classes)",
+    ),
 }
 
 
 def variants_for(device: str) -> tuple[str, ...]:
     """The variants measured on a device type ("cpu" or "cuda")."""
-    # On the CPU the scorer's default pass holds 2^18 input elements (85 rows of 3x32x32): one
-    # probe of a 64-sample batch per pass, the same passes as ``floor``; no separate stacked row.
+    # On the CPU the scorer's default passes hold at least one probe of every sample of the batch,
+    # the same passes as ``floor``; no separate stacked row.
     common = ("published", "scorer-torch", "scorer-kernels", "floor")
     return (*common, "floor-stacked") if device == "cuda" else common
 
@@ -80,10 +120,11 @@ class Workload:
 
     name: str
     model: nn.Module  # eval mode
-    x: Tensor  # (B, 3, 32, 32) inputs
+    x: Tensor  # (B, *sample_shape) inputs
     y: Tensor  # (B,) int64 labels
     ids: Tensor  # (B,) int64 sample ids
-    probes: Tensor  # (n, B, 3, 32, 32) of +-1: r_k of sample b, as curvkern's kernels draw it
+    probes: Tensor  # (n, B, *sample_shape) of +-1: r_k of sample b, as curvkern's kernels draw it
+    check_samples: int  # samples of the float64 check
     h: float = H
     seed: int = SEED
 
@@ -119,21 +160,22 @@ class Workload:
         )
 
 
-def build_workload(name: str, device: str | torch.device) -> Workload:
+def build_workload(name: str, device: str | torch.device, quick: bool = False) -> Workload:
     """The workload ``name`` of WORKLOADS on ``device``, the same values on every call."""
     spec = WORKLOADS[name]
+    size = spec.size(quick)
     device = torch.device(device)
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(spec.batch, 3, 32, 32, generator=gen)
-    y = torch.randint(0, 10, (spec.batch,), generator=gen)
+    x = torch.randn(size.batch, *size.sample_shape, generator=gen)
+    y = torch.randint(0, spec.classes, (size.batch,), generator=gen)
     with torch.random.fork_rng(devices=[]):  # the weights, without moving the caller's RNG
         torch.manual_seed(0)
         model = spec.model()
     model, x, y = model.to(device), x.to(device), y.to(device)
     calibrate_batchnorm(model, x)  # no-op without BatchNorm; leaves eval mode
-    ids = torch.arange(spec.batch, device=device)
-    probes = curvkern.ops.rademacher(SEED, ids, spec.n_probes, x.shape[1:], dtype=x.dtype)
-    return Workload(name=name, model=model, x=x, y=y, ids=ids, probes=probes)
+    ids = torch.arange(size.batch, device=device)
+    probes = curvkern.ops.rademacher(SEED, ids, size.n_probes, x.shape[1:], dtype=x.dtype)
+    return Workload(name, model, x, y, ids, probes, min(size.check_samples, size.batch))
 
 
 @contextlib.contextmanager
@@ -193,7 +235,7 @@ def make_variant(w: Workload, variant: str, exact_probes: bool = False) -> Calla
         return lambda: input_gradients(w.model, passes)
     if variant == "floor-stacked":
         n = w.n_probes
-        stacked = (w.x.repeat(n, 1, 1, 1), w.y.repeat(n))  # (n * B, ...) as the scorer's pass
+        stacked = (torch.cat([w.x] * n), w.y.repeat(n))  # (n * B, ...) as the scorer's pass
         return lambda: input_gradients(w.model, [(w.x, w.y), stacked])
     raise ValueError(f"unknown variant {variant!r}")
 
@@ -224,7 +266,7 @@ def outputs_of(variant: str, out: Any, w: Workload) -> dict[str, Tensor]:
 
 
 class CheckedWorkload:
-    """A workload in float32 (timed) and its first CHECK_SAMPLES samples in float64 (checked).
+    """A workload in float32 (timed) and its first check_samples samples in float64 (checked).
 
     Each variant runs once per precision, lazily, and :meth:`verify` compares its outputs with
     the reference variant's (REFERENCE).
@@ -236,9 +278,10 @@ class CheckedWorkload:
     # convolution algorithms and deeper nets, and is far below any change of algorithm: the
     # published code's own 1e-7 probe offset moves the trace by 5e-8 of its scale.
     RTOL_FLOAT64 = 1e-9
-    # float32: rounding of the reductions over D = 3072 elements, relative sqrt(D) * 6e-8 ~ 3e-6
-    # (the lowest tolerance a float32 comparison can have).
-    RTOL_FLOAT32 = 1e-5
+    # float32: rounding of the reductions over the D elements of a sample, relative sqrt(D) *
+    # 2^-24 (3e-6 at D = 3072, 2.3e-5 at 150,528), three times that: the lowest tolerance a
+    # float32 comparison can have.
+    RTOL_FLOAT32_PER_SQRT_D = 3 * 2.0**-24
     # float32: allowed error against float64, in units of the reference variant's own worst
     # error on the same samples. A deep ReLU network's float32 gradient is not a smooth function
     # of rounding: a pre-activation within rounding of 0 flips a ReLU and moves g by ~1e-2 of
@@ -251,46 +294,11 @@ class CheckedWorkload:
     # the tight one.
     FLOAT32_ERROR_FACTOR = 16.0
 
-    def __init__(self, name: str, device: str | torch.device, measure_memory: bool = True) -> None:
-        self.name = name
-        self.w32 = build_workload(name, device)
-        self.w64 = self.w32.head(CHECK_SAMPLES).to(torch.float64)
+    def __init__(self, w32: Workload) -> None:
+        self.w32 = w32
+        self.w64 = w32.head(w32.check_samples).to(torch.float64)
         self.samples = self.w64.batch
-        # On the CPU, the variants' peak memory, measured in a subprocess (peak_memory.py) that
-        # starts now and runs beside the checks; peak_memory() waits for it.
-        self._rss_job = (
-            RssPeakJob(name, *variants_for("cpu"), "--device", "cpu")
-            if self.device.type == "cpu" and measure_memory
-            else None
-        )
-        self.measure_memory = measure_memory
         self._outputs: dict[tuple[str, torch.dtype], dict[str, Tensor]] = {}
-
-    @property
-    def device(self) -> torch.device:
-        return self.w32.device
-
-    def peak_memory(self, variant: str) -> dict[str, Any]:
-        """{"peak_bytes", "method"}: the CPU subprocess's result (waited for), or measured now
-        on CUDA. Called before timing, so nothing runs beside it."""
-        if not self.measure_memory:
-            return {"peak_bytes": None, "method": "not measured"}
-        if self._rss_job is not None:
-            return self._rss_job.result()[variant]
-        fn = make_variant(self.w32, variant)
-        return {
-            "peak_bytes": cuda_peak_bytes(fn, self.device),
-            "method": "torch.cuda.max_memory_allocated - memory_allocated before the call",
-        }
-
-    def settle(self) -> None:
-        """Waits for the CPU peak-memory subprocess, so that it does not run beside timing."""
-        if self._rss_job is not None:
-            self._rss_job.result()
-
-    def close(self) -> None:
-        if self._rss_job is not None:
-            self._rss_job.close()
 
     def outputs(self, variant: str, dtype: torch.dtype) -> dict[str, Tensor]:
         """The variant's outputs (outputs_of) in float32 (all B samples) or float64 (the first
@@ -323,7 +331,8 @@ class CheckedWorkload:
             # float32 on the first S samples (all B on the CPU workload)
             ref_err = (self.outputs(ref, torch.float32)[name][..., : self.samples] - want64).abs()
             bound = torch.maximum(
-                self.FLOAT32_ERROR_FACTOR * ref_err.max(), self.RTOL_FLOAT32 * scale
+                self.FLOAT32_ERROR_FACTOR * ref_err.max(),
+                self.RTOL_FLOAT32_PER_SQRT_D * math.sqrt(self.w32.x[0].numel()) * scale,
             )
             err32 = (got32[name][..., : self.samples] - want64).abs()
             _assert_within(err32, bound, f"{variant} {name}, float32 (reference: {ref})")
@@ -348,3 +357,21 @@ def _assert_within(err: Tensor, bound: Tensor, what: str) -> None:
             f"{what}: sample {sample} differs by {float(err.flatten()[flat]):.3e}, "
             f"tolerance {float(bound.expand_as(err).flatten()[flat]):.3e}"
         )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Prints {variant: rss_peak_bytes result} of a CPU workload's variants, as JSON; run by
+    peak_memory.RssPeakJob in a fresh process (see peak_memory.py)."""
+    parser = argparse.ArgumentParser(description="CPU peak memory of a workload's variants")
+    parser.add_argument("workload", choices=sorted(WORKLOADS))
+    parser.add_argument("variants", nargs="+")
+    parser.add_argument("--quick", action="store_true", help="the workload's --quick size")
+    args = parser.parse_args(argv)
+    if "CURVKERN_BENCH_THREADS" in os.environ:  # as the benchmark run (--torch-threads)
+        torch.set_num_threads(int(os.environ["CURVKERN_BENCH_THREADS"]))
+    w = build_workload(args.workload, "cpu", args.quick)
+    print(json.dumps({v: rss_peak_bytes(make_variant(w, v)) for v in args.variants}))
+
+
+if __name__ == "__main__":
+    main()

@@ -35,12 +35,19 @@ BACKENDS = ("auto", "kernels", "torch")
 MAX_SEED = 1 << 63
 MAX_ID = torch_ops.MAX_ID
 
-# Input elements per forward/backward pass on the CPU when max_batch is None: rows per pass =
-# CPU_PASS_ELEMENTS // (elements per sample). Measured on two cores (n = 10): a small CNN on
-# 3x32x32 ran fastest at 32 to 128 rows per pass and 1.4 to 1.7 times slower with all n * B rows
-# stacked (activations fall out of cache); an MLP on 64 features ran fastest at 1,000 rows and
-# more, 3 times slower at 64. 2^18 elements give 85 and 4,096 rows.
+# Rows per forward/backward pass on the CPU when max_batch is None: CPU_PASS_ELEMENTS input
+# elements' worth, and at least CPU_MIN_ROWS. Measured (benchmarks/pass_size.py, n = 10, process
+# CPU time of one thread against the floor of n + 1 passes of the batch, medians of 3 to 7
+# interleaved cycles on a loaded 2-core machine): a small CNN on 3x32x32, B = 64, costs 1.02x
+# the floor at 64 to 128 rows per pass, 1.36x at 8 and 1.9x with all 640 rows in one pass (its
+# activations fall out of cache); torchvision's ResNet-18 on 3x224x224, B = 8, costs 1.25x at one
+# row per pass (what the element budget alone gives), 1.11x at 2, 1.00x at 4 and 8, 1.09x at 16:
+# every pass re-reads the 47 MB of weights, which one row does not amortize (a second run: 1.00x
+# with this rule, 1.32x with one row; the published algorithm 1.84x). An MLP on 64 features
+# costs 1.3 to 1.4x its floor from 256 rows up (fixed per-call costs, not the pass size), 2x at
+# 64. The rule gives 85, 8 and 4,096 rows.
 CPU_PASS_ELEMENTS = 1 << 18
+CPU_MIN_ROWS = 8
 
 # Samples the once-per-input-signature consistency check evaluates (in passes of at most 3 * 8
 # + 1 rows): enough to see a batch statistic or a random op, cheap next to one scoring pass.
@@ -107,9 +114,9 @@ class CurvatureScorer:
         seed: probe seed, 0 <= seed < 2^63.
         method: "fd" (default), "hvp" or "zo".
         max_batch: most rows (samples x probes) in one forward/backward pass. None: on the CPU,
-            2^18 input elements' worth of rows (fastest in measurements); on CUDA, all of a
-            batch's probe rows at once, halved (and remembered) whenever the GPU runs out of
-            memory.
+            2^18 input elements' worth of rows, at least 8 (fastest in measurements); on CUDA,
+            all of a batch's probe rows at once, halved (and remembered) whenever the GPU runs
+            out of memory.
         backend: "kernels" (the compiled ops; an error where they are missing), "torch" (the
             same computation in plain PyTorch, probes materialized) or "auto" (kernels where
             compiled for the input's device, else torch with one warning).
@@ -511,7 +518,7 @@ class CurvatureScorer:
         if x.device in self._halving.rows:
             return self._halving.rows[x.device]
         if x.device.type == "cpu":
-            return max(1, CPU_PASS_ELEMENTS // max(1, x[0].numel()))
+            return max(CPU_MIN_ROWS, CPU_PASS_ELEMENTS // max(1, x[0].numel()))
         return self._estimator.rows_per_probe * self.n_probes * x.shape[0]
 
     # ------------------------------------------------------------------------------------------
