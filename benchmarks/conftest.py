@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import curvkern
-from curvkern.scorer import ieee_float32
+from curvkern._model_state import ieee_float32
 
 from .common import CUDA
 
