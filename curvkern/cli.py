@@ -229,20 +229,6 @@ def checkpoint_epochs(pattern: str) -> dict[int, str]:
     return dict(sorted(epochs.items()))
 
 
-def _scored_epochs(path: Path) -> list[int]:
-    """Epochs already in a tracker file (empty when there is no file)."""
-    if not path.exists():
-        return []
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return [int(e) for e in data["epochs"].tolist()]
-    except (OSError, ValueError, KeyError) as error:
-        raise CliError(
-            f"--out: {path} exists but is not a curvkern tracker file ({_one_line(error)}); "
-            "choose another path"
-        ) from None
-
-
 # -- commands -----------------------------------------------------------------------------------
 
 
@@ -290,15 +276,20 @@ def _check_fit(model: torch.nn.Module, data: Data, device: torch.device, spec: s
     except Exception as error:
         raise CliError(
             f"--data: the model from {spec} cannot take x of shape {tuple(x.shape[1:])} per "
-            f"sample with labels up to {int(data.labels.max())}: {type(error).__name__}: "
-            f"{_one_line(error)}"
+            f"sample: {type(error).__name__}: {_one_line(error)}"
         ) from None
+    top = int(data.labels.max())
+    if out.ndim == 2 and top >= out.shape[1]:
+        raise CliError(
+            f"--data: {data.source} has labels up to {top}, but the model from {spec} gives "
+            f"{out.shape[1]} class scores per sample"
+        )
 
 
 def cmd_score(args) -> int:
     from tqdm.auto import tqdm
 
-    from curvkern import CurvatureScorer, IndexedDataset, score_checkpoints
+    from curvkern import CurvatureScorer, CurvatureTracker, IndexedDataset, score_checkpoints
     from curvkern.report import format_ranges
 
     if args.n_probes < 1:
@@ -325,9 +316,17 @@ def cmd_score(args) -> int:
             torch.from_numpy(data.images).to(dtype), torch.from_numpy(data.labels)
         )
     scorer_kwargs = {"h": args.h, "n_probes": args.n_probes, "method": args.method}
-    CurvatureScorer(model, **scorer_kwargs)  # its argument checks, before any long work
-
-    done = set(_scored_epochs(out))
+    # The tracker checks an existing --out file (its settings and N) before any long work.
+    try:
+        tracker = CurvatureTracker(CurvatureScorer(model, **scorer_kwargs), len(data), out)
+    except ValueError as error:
+        raise CliError(f"--out: {_one_line(error)}") from None
+    except (OSError, KeyError) as error:
+        raise CliError(
+            f"--out: {out} exists but is not a curvkern tracker file ({_one_line(error)}); "
+            "choose another path"
+        ) from None
+    done = set(tracker.epochs)
     pending = {e: f for e, f in checkpoints.items() if e not in done}
     skipped = sorted(set(checkpoints) & done)
     if skipped:
