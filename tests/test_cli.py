@@ -2,6 +2,7 @@
 its errors (one line, exit status 2, no traceback)."""
 
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -282,3 +283,11 @@ def test_report_size_stays_small_for_100k_samples(tmp_path):
     assert f"the {MAX_ROWS:,} highest-scored of {n:,} samples" in page
     assert f"{MAX_POINTS:,} points" in page
     assert "samples never learned (infinite) left out" in page
+
+
+@pytest.mark.skipif(shutil.which("curvkern") is None, reason="the package is not pip-installed")
+def test_console_script():
+    """`pip install` puts the console script on PATH (pyproject's [project.scripts])."""
+    result = subprocess.run(["curvkern", "info"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("curvkern ")

@@ -544,7 +544,7 @@ def build_report(
             "DATA": json.dumps(
                 {"columns": columns, "rows": rows, "tableRows": TABLE_ROWS}, separators=(",", ":")
             ).replace("</", "<\\/"),
-            "CSV_NAME": html.escape(Path(scores.path).stem + "_scores.csv"),
+            "CSV_NAME": html.escape(Path(scores.path).stem + ".csv"),
         },
     )
     # The page states its own size: measured with the placeholder, then filled in (a few
