@@ -8,9 +8,10 @@ Quick use::
 
 from . import metrics, ops, reference, torch_ops
 from ._extension import has_cuda_kernels, has_kernels, kernels_available
-from .dataset import CurvatureTracker, IndexedDataset, score_checkpoints, score_dataset
+from .dataset import IndexedDataset, score_dataset
 from .scorer import CurvatureScorer
 from .scores import CurvatureScores
+from .tracker import CurvatureTracker, score_checkpoints
 
 __version__ = "0.1.0"
 

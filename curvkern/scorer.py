@@ -10,14 +10,13 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from . import losses, torch_ops
 from . import ops as kernel_ops
-from . import torch_ops
 from ._extension import kernels_available, missing_kernels_message
-from .scores import CurvatureScores
+from .scores import CLASSIFICATION_FIELDS, CurvatureScores
 
 __all__ = ["CurvatureScorer", "METHODS", "BACKENDS"]
 
@@ -41,10 +40,6 @@ _NO_INPUT_GRADIENT = (
     "numpy round trip or torch.no_grad inside the model cuts that path). method='zo' needs "
     "loss values only."
 )
-
-
-def _cross_entropy(output: Tensor, y: Tensor) -> Tensor:
-    return F.cross_entropy(output, y, reduction="none")
 
 
 def _repeat_rows(t: Tensor, copies: int) -> Tensor:
@@ -207,7 +202,7 @@ class CurvatureScorer:
             # arms the gradient reducer), and ranks run different numbers of scoring passes.
             model = model.module
         self.model = model
-        self.loss_fn: LossFn = _cross_entropy if loss_fn is None else loss_fn
+        self.loss_fn: LossFn = losses.cross_entropy if loss_fn is None else loss_fn
         self.h = float(h)
         self.n_probes = int(n_probes)
         self.seed = int(seed)
@@ -260,13 +255,13 @@ class CurvatureScorer:
             while True:
                 rows = self._row_budget(x)
                 try:
-                    sums, count, loss, grad_norm = self._score_batch(ops, x, y, ids, rows)
+                    sums, count, loss, grad_norm, cls = self._score_batch(ops, x, y, ids, rows)
                     break
                 except torch.cuda.OutOfMemoryError:
                     if self.max_batch is not None or rows <= 1:
                         raise
                     self._auto_rows[x.device] = rows // 2
-        return self._finalize(sums, count, loss, grad_norm, ids, out_dtype)
+        return self._finalize(sums, count, loss, grad_norm, cls, ids, out_dtype)
 
     # ------------------------------------------------------------------------------------------
     # Checks
@@ -370,16 +365,20 @@ class CurvatureScorer:
             )
         return loss
 
-    def _loss_and_grad(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """Per-row losses (R,) and input gradients (R, ...) at x (R, ...)."""
+    def _loss_and_grad(self, x: Tensor, y: Tensor, stats: bool = False):
+        """Per-row losses (R,) and input gradients (R, ...) at x (R, ...); with ``stats``, also
+        the (R, 4) classification statistics of the output."""
         xr = x.detach().requires_grad_(True)
         with torch.enable_grad():
-            loss = self._losses(self.model(xr), y, xr.shape[0])
+            output = self.model(xr)
+            loss = self._losses(output, y, xr.shape[0])
             grad = None
             if loss.requires_grad:
                 (grad,) = torch.autograd.grad(loss.sum(), xr, allow_unused=True)
         if grad is None:
             raise RuntimeError(_NO_INPUT_GRADIENT)
+        if stats:
+            return loss.detach(), grad.detach(), losses.classification_stats(output, y)
         return loss.detach(), grad.detach()
 
     def _hessian_vector(self, x: Tensor, y: Tensor, v: Tensor) -> Tensor:
@@ -402,8 +401,9 @@ class CurvatureScorer:
 
     def _score_batch(
         self, ops: types.ModuleType, x: Tensor, y: Tensor, ids: Tensor, rows: int
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Probe sums (B, 4), probe counts (B,), losses (B,) and gradient norms (B,)."""
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Probe sums (B, 4), probe counts (B,), losses (B,), gradient norms (B,) and
+        classification statistics (B, 4)."""
         group = max(1, min(x.shape[0], rows // self._rows_per_probe))
         parts = [
             self._score_group(ops, x[s : s + group], y[s : s + group], ids[s : s + group], rows)
@@ -413,15 +413,17 @@ class CurvatureScorer:
 
     def _score_group(
         self, ops: types.ModuleType, x: Tensor, y: Tensor, ids: Tensor, rows: int
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         batch = x.shape[0]
         if self.method == "zo":
             with torch.no_grad():
-                loss = self._losses(self.model(x), y, batch).detach()
+                output = self.model(x)
+                loss = self._losses(output, y, batch).detach()
+                cls_stats = losses.classification_stats(output, y)
             grad = None
             grad_norm = torch.full((batch,), math.nan, dtype=torch.float64, device=x.device)
         else:
-            loss, grad = self._loss_and_grad(x, y)
+            loss, grad, cls_stats = self._loss_and_grad(x, y, stats=True)
             grad = grad.reshape(batch, -1)
             grad_norm = torch.linalg.vector_norm(grad.double(), dim=1)
         sums = torch.zeros(batch, 4, dtype=torch.float64, device=x.device)
@@ -450,7 +452,7 @@ class CurvatureScorer:
                 if self.rtol is not None:
                     live[live.clone()] = ~self._converged(sums[rows_live], offset)
             active = active[live] if self.rtol is not None else active[:0]
-        return sums, count, loss.to(torch.float64), grad_norm
+        return sums, count, loss.to(torch.float64), grad_norm, cls_stats
 
     def _round_sizes(self, offset: int, active: int, rows: int) -> list[int]:
         """Probes per round for the next pass over ``active`` samples.
@@ -551,6 +553,7 @@ class CurvatureScorer:
         count: Tensor,
         loss: Tensor,
         grad_norm: Tensor,
+        cls: Tensor,
         ids: Tensor,
         dtype: torch.dtype,
     ) -> CurvatureScores:
@@ -565,8 +568,11 @@ class CurvatureScorer:
             "frobenius_sq": sums[:, 1] / n,
             "loss": loss,
             "grad_norm": grad_norm,
+            **{name: cls[:, i] for i, name in enumerate(CLASSIFICATION_FIELDS)},
         }
-        checked = [v for k, v in fields.items() if not (k == "grad_norm" and self.method == "zo")]
+        # NaN by design: grad_norm of zo, the classification fields of other outputs.
+        unchecked = {*CLASSIFICATION_FIELDS, *(("grad_norm",) if self.method == "zo" else ())}
+        checked = [v for k, v in fields.items() if k not in unchecked]
         bad = ~torch.stack([torch.isfinite(v) for v in checked]).all(dim=0)
         n_bad = int(bad.sum())
         if n_bad:

@@ -7,20 +7,14 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["CurvatureScores", "SCORE_FIELDS"]
+__all__ = ["CurvatureScores", "SCORE_FIELDS", "CLASSIFICATION_FIELDS"]
 
-# The float fields, each a (B,) tensor.
-SCORE_FIELDS = (
-    "curvature",
-    "curvature_stderr",
-    "trace",
-    "trace_stderr",
-    "frobenius_sq",
-    "loss",
-    "grad_norm",
-)
+# The fields computed from the model's output at x when it is (B, C) logits with integer labels
+# (NaN otherwise): the training-dynamics baselines curvature is compared with.
+CLASSIFICATION_FIELDS = ("margin", "p_label", "correct", "el2n")
 
 
 @dataclasses.dataclass
@@ -36,10 +30,20 @@ class CurvatureScores:
         frobenius_sq: estimate of ||H||_F^2 = tr(H^2), mean_k ||H r_k||^2.
         loss: per-sample loss L(x, y).
         grad_norm: ||grad_x L(x, y)|| (NaN for method "zo", which takes no gradient).
+        margin: logit_y - max_{j != y} logit_j at x (area under the margin, per epoch).
+        p_label: softmax probability of the label y at x.
+        correct: 1.0 if the argmax of the logits at x is y, else 0.0.
+        el2n: ||softmax(logits) - onehot(y)||_2 at x (the EL2N score).
+            These four come from the unperturbed pass (no extra model pass), and are NaN unless
+            the output is (B, C) logits (as :func:`curvkern.losses.logits_of` finds them) and y
+            holds (B,) integer labels.
         ids: (B,) int64 sample ids.
         n_probes: (B,) int64 number of probes each sample got.
         h: the finite-difference step the scores were computed with.
         method: "fd", "hvp" or "zo".
+        curvature_map: (B, T) per-position curvature mean_k ||dg_k[t]|| / h when scored with
+            ``per_position=True`` (masked-out positions 0); None otherwise. Not a (B,) field, so
+            not in :meth:`to_dict`; it follows the rows in indexing, ``to`` and ``cat``.
     """
 
     curvature: Tensor
@@ -49,10 +53,15 @@ class CurvatureScores:
     frobenius_sq: Tensor
     loss: Tensor
     grad_norm: Tensor
+    margin: Tensor
+    p_label: Tensor
+    correct: Tensor
+    el2n: Tensor
     ids: Tensor
     n_probes: Tensor
     h: float
     method: str
+    curvature_map: Tensor | None = None
 
     def __len__(self) -> int:
         return self.ids.shape[0]
@@ -82,13 +91,19 @@ class CurvatureScores:
 
     def to(self, device: torch.device | str) -> CurvatureScores:
         """A copy with every tensor on ``device``."""
+        cmap = None if self.curvature_map is None else self.curvature_map.to(device)
         return dataclasses.replace(
-            self, **{name: t.to(device) for name, t in self.to_dict().items()}
+            self,
+            **{name: t.to(device) for name, t in self.to_dict().items()},
+            curvature_map=cmap,
         )
 
     def __getitem__(self, index) -> CurvatureScores:
         """The rows ``index`` (a slice, an index tensor or a boolean mask)."""
-        return dataclasses.replace(self, **{name: t[index] for name, t in self.to_dict().items()})
+        cmap = None if self.curvature_map is None else self.curvature_map[index]
+        return dataclasses.replace(
+            self, **{name: t[index] for name, t in self.to_dict().items()}, curvature_map=cmap
+        )
 
     @classmethod
     def empty(
@@ -109,9 +124,57 @@ class CurvatureScores:
             method=method,
         )
 
+    def to_rows(self) -> tuple[Tensor, Tensor]:
+        """The rows that a gather across processes carries: ids and every per-sample number.
+
+        Returns:
+            ids (B,) int64 and values (B, F + 1) float64 on the CPU: the columns are
+            SCORE_FIELDS in order, then n_probes (exact in float64 below 2**53).
+        """
+        columns = [getattr(self, name).double() for name in SCORE_FIELDS]
+        columns.append(self.n_probes.double())
+        return self.ids.cpu(), torch.stack(columns, dim=1).cpu()
+
+    @classmethod
+    def from_rows(
+        cls,
+        ids: Tensor,
+        values: Tensor,
+        *,
+        size: int,
+        h: float,
+        method: str,
+        dtype: torch.dtype = torch.float32,
+    ) -> CurvatureScores:
+        """Scores of ids 0 .. size-1 from rows made by :meth:`to_rows` (the inverse).
+
+        Args:
+            ids: (R,) int64 ids in [0, size); an id given twice keeps its last row.
+            values: (R, F + 1) float64 rows, columns as to_rows writes them.
+            size: N, the number of rows of the result.
+            h, method: the scorer's step and method.
+            dtype: the float fields' dtype.
+        Returns:
+            CurvatureScores of ``size`` rows on the CPU; NaN and n_probes 0 for ids not in ids.
+        """
+        if values.shape != (ids.shape[0], len(SCORE_FIELDS) + 1):
+            raise ValueError(
+                f"values must have shape (R, {len(SCORE_FIELDS) + 1}) with R = {ids.shape[0]} "
+                f"(SCORE_FIELDS then n_probes), got {tuple(values.shape)}"
+            )
+        result = cls.empty(h, method, dtype=dtype, size=size)
+        for i, name in enumerate(SCORE_FIELDS):
+            getattr(result, name)[ids] = values[:, i].to(dtype)
+        result.n_probes[ids] = values[:, -1].long()
+        return result
+
     @classmethod
     def cat(cls, parts: Sequence[CurvatureScores]) -> CurvatureScores:
-        """The rows of ``parts`` one after the other (all from the same h and method)."""
+        """The rows of ``parts`` one after the other (all from the same h and method).
+
+        Curvature maps (all parts have one, or none has) of different lengths T are padded on
+        the right with NaN to the longest: those positions do not exist in the shorter parts.
+        """
         if not parts:
             raise ValueError("CurvatureScores.cat needs at least one part")
         first = parts[0]
@@ -125,4 +188,27 @@ class CurvatureScores:
             name: torch.cat([getattr(p, name) for p in parts])
             for name in (*SCORE_FIELDS, "ids", "n_probes")
         }
-        return cls(**tensors, h=first.h, method=first.method)
+        return cls(**tensors, h=first.h, method=first.method, curvature_map=_cat_maps(parts))
+
+
+# The (B,) float fields: the fields declared as Tensor, other than ids and n_probes. Derived from
+# the declaration above, so that a new field reaches the gather, the tracker and its file.
+SCORE_FIELDS = tuple(
+    f.name
+    for f in dataclasses.fields(CurvatureScores)
+    if f.type == "Tensor" and f.name not in ("ids", "n_probes")
+)
+
+
+def _cat_maps(parts: Sequence[CurvatureScores]) -> Tensor | None:
+    """The parts' (B_i, T_i) curvature maps stacked into (sum B_i, max T_i), or None if none."""
+    maps = [p.curvature_map for p in parts]
+    if all(m is None for m in maps):
+        return None
+    if any(m is None for m in maps):
+        raise ValueError(
+            "cannot concatenate scores with and without curvature_map; score every part with "
+            "the same per_position setting"
+        )
+    width = max(m.shape[1] for m in maps)
+    return torch.cat([F.pad(m, (0, width - m.shape[1]), value=math.nan) for m in maps])

@@ -70,7 +70,7 @@ from common import (
 from torch import nn
 
 from curvkern import CurvatureScorer, CurvatureTracker
-from curvkern.dataset import atomic_write
+from curvkern.io import atomic_write
 from curvkern.metrics import auroc, cosine_similarity, spearman, topk
 
 QUICK = {"subset": 300, "epochs": 10}  # --quick, for the tests (explicit flags still win)

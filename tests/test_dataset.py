@@ -1,12 +1,7 @@
-"""score_dataset, IndexedDataset, CurvatureTracker and score_checkpoints."""
+"""score_dataset and IndexedDataset: one row per id, ids through Subsets, ids that collide."""
 
-import os
 import re
-import signal
-import subprocess
 import sys
-import textwrap
-import time
 
 import numpy as np
 import pytest
@@ -15,9 +10,7 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from curvkern import (
     CurvatureScorer,
-    CurvatureTracker,
     IndexedDataset,
-    score_checkpoints,
     score_dataset,
 )
 from curvkern.scores import SCORE_FIELDS
@@ -46,7 +39,10 @@ def _assert_same(a, b):
 def test_indexed_dataset(data):
     x, y, i = data[4]
     assert i == 4 and len(data) == N
-    with pytest.raises(TypeError, match=r"expects \(x, y\) items"):
+    with pytest.raises(
+        TypeError,
+        match=r"expects \(x, y\) or \(x, y, model_inputs: dict\) items, got tuple of length 3",
+    ):
         IndexedDataset([(1, 2, 3)])[0]
 
 
@@ -79,7 +75,7 @@ def test_unseen_ids_are_nan(data):
 
 def test_bad_loaders(data):
     scorer = CurvatureScorer(smooth_classifier(), n_probes=1)
-    with pytest.raises(TypeError, match=r"must yield \(x, y, ids\) batches"):
+    with pytest.raises(TypeError, match=r"must yield \(x, y, ids\) or .* batches, got list of length 2"):
         score_dataset(scorer, _loader(data.dataset), progress=False)
     with pytest.raises(ValueError, match=r"ids must lie in \[0, num_samples = 10\), got id 1"):
         score_dataset(scorer, _loader(Subset(data, [1, 12])), num_samples=10, progress=False)
@@ -97,205 +93,93 @@ def test_progress_bar_on_a_terminal_only(data, capsys, monkeypatch):
     assert capsys.readouterr().err == ""
 
 
-# --- CurvatureTracker -------------------------------------------------------------------------
+# --- ids through Subsets, model inputs, any scorer, ids that collide ---------------------------
 
 
-def _train_step(model, lr=0.5):
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(1 + lr * 0.1)
+def test_indexed_subset_yields_the_parents_indices(data):
+    base = data.dataset  # TensorDataset of N (x, y) items
+    idx = [7, 2, 19, 11, 4, 22]
+    sub = IndexedDataset(Subset(base, idx))
+    assert [sub[i][2] for i in range(len(sub))] == idx and sub.num_samples == N
+    torch.testing.assert_close(sub[2][0], base[19][0])
+    # nested Subsets compose; index containers of any kind; negative indices count from the end
+    nested = IndexedDataset(Subset(Subset(base, np.array(idx)), torch.tensor([5, 0, -1])))
+    assert [nested[i][2] for i in range(3)] == [22, 7, 22] and nested.num_samples == N
+    assert IndexedDataset(Subset(base, range(N - 3, N)))[0][2] == N - 3
+    assert IndexedDataset(Subset(base, [-2]))[0][2] == N - 2
+    # positions in the Subset itself, when asked
+    local = IndexedDataset(Subset(base, idx), through_subsets=False)
+    assert [local[i][2] for i in range(len(local))] == list(range(6)) and local.num_samples == 6
 
 
-def test_tracker_averages_epochs(data, tmp_path):
-    model = smooth_classifier()
-    scorer = CurvatureScorer(model, n_probes=3)
-    tracker = CurvatureTracker(scorer, N, tmp_path / "curv.npz")
-    per_epoch = {}
-    for epoch in (0, 2, 4):
-        per_epoch[epoch] = tracker.score_epoch(_loader(data), epoch, progress=False)
-        _train_step(model)
-    assert tracker.epochs == [0, 2, 4]
-    assert tracker.history.shape == (3, N)
-    expected = torch.stack([per_epoch[e].curvature for e in (0, 2, 4)]).mean(0)
-    torch.testing.assert_close(tracker.mean, expected)
-    torch.testing.assert_close(tracker.field_history("loss")[1], per_epoch[2].loss)
-    torch.testing.assert_close(
-        tracker.field_mean("trace"), torch.stack([per_epoch[e].trace for e in (0, 2, 4)]).mean(0)
-    )
-    with pytest.raises(ValueError, match="name must be one of"):
-        tracker.field_history("accuracy")
-
-    # re-scoring an epoch replaces it
-    again = tracker.score_epoch(_loader(data), 2, progress=False)
-    assert tracker.epochs == [0, 2, 4]
-    torch.testing.assert_close(tracker.history[1], again.curvature)
-
-    # a new tracker on the file resumes with the same history
-    resumed = CurvatureTracker(CurvatureScorer(model, n_probes=3), N, tmp_path / "curv.npz")
-    assert resumed.epochs == [0, 2, 4]
-    for name in SCORE_FIELDS:
-        torch.testing.assert_close(resumed.field_history(name), tracker.field_history(name))
-    # the file is plain arrays: it loads without pickle
-    with np.load(tmp_path / "curv.npz", allow_pickle=False) as f:
-        assert f["curvature"].shape == (3, N) and f["epochs"].tolist() == [0, 2, 4]
+def test_scores_through_a_subset_land_in_the_parents_rows(data):
+    base = data.dataset
+    scorer = CurvatureScorer(smooth_classifier(), n_probes=3)
+    full = score_dataset(scorer, _loader(IndexedDataset(base)), progress=False)
+    idx = [7, 2, 19, 11, 4, 22]
+    part = score_dataset(scorer, _loader(IndexedDataset(Subset(base, idx))), progress=False)
+    assert len(part) == N  # num_samples defaults to len(base)
+    _assert_same(part[idx], full[idx])  # same rows, same probes
+    rest = torch.ones(N, dtype=torch.bool)
+    rest[idx] = False
+    assert torch.isnan(part.curvature[rest]).all()
+    # Subset(IndexedDataset(ds)) also yields ds's ids, and N defaults to len(ds)
+    outer = score_dataset(scorer, _loader(Subset(IndexedDataset(base), idx)), progress=False)
+    _assert_same(outer, part)
 
 
-def test_tracker_mean_ignores_unscored_epochs_per_sample(data):
+class _Shifted:
+    """A scorer of a model with a keyword input: model(x + shift) through score(**inputs)."""
+
+    def __init__(self, scorer):
+        self.scorer = scorer
+
+    def score(self, x, y, ids, *, shift):
+        return self.scorer.score(x + shift, y, ids)
+
+
+def test_model_inputs_reach_any_scorer(data):
+    x, y = data.dataset.tensors
+    shift = torch.linspace(-1, 1, N, dtype=x.dtype)[:, None].expand_as(x)
+    items = [(x[i], y[i], {"shift": shift[i]}) for i in range(N)]
+    indexed = IndexedDataset(items)
+    assert len(indexed[3]) == 4 and indexed[3][2] == 3
+    inner = CurvatureScorer(smooth_classifier(), n_probes=2)
+    result = score_dataset(_Shifted(inner), _loader(indexed, batch_size=4), progress=False)
+    _assert_same(result, inner.score(x + shift, y, torch.arange(N)))
+
+
+def test_one_id_twice_with_other_scores_is_refused(data):
+    from torch.utils.data import ConcatDataset
+
+    x, y = data.dataset.tensors
     scorer = CurvatureScorer(smooth_classifier(), n_probes=2)
-    tracker = CurvatureTracker(scorer, N)
-    full = tracker.score_epoch(_loader(data), 0, progress=False)
-    tracker.score_epoch(_loader(Subset(data, [1, 2])), 1, progress=False)
-    # samples scored only at epoch 0 keep their epoch-0 curvature as their mean
-    torch.testing.assert_close(tracker.mean[5:], full.curvature[5:])
-    assert tracker.history.shape == (2, N) and torch.isnan(tracker.history[1, 5:]).all()
-
-
-def test_tracker_refuses_other_settings(data, tmp_path):
-    path = tmp_path / "t.npz"
-    CurvatureTracker(CurvatureScorer(smooth_classifier(), n_probes=2), N, path).score_epoch(
-        _loader(data), 0, progress=False
+    first = IndexedDataset(TensorDataset(x[:12], y[:12]))
+    second = IndexedDataset(TensorDataset(x[12:], y[12:]))
+    with pytest.raises(ValueError, match=r"id 0 arrived twice with different scores .*11 ids"):
+        score_dataset(scorer, _loader(ConcatDataset([first, second])), progress=False)
+    # the fix the message gives: index the concatenation
+    joined = IndexedDataset(
+        ConcatDataset([TensorDataset(x[:12], y[:12]), TensorDataset(x[12:], y[12:])])
     )
-    with pytest.raises(ValueError, match="n_probes: file 2, scorer 3"):
-        CurvatureTracker(CurvatureScorer(smooth_classifier(), n_probes=3), N, path)
-    with pytest.raises(ValueError, match="holds 23 samples, this tracker has num_samples = 24"):
-        CurvatureTracker(CurvatureScorer(smooth_classifier(), n_probes=2), N + 1, path)
-    with pytest.raises(ValueError, match="scores must have num_samples = 23 rows"):
-        CurvatureTracker(CurvatureScorer(smooth_classifier()), N).record(
-            0, CurvatureScorer(smooth_classifier()).score(*labelled_batch(3))
-        )
-
-
-def test_failed_save_keeps_the_previous_file(data, tmp_path, monkeypatch):
-    path = tmp_path / "t.npz"
-    tracker = CurvatureTracker(CurvatureScorer(smooth_classifier(), n_probes=2), N, path)
-    tracker.score_epoch(_loader(data), 0, progress=False)
-    before = path.read_bytes()
-
-    def failing_savez(file, **arrays):  # writes part of a file, then the disk fills up
-        file.write(b"PK\x03\x04 partial")
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(np, "savez", failing_savez)
-    with pytest.raises(OSError, match="No space left"):
-        tracker.score_epoch(_loader(data), 1, progress=False)
-    assert path.read_bytes() == before
-    assert os.listdir(tmp_path) == ["t.npz"]  # the temporary file is gone
-    monkeypatch.undo()
-    assert CurvatureTracker(CurvatureScorer(smooth_classifier(), n_probes=2), N, path).epochs == [0]
-
-
-def test_killed_during_saves_leaves_a_loadable_file(tmp_path):
-    # A process saves a large tracker over and over; it is killed at an arbitrary moment. The
-    # file must then hold one complete save (old or new), never a torn one.
-    path = tmp_path / "big.npz"
-    script = textwrap.dedent(
-        f"""
-        import sys, torch
-        from curvkern import CurvatureScorer, CurvatureTracker, CurvatureScores
-        n = 400_000
-        tracker = CurvatureTracker(CurvatureScorer(lambda x: x), n, {str(path)!r})
-        epoch = 0
-        while True:
-            scores = CurvatureScores.empty(1e-3, "fd", size=n)
-            scores.curvature.fill_(float(epoch))
-            tracker.record(epoch, scores)
-            print(epoch, flush=True)
-            epoch += 1
-        """
+    _assert_same(
+        score_dataset(scorer, _loader(joined), progress=False),
+        score_dataset(scorer, _loader(data), progress=False),
     )
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    try:
-        for _ in range(3):  # let a few saves complete
-            assert proc.stdout.readline(), "the saving process died"
-        time.sleep(0.05)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    tracker = CurvatureTracker(CurvatureScorer(lambda x: x), 400_000, path)
-    assert len(tracker.epochs) >= 3
-    history = tracker.history
-    assert torch.equal(history[:, 0], torch.arange(len(tracker.epochs), dtype=history.dtype))
-
-
-# --- score_checkpoints ------------------------------------------------------------------------
-
-
-def test_score_checkpoints(data, tmp_path):
-    model = smooth_classifier()
-    states = {}
-    for epoch in (1, 5, 9):
-        _train_step(model)
-        states[epoch] = {k: v.clone() for k, v in model.state_dict().items()}
-        torch.save(states[epoch], tmp_path / f"ckpt_{epoch:03d}.pt")
-    torch.save({"model_state_dict": states[9], "epoch": 9}, tmp_path / "wrapped.pt")
-    final = {k: v.clone() for k, v in model.state_dict().items()}
-
-    files = sorted(tmp_path.glob("ckpt_*.pt"))
-    tracker = score_checkpoints(
-        model, files, _loader(data), n_probes=2, progress=False, path=tmp_path / "series.npz"
+    # one sample scored twice (in other batches, e.g. a sampler's padding) is harmless
+    twice = Subset(data, [*range(N), 3, 3, 17])
+    _assert_same(
+        score_dataset(scorer, _loader(twice, batch_size=4), progress=False),
+        score_dataset(scorer, _loader(data), progress=False),
     )
-    assert tracker.epochs == [1, 5, 9]
-    for epoch, state in states.items():
-        reference = smooth_classifier()
-        reference.load_state_dict(state)
-        want = CurvatureScorer(reference, n_probes=2).score(*data.dataset.tensors)
-        torch.testing.assert_close(tracker.history[tracker.epochs.index(epoch)], want.curvature)
-    for k, v in model.state_dict().items():  # the model's own weights are back
-        assert torch.equal(v, final[k])
-
-    # a dict with the state under a common key; explicit epochs
-    wrapped = score_checkpoints(
-        model, {9: tmp_path / "wrapped.pt"}, _loader(data), n_probes=2, progress=False
-    )
-    torch.testing.assert_close(wrapped.history[0], tracker.history[2])
-
-    # resuming from the tracker's file skips the epochs already scored
-    calls = []
-
-    class CountingLoader:
-        dataset = data
-
-        def __iter__(self):
-            calls.append(1)
-            return iter(_loader(data))
-
-    files.append(tmp_path / "ckpt_011.pt")
-    torch.save(states[9], files[-1])
-    resumed = score_checkpoints(
-        model, files, CountingLoader(), n_probes=2, progress=False, path=tmp_path / "series.npz"
-    )
-    assert resumed.epochs == [1, 5, 9, 11] and len(calls) == 1
 
 
-def test_score_checkpoints_refuses_pickled_code(data, tmp_path):
-    bad = tmp_path / "bad.pt"
-    torch.save({"state_dict": smooth_classifier().state_dict(), "extra": CurvatureScorer}, bad)
-    with pytest.raises(Exception, match="Weights only load failed"):
-        score_checkpoints(smooth_classifier(), [bad], _loader(data), progress=False)
-    plain = tmp_path / "plain.pt"
-    torch.save([1, 2], plain)
-    with pytest.raises(ValueError, match="expected a state_dict"):
-        score_checkpoints(smooth_classifier(), [plain], _loader(data), progress=False)
-
-
-def test_checkpoint_epochs_from_names():
-    from curvkern.dataset import _checkpoint_epochs
-
-    assert _checkpoint_epochs(["a/run3_ep10.pt", "a/run3_ep2.pt"]) == [
-        (2, "a/run3_ep2.pt"),
-        (10, "a/run3_ep10.pt"),
-    ]
-    assert _checkpoint_epochs(["last.pt", "best.pt"]) == [(0, "last.pt"), (1, "best.pt")]
-    assert _checkpoint_epochs({3: "x.pt", 1: "y.pt"}) == [(1, "y.pt"), (3, "x.pt")]
-
-
-def test_saved_file_permissions_follow_the_umask(data, tmp_path):
-    old = os.umask(0o022)
-    try:
-        tracker = CurvatureTracker(
-            CurvatureScorer(smooth_classifier(), n_probes=1), N, tmp_path / "t.npz"
-        )
-        tracker.score_epoch(_loader(data), 0, progress=False)
-    finally:
-        os.umask(old)
-    assert (tmp_path / "t.npz").stat().st_mode & 0o777 == 0o644
+def test_batch_forms(data):
+    scorer = CurvatureScorer(smooth_classifier(), n_probes=1)
+    x, y = data.dataset.tensors
+    with pytest.raises(
+        TypeError, match=r"\(x, y, ids, model_inputs: dict\) batches, got tuple of length 4"
+    ):
+        score_dataset(scorer, [(x, y, torch.arange(N), "inputs")], progress=False)
+    with pytest.raises(TypeError, match="got dict"):
+        score_dataset(scorer, [{"x": x}], progress=False)

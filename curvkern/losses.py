@@ -1,0 +1,119 @@
+"""Per-sample losses for the scorer, and the output selection they share.
+
+A scorer's ``loss_fn(output, y)`` returns one loss per row of the model's output, shape (B,).
+Models return their logits in many forms (a tensor, a tuple whose first element is the logits,
+a dict with ``"logits"``, a Hugging Face ``ModelOutput`` with ``.logits``); :func:`logits_of`
+finds them, so the default loss works on all of these.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["logits_of", "cross_entropy", "classification_stats"]
+
+
+def logits_of(output) -> Tensor:
+    """The logits tensor inside a model's output.
+
+    Args:
+        output: a tensor; a tuple or list (its first element); a mapping with key ``"logits"``;
+            or an object with a ``.logits`` attribute (Hugging Face model outputs).
+    Returns:
+        The logits tensor, as the model returned it (e.g. (B, C) or (B, T, C)).
+    Raises:
+        TypeError: for any other output, naming its type and the accepted forms.
+    """
+    if isinstance(output, Tensor):
+        return output
+    # Hugging Face ModelOutput is both a mapping and an object with attributes; either path
+    # gives the same tensor. The attribute comes first because a ModelOutput drops None entries
+    # from its mapping view but not from its attributes.
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    if isinstance(output, Mapping):
+        if isinstance(output.get("logits"), Tensor):
+            return output["logits"]
+        raise TypeError(
+            f"the model returned a mapping without a 'logits' tensor (keys: {list(output)}); "
+            f"pass a loss_fn(output, y) that picks the tensor to score"
+        )
+    if isinstance(output, tuple | list):
+        if output and isinstance(output[0], Tensor):
+            return output[0]
+        first = type(output[0]).__name__ if output else "nothing"
+        raise TypeError(
+            f"the model returned a {type(output).__name__} whose first element is {first}, "
+            f"not a logits tensor; pass a loss_fn(output, y) that picks the tensor to score"
+        )
+    raise TypeError(
+        f"cannot find logits in a model output of type {type(output).__name__}: expected a "
+        f"tensor, a tuple/list (first element), a mapping with 'logits' or an object with a "
+        f".logits attribute; pass a loss_fn(output, y) that returns per-sample losses (B,)"
+    )
+
+
+def cross_entropy(output, y: Tensor) -> Tensor:
+    """Per-sample cross entropy of a classifier's output: the scorer's default loss.
+
+    Args:
+        output: the model's output, any form :func:`logits_of` accepts, holding (B, C) logits
+            (or (B, C, d1, ...) with y (B, d1, ...), as ``F.cross_entropy`` takes them; the
+            per-sample loss is then the mean over the extra dimensions).
+        y: (B,) integer class labels (or (B, C) class probabilities, as ``F.cross_entropy``
+            takes them).
+    Returns:
+        (B,) losses, cross entropy with reduction "none" (mean over any extra dimensions).
+    """
+    loss = F.cross_entropy(logits_of(output), y, reduction="none")
+    return loss.flatten(1).mean(1) if loss.dim() > 1 else loss
+
+
+def classification_stats(output, y: Tensor) -> Tensor:
+    """Margin, label probability, correctness and EL2N of each sample, from one output.
+
+    Args:
+        output: the model's output at the unperturbed inputs (any form :func:`logits_of` takes).
+        y: the targets of the batch, (B,).
+    Returns:
+        (B, 4) float64 tensor, columns (margin, p_label, correct, el2n) as in
+        :class:`curvkern.CurvatureScores`; all NaN unless the logits have shape (B, C), C >= 2,
+        and y holds (B,) integer labels, and NaN in the rows whose label is outside [0, C)
+        (e.g. an ignore index).
+    """
+    try:
+        logits = logits_of(output)
+    except TypeError:
+        logits = None
+    batch = y.shape[0] if isinstance(y, Tensor) and y.dim() else 0
+    device = y.device if isinstance(y, Tensor) else None
+    if (
+        logits is None
+        or logits.dim() != 2
+        or logits.shape[0] != batch
+        or logits.shape[1] < 2
+        or not isinstance(y, Tensor)
+        or y.dim() != 1
+        or y.is_floating_point()
+        or y.is_complex()
+        or y.dtype == torch.bool
+    ):
+        return torch.full((batch, 4), math.nan, dtype=torch.float64, device=device)
+    logits = logits.detach().double()
+    classes = logits.shape[1]
+    valid = (y >= 0) & (y < classes)
+    label = torch.where(valid, y, torch.zeros_like(y)).long().unsqueeze(1)  # (B, 1)
+    own = logits.gather(1, label).squeeze(1)
+    others = logits.scatter(1, label, -math.inf).amax(1)
+    prob = torch.softmax(logits, dim=1)
+    p_label = prob.gather(1, label).squeeze(1)
+    correct = (logits.argmax(1) == label.squeeze(1)).double()
+    el2n = torch.linalg.vector_norm(prob - F.one_hot(label.squeeze(1), classes).double(), dim=1)
+    stats = torch.stack([own - others, p_label, correct, el2n], dim=1)
+    return stats.masked_fill(~valid.unsqueeze(1), math.nan)

@@ -1,0 +1,612 @@
+"""CurvatureTracker (epoch averaging and training-dynamics baselines) and score_checkpoints."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from . import io
+from .dataset import _model_device, score_dataset, scorer_setting
+from .distributed import is_main_process
+from .scores import SCORE_FIELDS, CurvatureScores
+
+__all__ = ["CurvatureTracker", "score_checkpoints", "BASELINES"]
+
+# The settings a tracker's epochs must share to be averaged (stored in its file).
+_SETTINGS = ("method", "h", "n_probes", "seed", "rtol", "max_probes")
+
+# baselines() -> the score field each is computed from.
+BASELINES = {
+    "loss_mean": "loss",
+    "grad_norm_mean": "grad_norm",
+    "aum": "margin",
+    "confidence": "p_label",
+    "variability": "p_label",
+    "forgetting": "correct",
+    "el2n": "el2n",
+}
+
+
+class _Running:
+    """Per-sample running statistics of epochs folded in epoch order: O(N) per field.
+
+    For every tracked field: the sum (float64) and the count of its finite values per sample,
+    so that the mean skips epochs where a sample was not scored. For ``p_label`` also the sum of
+    squares (variability); for ``correct`` the last finite value (-1 before any), the number of
+    correct -> incorrect transitions, and whether it was ever correct (forgetting).
+    """
+
+    def __init__(self, fields: Sequence[str], num_samples: int) -> None:
+        n = num_samples
+        self.fields = tuple(fields)
+        self.sum = {f: torch.zeros(n, dtype=torch.float64) for f in self.fields}
+        self.count = {f: torch.zeros(n, dtype=torch.int32) for f in self.fields}
+        self.extra: dict[str, Tensor] = {}
+        if "p_label" in self.fields:
+            self.extra["p_label_sq"] = torch.zeros(n, dtype=torch.float64)
+        if "correct" in self.fields:
+            self.extra["last_correct"] = torch.full((n,), -1, dtype=torch.int8)
+            self.extra["forgotten"] = torch.zeros(n, dtype=torch.int32)
+            self.extra["ever_correct"] = torch.zeros(n, dtype=torch.bool)
+
+    def fold(self, values: Mapping[str, Tensor]) -> None:
+        """Adds one epoch ({field: (N,) tensor}, NaN where not scored), after those folded."""
+        for f in self.fields:
+            v = values[f]
+            finite = torch.isfinite(v)
+            v = v.double().nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # 0 where not finite
+            self.sum[f] += v
+            self.count[f] += finite
+            if f == "p_label":
+                self.extra["p_label_sq"].addcmul_(v, v)
+            if f == "correct":
+                last = self.extra["last_correct"]
+                now = torch.where(finite, (v == 1).to(torch.int8), -1).to(torch.int8)
+                self.extra["forgotten"] += (last == 1) & (now == 0)
+                self.extra["ever_correct"] |= now == 1
+                self.extra["last_correct"] = torch.where(now >= 0, now, last)
+
+    def copy(self) -> _Running:
+        out = _Running.__new__(_Running)
+        out.fields = self.fields
+        out.sum = {f: t.clone() for f, t in self.sum.items()}
+        out.count = {f: t.clone() for f, t in self.count.items()}
+        out.extra = {k: t.clone() for k, t in self.extra.items()}
+        return out
+
+    def mean(self, field: str) -> Tensor:
+        """(N,) float64 mean over the epochs where the field was finite, NaN where never."""
+        count = self.count[field]
+        return torch.where(count > 0, self.sum[field] / count.clamp(min=1), math.nan)
+
+    def arrays(self) -> dict[str, Tensor]:
+        """The state as named (N,) tensors, for the file."""
+        out = {f"sum.{f}": t for f, t in self.sum.items()}
+        out.update({f"count.{f}": t for f, t in self.count.items()})
+        out.update(self.extra)
+        return out
+
+    @classmethod
+    def from_arrays(cls, fields: Sequence[str], num_samples: int, arrays) -> _Running:
+        """The state saved by :meth:`arrays`; fields missing from it start empty."""
+        out = cls(fields, num_samples)
+        for f in out.fields:
+            if f"sum.{f}" in arrays:
+                out.sum[f] = arrays[f"sum.{f}"].clone()
+                out.count[f] = arrays[f"count.{f}"].clone()
+        for k in out.extra:
+            if k in arrays:
+                out.extra[k] = arrays[k].clone()
+        return out
+
+
+class CurvatureTracker:
+    """Per-sample scores over training epochs, their means and the training-dynamics baselines.
+
+    Call ``score_epoch(loader, epoch)`` at the epochs to average (the paper scores every epoch
+    or a regular subset), or ``record(epoch, scores)`` with scores computed elsewhere.
+
+    With ``keep_history=True`` every epoch's scores are kept (``history``, ``field_history``),
+    in memory and, with ``path``, one file per epoch: memory grows as (E, N) per field, saving
+    an epoch costs O(N). With ``keep_history=False`` only running statistics are kept: memory
+    and the file stay O(N) per field however many epochs are scored, and saving costs O(N).
+    Epochs must then be recorded in increasing order; the last recorded epoch may be recorded
+    again (it replaces the last one exactly, e.g. after a training run resumed from the
+    checkpoint before it), an earlier one may not (its contribution is folded into sums).
+
+    With ``path`` set the state is saved after every epoch, crash-safe (each file written to a
+    temporary name, synced, then renamed; NumPy .npz, never pickles; see curvkern.io), and a
+    tracker constructed on an existing file resumes from it exactly. The file must have been
+    written by a scorer with the same settings and the same ``keep_history``.
+
+    Args:
+        scorer: the CurvatureScorer (or any scorer with its ``score`` signature) to apply.
+        num_samples: N, the number of samples (ids 0 .. N-1).
+        path: optional file to save to and resume from (e.g. "curvature.npz").
+        keep_history: keep every epoch's scores (True) or only running statistics (False).
+
+    Attributes:
+        epochs: the recorded epochs, ascending.
+        history: (E, N) curvature per recorded epoch (keep_history=True only).
+        mean: (N,) curvature averaged over the recorded epochs (NaN where never scored).
+    """
+
+    def __init__(
+        self,
+        scorer,
+        num_samples: int,
+        path: str | os.PathLike | None = None,
+        *,
+        keep_history: bool = True,
+    ) -> None:
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 0:
+            raise ValueError(f"num_samples must be a non-negative int, got {num_samples!r}")
+        if not isinstance(keep_history, bool):
+            raise TypeError(f"keep_history must be a bool, got {keep_history!r}")
+        self.scorer = scorer
+        self.num_samples = num_samples
+        self.path = None if path is None else Path(path)
+        self.keep_history = keep_history
+        self._settings = {k: scorer_setting(scorer, k) for k in _SETTINGS}
+        self._read_only = False
+        self._dtype = torch.float32
+        # keep_history=True: every epoch's {field: (N,)}, and those not yet in files.
+        self._epochs: dict[int, dict[str, Tensor]] = {}
+        self._unsaved: set[int] = set()
+        # keep_history=False: the epochs before the last one, folded; the last one as recorded.
+        self._folded = _Running(SCORE_FIELDS, num_samples) if not keep_history else None
+        self._folded_epochs: list[int] = []
+        self._last: tuple[int, dict[str, Tensor]] | None = None
+        if self.path is not None and self.path.exists():
+            self._load(self.path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> CurvatureTracker:
+        """A read-only tracker from a saved file, without a scorer (e.g. for reports).
+
+        Its means, baselines and (with a kept history) history are those of the file;
+        ``record`` and ``score_epoch`` raise.
+        """
+        metadata, _ = _read_metadata(path)
+        tracker = cls.__new__(cls)
+        tracker.scorer = None
+        tracker.num_samples = int(metadata["num_samples"])
+        tracker.path = Path(path)
+        tracker.keep_history = metadata.get("layout", "history") == "history"
+        tracker._settings = _settings_in(metadata)
+        tracker._read_only = True
+        tracker._dtype = torch.float32
+        tracker._epochs, tracker._unsaved = {}, set()
+        tracker._folded = None if tracker.keep_history else _Running(SCORE_FIELDS, 0)
+        tracker._folded_epochs, tracker._last = [], None
+        tracker._load(Path(path))
+        return tracker
+
+    # -- recording --------------------------------------------------------------------------
+
+    def score_epoch(
+        self, loader: Iterable, epoch: int, progress: bool = True, device=None
+    ) -> CurvatureScores:
+        """Scores every sample the loader yields as epoch ``epoch``, records it and saves.
+
+        Args:
+            loader: (x, y, ids) or (x, y, ids, model_inputs) batches, as for score_dataset.
+            epoch: the training epoch (an int).
+            progress: show a progress bar on a terminal.
+            device: where to score (default: the scorer's model's device).
+        Returns:
+            This epoch's CurvatureScores (N rows, on the CPU).
+        """
+        self._check_writable()
+        _check_epoch(epoch)
+        self._check_order(epoch)  # before the expensive pass
+        scores = score_dataset(self.scorer, loader, self.num_samples, progress, device)
+        self.record(epoch, scores)
+        return scores
+
+    def record(self, epoch: int, scores: CurvatureScores) -> None:
+        """Stores already computed scores of ids 0 .. N-1 as epoch ``epoch``, and saves.
+
+        Args:
+            epoch: the training epoch. With keep_history=True an epoch already recorded is
+                replaced; with keep_history=False it must be above every recorded epoch, or
+                equal to the last one (which it then replaces).
+            scores: N rows, one per id 0 .. N-1 (in any order), e.g. from score_dataset, made
+                with this tracker's scorer settings.
+        Raises:
+            ValueError: other row counts or ids, scores of another h, method or n_probes, or
+                (keep_history=False) an epoch before the last recorded one.
+        """
+        self._check_writable()
+        _check_epoch(epoch)
+        values = self._checked_values(scores)
+        self._check_order(epoch)
+        if any(v.dtype == torch.float64 for v in values.values()):
+            self._dtype = torch.float64
+        if self.keep_history:
+            self._epochs[epoch] = values
+            self._unsaved.add(epoch)
+        else:
+            if self._last is not None and epoch > self._last[0]:
+                self._folded.fold(self._last[1])
+                self._folded_epochs.append(self._last[0])
+            self._last = (epoch, values)
+        if self.path is not None and is_main_process():
+            self.save()
+
+    def _check_writable(self) -> None:
+        if self._read_only:
+            raise RuntimeError(
+                f"this tracker was opened read-only by CurvatureTracker.load({str(self.path)!r}) "
+                "and has no scorer; to add epochs, construct "
+                "CurvatureTracker(scorer, num_samples, path) with the same scorer settings"
+            )
+
+    def _check_order(self, epoch: int) -> None:
+        if not self.keep_history and self._last is not None and epoch < self._last[0]:
+            raise ValueError(
+                f"epoch {epoch} comes before the last recorded epoch {self._last[0]}: with "
+                "keep_history=False epochs are folded into running statistics in order, and "
+                f"only the last one ({self._last[0]}) can be recorded again. Use "
+                "keep_history=True to record epochs in any order or replace any of them."
+            )
+
+    def _checked_values(self, scores: CurvatureScores) -> dict[str, Tensor]:
+        """{field: (N,) tensor on the CPU, row i = id i} after checking rows and settings."""
+        n = self.num_samples
+        if len(scores) != n:
+            raise ValueError(f"scores must have num_samples = {n} rows, got {len(scores)}")
+        ids = scores.ids.detach().cpu()
+        order = None
+        if not torch.equal(ids, torch.arange(n)):
+            order = torch.argsort(ids)
+            if not torch.equal(ids[order], torch.arange(n)):
+                raise ValueError(
+                    f"scores.ids must hold every id 0 .. {n - 1} once (as score_dataset returns); "
+                    "scores of part of the data set go through score_dataset(..., num_samples=N)"
+                )
+        want = self._settings
+        for name, have in (("h", scores.h), ("method", scores.method)):
+            if want[name] is not None and have != want[name]:
+                raise ValueError(
+                    f"scores were made with {name} = {have!r}, this tracker's scorer has "
+                    f"{name} = {want[name]!r}; scores of different settings do not average"
+                )
+        if want["n_probes"] is not None:
+            probes = scores.n_probes.detach().cpu()
+            probes = probes[probes > 0]  # 0: a sample that was not scored
+            low = want["n_probes"]
+            high = low if want["rtol"] is None else want["max_probes"] or low
+            outside = probes[(probes < low) | (probes > high)]
+            if outside.numel():
+                expected = f"{low}" if low == high else f"{low} to {high} (rtol)"
+                raise ValueError(
+                    f"scores were made with n_probes = {int(outside[0])}, this tracker's scorer "
+                    f"gives {expected}; scores of different settings do not average"
+                )
+        values = {}
+        for name in SCORE_FIELDS:
+            v = getattr(scores, name).detach().cpu()
+            values[name] = (v if order is None else v[order]).clone()
+        return values
+
+    # -- results ----------------------------------------------------------------------------
+
+    @property
+    def epochs(self) -> list[int]:
+        if self.keep_history:
+            return sorted(self._epochs)
+        return self._folded_epochs + ([self._last[0]] if self._last is not None else [])
+
+    def _check_field(self, name: str) -> None:
+        if name not in SCORE_FIELDS:
+            raise ValueError(f"name must be one of {SCORE_FIELDS}, got {name!r}")
+
+    def field_history(self, name: str = "curvature") -> Tensor:
+        """(E, N) history of one score field (one of SCORE_FIELDS), rows in epoch order.
+
+        Raises:
+            RuntimeError: with keep_history=False (only running statistics are kept).
+        """
+        self._check_field(name)
+        if not self.keep_history:
+            raise RuntimeError(
+                "this tracker has keep_history=False: it keeps running statistics (means, "
+                "baselines()), not the per-epoch history; construct it with keep_history=True "
+                "to get history and field_history"
+            )
+        if not self._epochs:
+            return torch.empty(0, self.num_samples, dtype=self._dtype)
+        return torch.stack([self._epochs[e][name].to(self._dtype) for e in self.epochs])
+
+    def _statistics(self, fields: Sequence[str]) -> _Running:
+        """Running statistics of ``fields`` over every recorded epoch, in epoch order."""
+        if self.keep_history:
+            stats = _Running(fields, self.num_samples)
+            for e in self.epochs:
+                stats.fold(self._epochs[e])
+            return stats
+        stats = self._folded.copy()
+        if self._last is not None:
+            stats.fold(self._last[1])
+        return stats
+
+    def field_mean(self, name: str = "curvature") -> Tensor:
+        """(N,) mean of one score field over the recorded epochs (NaN where never scored)."""
+        self._check_field(name)
+        return self._statistics((name,)).mean(name).to(self._dtype)
+
+    @property
+    def history(self) -> Tensor:
+        return self.field_history("curvature")
+
+    @property
+    def mean(self) -> Tensor:
+        return self.field_mean("curvature")
+
+    def baselines(self) -> dict[str, Tensor]:
+        """The training-dynamics scores of every sample, from the recorded epochs.
+
+        They are measured at x in eval mode at the recorded epochs (the scoring pass), while
+        the papers record them on the training minibatches in train mode (augmentation,
+        dropout, BatchNorm batch statistics) at every step or epoch; values differ accordingly.
+
+        Returns:
+            A dict of (N,) tensors (NaN where a sample has no finite value of the field):
+            ``loss_mean`` mean loss (cumulative training loss); ``grad_norm_mean`` mean input
+            gradient norm; ``aum`` mean margin logit_y - max_{j != y} logit_j (area under the
+            margin, Pleiss et al. 2020); ``confidence`` mean p_label and ``variability`` its
+            standard deviation over epochs, ddof 0 (dataset cartography, Swayamdipta et al.
+            2020); ``forgetting`` the number of correct -> incorrect transitions between
+            consecutive epochs where the sample was scored, +inf when never correct (Toneva et
+            al. 2019); ``el2n`` mean ||softmax - onehot(y)|| (Paul et al. 2021).
+        """
+        fields = tuple(dict.fromkeys(BASELINES.values()))
+        stats = self._statistics(fields)
+        confidence = stats.mean("p_label")
+        square = torch.where(
+            stats.count["p_label"] > 0,
+            stats.extra["p_label_sq"] / stats.count["p_label"].clamp(min=1),
+            math.nan,
+        )
+        # E[p^2] - E[p]^2 in float64: rounding leaves |error| ~ 1e-16, clamped at 0.
+        variability = (square - confidence * confidence).clamp(min=0).sqrt()
+        forgetting = torch.where(
+            stats.extra["ever_correct"], stats.extra["forgotten"].double(), math.inf
+        )
+        forgetting = torch.where(stats.count["correct"] > 0, forgetting, math.nan)
+        out = {
+            "loss_mean": stats.mean("loss"),
+            "grad_norm_mean": stats.mean("grad_norm"),
+            "aum": stats.mean("margin"),
+            "confidence": confidence,
+            "variability": variability,
+            "forgetting": forgetting,
+            "el2n": stats.mean("el2n"),
+        }
+        return {k: v.to(self._dtype) for k, v in out.items()}
+
+    # -- persistence ------------------------------------------------------------------------
+
+    def _metadata(self) -> dict:
+        return {
+            "format": io.FORMAT_VERSION,
+            "layout": "history" if self.keep_history else "running",
+            "num_samples": self.num_samples,
+            "settings": self._settings,
+            "fields": list(SCORE_FIELDS),
+            "dtype": str(self._dtype).removeprefix("torch."),
+        }
+
+    def save(self) -> None:
+        """Writes what is not yet on disk to ``path``, crash-safe (see curvkern.io).
+
+        keep_history=True: the files of the epochs recorded since the last save, then the
+        index. keep_history=False: the running statistics and the last epoch, in one file.
+        """
+        if self.path is None:
+            raise ValueError("this tracker has no path to save to; construct it with path=...")
+        if self.keep_history:
+            folder = io.epochs_folder(self.path)
+            for epoch in sorted(self._unsaved):
+                io.write_arrays(
+                    folder / io.epoch_file_name(epoch),
+                    {"format": io.FORMAT_VERSION, "epoch": epoch, "num_samples": self.num_samples},
+                    self._epochs[epoch],
+                )
+            epochs = torch.tensor(self.epochs, dtype=torch.int64)
+            io.write_arrays(self.path, self._metadata(), {"epochs": epochs})
+            self._unsaved.clear()
+        else:
+            arrays = {f"state.{k}": v for k, v in self._folded.arrays().items()}
+            arrays["epochs"] = torch.tensor(self.epochs, dtype=torch.int64)
+            if self._last is not None:
+                arrays.update({f"last.{k}": v for k, v in self._last[1].items()})
+            io.write_arrays(self.path, self._metadata(), arrays)
+
+    def _load(self, path: Path) -> None:
+        metadata, arrays = io.read_arrays(path)
+        fmt = metadata.get("format")
+        if fmt not in (1, io.FORMAT_VERSION):
+            raise ValueError(
+                f"{path}: tracker file format {fmt!r}, this curvkern reads formats 1 and "
+                f"{io.FORMAT_VERSION}; it was written by another version of curvkern"
+            )
+        layout = metadata.get("layout", "history")  # format 1 kept the history
+        if (layout == "history") != self.keep_history:
+            raise ValueError(
+                f"{path} was written with keep_history={layout == 'history'}, this tracker has "
+                f"keep_history={self.keep_history}; use the same setting or another path"
+            )
+        if metadata["num_samples"] != self.num_samples:
+            raise ValueError(
+                f"{path} holds {metadata['num_samples']} samples, this tracker has "
+                f"num_samples = {self.num_samples}"
+            )
+        if not self._read_only:
+            self._check_settings(path, _settings_in(metadata))
+        self._dtype = torch.float64 if metadata.get("dtype") == "float64" else torch.float32
+        epochs = arrays["epochs"].tolist()
+        if fmt == 1:  # (E, N) arrays in the one file; rewritten as format 2 at the next save
+            for i, epoch in enumerate(epochs):
+                self._epochs[epoch] = _complete({k: v[i] for k, v in arrays.items()}, self)
+                if self._epochs[epoch]["curvature"].dtype == torch.float64:
+                    self._dtype = torch.float64
+            self._unsaved = set(epochs)
+        elif self.keep_history:
+            folder = io.epochs_folder(path)
+            for epoch in epochs:
+                file = folder / io.epoch_file_name(epoch)
+                if not file.exists():
+                    raise ValueError(
+                        f"{path} lists epoch {epoch}, whose file {file} is missing; restore it, "
+                        "or start over with another path"
+                    )
+                _, values = io.read_arrays(file)
+                self._epochs[epoch] = _complete(values, self)
+        else:
+            state = {
+                k.removeprefix("state."): v for k, v in arrays.items() if k.startswith("state.")
+            }
+            self._folded = _Running.from_arrays(SCORE_FIELDS, self.num_samples, state)
+            last = {k.removeprefix("last."): v for k, v in arrays.items() if k.startswith("last.")}
+            if epochs:
+                self._folded_epochs = epochs[:-1]
+                self._last = (epochs[-1], _complete(last, self))
+
+    def _check_settings(self, path: Path, stored: dict) -> None:
+        ours = self._settings
+        differ = {
+            k: (stored.get(k), ours[k])
+            for k in _SETTINGS
+            if k in stored and stored.get(k) != ours[k]
+        }
+        if differ:
+            detail = ", ".join(f"{k}: file {a!r}, scorer {b!r}" for k, (a, b) in differ.items())
+            raise ValueError(
+                f"{path} was written by a scorer with other settings ({detail}); scores of "
+                f"different settings do not average. Use another path, or the same settings."
+            )
+
+
+def _check_epoch(epoch) -> None:
+    if isinstance(epoch, bool) or not isinstance(epoch, int):
+        raise TypeError(f"epoch must be an int, got {epoch!r}")
+
+
+def _read_metadata(path) -> tuple[dict, dict]:
+    if not Path(path).exists():
+        raise FileNotFoundError(f"no tracker file at {path}")
+    return io.read_arrays(path)
+
+
+def _settings_in(metadata: dict) -> dict:
+    """The scorer settings stored in a file's metadata (format 1 kept them at the top)."""
+    stored = metadata.get("settings", metadata)
+    return {k: stored[k] for k in _SETTINGS if k in stored}
+
+
+def _complete(values: Mapping[str, Tensor], tracker: CurvatureTracker) -> dict[str, Tensor]:
+    """{field: (N,)} with every current field: NaN for fields an older file did not have."""
+    present = [values[name] for name in SCORE_FIELDS if name in values]
+    dtype = present[0].dtype if present else torch.float32
+    out = {}
+    for name in SCORE_FIELDS:
+        v = values.get(name)
+        if v is None:
+            v = torch.full((tracker.num_samples,), math.nan, dtype=dtype)
+        elif v.shape != (tracker.num_samples,):
+            raise ValueError(
+                f"{tracker.path}: field {name} has shape {tuple(v.shape)}, expected "
+                f"({tracker.num_samples},)"
+            )
+        out[name] = v
+    return out
+
+
+def _checkpoint_epochs(checkpoints) -> list[tuple[int, str | os.PathLike]]:
+    """(epoch, path) pairs from a mapping {epoch: path} or a sequence of paths.
+
+    For a sequence, the epoch is the last number in each file name when every name has one and
+    they are distinct (ckpt_012.pt -> 12), else the position in the sequence.
+    """
+    if isinstance(checkpoints, Mapping):
+        return sorted((int(e), p) for e, p in checkpoints.items())
+    paths = list(checkpoints)
+    numbers = [re.findall(r"\d+", Path(p).stem) for p in paths]
+    if all(numbers) and len({int(n[-1]) for n in numbers}) == len(paths):
+        return sorted((int(n[-1]), p) for n, p in zip(numbers, paths, strict=True))
+    return list(enumerate(paths))
+
+
+def _state_dict_of(obj, path) -> Mapping[str, Tensor]:
+    if isinstance(obj, Mapping) and obj and all(isinstance(v, Tensor) for v in obj.values()):
+        return obj
+    if isinstance(obj, Mapping):
+        for key in ("state_dict", "model_state_dict", "model"):
+            if key in obj and isinstance(obj[key], Mapping):
+                return obj[key]
+    keys = list(obj) if isinstance(obj, Mapping) else type(obj).__name__
+    raise ValueError(
+        f"{path}: expected a state_dict, or a dict with one under 'state_dict', "
+        f"'model_state_dict' or 'model'; found {keys}"
+    )
+
+
+def score_checkpoints(
+    model: nn.Module,
+    checkpoints: Mapping[int, str | os.PathLike] | Sequence[str | os.PathLike],
+    loader: Iterable,
+    *,
+    num_samples: int | None = None,
+    path: str | os.PathLike | None = None,
+    keep_history: bool = True,
+    progress: bool = True,
+    device=None,
+    **scorer_kwargs,
+) -> CurvatureTracker:
+    """Scores a series of saved checkpoints, as the paper does, into a CurvatureTracker.
+
+    Each checkpoint is loaded with ``torch.load(..., weights_only=True)`` (no pickled code is
+    run) into ``model``, whose own state is restored at the end. Epochs already in the
+    tracker's file (``path``) are not scored again, so an interrupted run resumes.
+
+    Args:
+        model: the architecture the checkpoints belong to.
+        checkpoints: {epoch: file}, or a sequence of files (epochs from the numbers in their
+            names, e.g. ckpt_012.pt -> 12, else their positions).
+        loader: (x, y, ids) batches, as for score_dataset.
+        num_samples: N (default: as score_dataset finds it from loader.dataset).
+        path: optional file for the tracker (saved after every checkpoint).
+        keep_history: as for CurvatureTracker.
+        progress: progress bars.
+        device: where to score (default: the model's device).
+        **scorer_kwargs: CurvatureScorer arguments (loss_fn, h, n_probes, seed, method, ...).
+    Returns:
+        The CurvatureTracker holding one epoch per checkpoint.
+    """
+    from .dataset import _num_samples_of
+    from .scorer import CurvatureScorer
+
+    if num_samples is None:
+        num_samples = _num_samples_of(loader.dataset)
+    scorer = CurvatureScorer(model, **scorer_kwargs)
+    tracker = CurvatureTracker(scorer, num_samples, path, keep_history=keep_history)
+    done = set(tracker.epochs)
+    pending = [(e, p) for e, p in _checkpoint_epochs(checkpoints) if e not in done]
+    original = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    map_location = device if device is not None else _model_device(model) or "cpu"
+    try:
+        for epoch, file in pending:
+            state = torch.load(file, map_location=map_location, weights_only=True)
+            model.load_state_dict(_state_dict_of(state, file))
+            tracker.score_epoch(loader, epoch, progress=progress, device=device)
+    finally:
+        model.load_state_dict(original)
+    return tracker
