@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from curvkern import IndexedDataset, score_checkpoints
+from curvkern import CurvatureTracker, IndexedDataset, score_checkpoints
 from curvkern.cli import main
 from curvkern.report import MAX_POINTS, MAX_ROWS, ReportScores, build_report, load_scores
 
@@ -93,9 +93,9 @@ def test_score_matches_the_python_api_and_resumes(workdir, capsys):
     assert _score() == 0
     out = capsys.readouterr().out
     assert "scoring 3 checkpoints x 40 samples" in out
-    with np.load("scores.npz") as f:
-        assert f["epochs"].tolist() == [1, 2, 3]
-        curvature = f["curvature"].copy()
+    saved = CurvatureTracker.load("scores.npz")
+    assert saved.epochs == [1, 2, 3]
+    curvature = saved.history
 
     # The same numbers as score_checkpoints called from Python with the same settings.
     data = torch.utils.data.TensorDataset(
@@ -104,7 +104,7 @@ def test_score_matches_the_python_api_and_resumes(workdir, capsys):
     loader = torch.utils.data.DataLoader(IndexedDataset(data), batch_size=7)
     files = {e: f"ckpt/epoch_{e:02d}.pt" for e in (1, 2, 3)}
     tracker = score_checkpoints(_model(), files, loader, n_probes=3, progress=False)
-    torch.testing.assert_close(torch.from_numpy(curvature), tracker.history)
+    torch.testing.assert_close(curvature, tracker.history)
 
     # A new checkpoint: only it is scored; the others are said to be skipped and kept as they were.
     torch.manual_seed(4)
@@ -113,9 +113,9 @@ def test_score_matches_the_python_api_and_resumes(workdir, capsys):
     out = capsys.readouterr().out
     assert "3 of 4 checkpoints already scored in scores.npz (epochs 1-3): not scored again" in out
     assert "scoring 1 checkpoints" in out
-    with np.load("scores.npz") as f:
-        assert f["epochs"].tolist() == [1, 2, 3, 4]
-        np.testing.assert_array_equal(f["curvature"][:3], curvature)
+    saved = CurvatureTracker.load("scores.npz")
+    assert saved.epochs == [1, 2, 3, 4]
+    torch.testing.assert_close(saved.history[:3], curvature, rtol=0, atol=0)
 
     assert _score() == 0
     assert "nothing to score" in capsys.readouterr().out
@@ -127,8 +127,7 @@ def test_model_given_as_a_file_path(workdir, capsys):
         + ["--data", "data.npz", "--out", "s.npz", "--n-probes", "2", "--device", "cpu"]
     )
     assert code == 0, capsys.readouterr().err
-    with np.load("s.npz") as f:
-        assert f["epochs"].tolist() == [1]
+    assert CurvatureTracker.load("s.npz").epochs == [1]
 
 
 def _write(path, text):
@@ -163,7 +162,10 @@ ERRORS = {
     "unknown method": (["--method", "exact"], "argument --method: invalid choice: 'exact'"),
     "unknown device": (["--device", "tpu"], "--device: cannot use 'tpu'"),
     "out written with other settings": (["--out", "other.npz"], "written by a scorer with other"),
-    "out is not a tracker file": (["--out", "data.npz"], "data.npz exists but is not a curvkern"),
+    "out is not a tracker file": (
+        ["--out", "data.npz"],
+        "--out: data.npz is not a curvkern tracker file",
+    ),
     "report: no tracker file": (
         ["report", "nothing.npz", "--data", "data.npz", "--out", "r.html"],
         "tracker file nothing.npz does not exist",

@@ -72,55 +72,28 @@ class ReportScores:
 def load_scores(path: str | os.PathLike) -> ReportScores:
     """Reads a tracker file written by CurvatureTracker (or ``curvkern score``).
 
-    Uses ``CurvatureTracker.load`` and ``tracker.baselines()`` where the installed curvkern has
-    them; otherwise reads the .npz history (curvature, loss and gradient-norm means only).
+    Args:
+        path: the tracker file (either layout, keep_history True or False).
+    Returns:
+        ReportScores with the curvature mean and every baseline the file has values for.
     """
-    from curvkern import CurvatureTracker
+    from curvkern import CurvatureTracker, io
 
-    settings = _settings(path)
-    if hasattr(CurvatureTracker, "load"):
-        tracker = CurvatureTracker.load(path)
-        curvature = tracker.field_mean("curvature").double().numpy()
-        stderr = tracker.field_mean("curvature_stderr").double().numpy()
-        if hasattr(tracker, "baselines"):
-            baselines = {k: v.double().numpy() for k, v in tracker.baselines().items()}
-        else:
-            baselines = {
-                "loss_mean": tracker.field_mean("loss").double().numpy(),
-                "grad_norm_mean": tracker.field_mean("grad_norm").double().numpy(),
-            }
-        epochs, n = list(tracker.epochs), int(tracker.num_samples)
-    else:
-        with np.load(path, allow_pickle=False) as data:
-            epochs = [int(e) for e in data["epochs"].tolist()]
-            history = {k: data[k].astype(np.float64) for k in ("curvature", "curvature_stderr")}
-            history["loss"] = data["loss"].astype(np.float64)
-            history["grad_norm"] = data["grad_norm"].astype(np.float64)
-        n = history["curvature"].shape[1]
-        mean = {k: _nanmean(v, n) for k, v in history.items()}
-        curvature, stderr = mean["curvature"], mean["curvature_stderr"]
-        baselines = {"loss_mean": mean["loss"], "grad_norm_mean": mean["grad_norm"]}
-    # A baseline that is NaN everywhere (e.g. margins of a model without class logits) is absent.
+    tracker = CurvatureTracker.load(path)
+    metadata, _ = io.read_arrays(path)
+    baselines = {k: v.double().numpy() for k, v in tracker.baselines().items()}
+    # A baseline that is NaN everywhere (e.g. margins of a model without class logits, or a
+    # file from before margins were recorded) is left out rather than drawn empty.
     baselines = {k: v for k, v in baselines.items() if k in BASELINES and np.isfinite(v).any()}
-    return ReportScores(str(path), n, epochs, curvature, stderr, baselines, settings)
-
-
-def _nanmean(history: np.ndarray, n: int) -> np.ndarray:
-    if history.shape[0] == 0:
-        return np.full(n, np.nan)
-    seen = np.isfinite(history)
-    counts = seen.sum(0)
-    total = np.where(seen, history, 0.0).sum(0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(counts > 0, total / np.maximum(counts, 1), np.nan)
-
-
-def _settings(path) -> dict:
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return json.loads(data["metadata"].tobytes().decode())
-    except (OSError, ValueError, KeyError):
-        return {}
+    return ReportScores(
+        path=str(path),
+        num_samples=int(tracker.num_samples),
+        epochs=list(tracker.epochs),
+        curvature=tracker.field_mean("curvature").double().numpy(),
+        curvature_stderr=tracker.field_mean("curvature_stderr").double().numpy(),
+        baselines=baselines,
+        settings=metadata.get("settings", metadata),
+    )
 
 
 # -- pictures -----------------------------------------------------------------------------------
