@@ -506,8 +506,8 @@ def build_report(
             "HISTOGRAMS": "".join(f"<figure class='plot'>{h}</figure>" for h in hist),
             "THRESHOLD": _fmt(threshold) if threshold is not None else "",
             "SCATTER": "".join(
-                f"<figure class='plot'><figcaption>curvature against {html.escape(label)} · "
-                f"{rho} · {drawn:,} points{' · ' + html.escape(note) if note else ''}</figcaption>"
+                f"<figure class='plot'><figcaption><b>{html.escape(label)}</b><br>{rho} · "
+                f"{drawn:,} points{' · ' + html.escape(note) if note else ''}</figcaption>"
                 f"{svg}</figure>"
                 for label, svg, drawn, rho, note in scatter
             )
