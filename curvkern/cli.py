@@ -1,0 +1,532 @@
+"""The ``curvkern`` console script: ``info``, ``score`` (saved checkpoints) and ``report`` (HTML).
+
+::
+
+    curvkern info
+    curvkern score --model MODULE:FACTORY --checkpoints GLOB --data DATA --out PATH
+                   [--n-probes N] [--h H] [--method M] [--batch-size B] [--device DEV]
+    curvkern report PATH --data DATA --out REPORT.html [--top K]
+
+DATA is an .npz file with ``x`` (N, ...) and ``y`` (N,) (and optionally ``classes``, the class
+names), or an image folder laid out for torchvision's ImageFolder (one sub-folder per class).
+
+A mistake the user can fix (a bad argument, a missing file, a factory that does not import, a
+checkpoint that does not fit the model, data the model cannot take) ends with one line on stderr
+and exit status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import importlib
+import importlib.util
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["main", "load_data", "Data", "CliError"]
+
+USAGE_EXIT = 2
+
+
+class CliError(Exception):
+    """A mistake in the command's inputs: printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but its errors are one line (argparse prints the whole usage first)."""
+
+    def error(self, message: str):
+        raise CliError(f"{message} (see `{self.prog} --help`)")
+
+
+# -- data ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Data:
+    """A data set as the command line reads it.
+
+    Attributes:
+        dataset: map-style dataset of (x, y) items, x a float tensor (what the model takes).
+        labels: (N,) int64 labels.
+        classes: class names, indexed by label.
+        source: the DATA argument.
+        images: for an .npz, the (N, ...) array x (pictures for the report); None for a folder.
+        files: for an image folder, the N image files; None for an .npz.
+    """
+
+    dataset: torch.utils.data.Dataset
+    labels: np.ndarray
+    classes: list[str]
+    source: str
+    images: np.ndarray | None = None
+    files: list[str] | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def load_data(source: str | os.PathLike, transform: Callable | None = None) -> Data:
+    """Reads DATA: an .npz with ``x`` and ``y`` (optionally ``classes``), or an image folder.
+
+    Args:
+        source: the .npz file or the folder (one sub-folder of images per class).
+        transform: for a folder, PIL image -> tensor (default: torchvision's ToTensor, floats in
+            [0, 1] of shape (C, H, W)).
+    Returns:
+        Data. Raises CliError when the file or folder is missing or not as expected.
+    """
+    path = Path(source)
+    if not path.exists():
+        raise CliError(f"--data: {source} does not exist (expected an .npz file or image folder)")
+    if path.is_dir():
+        return _image_folder(path, transform)
+    if path.suffix != ".npz":
+        raise CliError(f"--data: expected an .npz file or an image folder, got {source}")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError) as error:
+        raise CliError(f"--data: cannot read {source} as .npz ({_one_line(error)})") from None
+    missing = [k for k in ("x", "y") if k not in arrays]
+    if missing:
+        raise CliError(
+            f"--data: {source} must hold arrays 'x' (N, ...) and 'y' (N,); missing "
+            f"{', '.join(repr(k) for k in missing)} (found {sorted(arrays)})"
+        )
+    x, y = arrays["x"], arrays["y"]
+    if not np.issubdtype(x.dtype, np.floating):
+        raise CliError(
+            f"--data: x in {source} has dtype {x.dtype}; save it as floats exactly as the model "
+            "takes them (e.g. scaled and normalized as in training)"
+        )
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer) or len(y) != len(x):
+        raise CliError(
+            f"--data: y in {source} must be integer class labels of shape ({len(x)},), "
+            f"got {y.dtype} of shape {y.shape}"
+        )
+    if x.ndim < 2:
+        raise CliError(f"--data: x in {source} must have shape (N, ...), got {x.shape}")
+    labels = y.astype(np.int64)
+    if "classes" in arrays:
+        classes = [str(c) for c in arrays["classes"].tolist()]
+    else:
+        classes = [str(c) for c in range(int(labels.max()) + 1 if len(labels) else 0)]
+    if len(labels) and (labels.min() < 0 or labels.max() >= len(classes)):
+        raise CliError(
+            f"--data: labels in {source} must lie in [0, {len(classes)}), got "
+            f"{labels.min()} .. {labels.max()}"
+        )
+    dataset = torch.utils.data.TensorDataset(torch.from_numpy(x), torch.from_numpy(labels))
+    return Data(dataset, labels, classes, str(source), images=x)
+
+
+def _image_folder(path: Path, transform: Callable | None) -> Data:
+    try:
+        from torchvision import datasets, transforms
+    except ImportError:
+        raise CliError(
+            "--data: an image folder needs torchvision (pip install torchvision)"
+        ) from None
+    try:
+        folder = datasets.ImageFolder(str(path), transform=transform or transforms.ToTensor())
+    except (FileNotFoundError, OSError) as error:
+        raise CliError(f"--data: {path} is not an image folder ({_one_line(error)})") from None
+    files = [file for file, _ in folder.samples]
+    labels = np.asarray(folder.targets, dtype=np.int64)
+    return Data(folder, labels, list(folder.classes), str(path), files=files)
+
+
+# -- model and checkpoints ----------------------------------------------------------------------
+
+
+def load_factory(spec: str) -> Callable[[], torch.nn.Module]:
+    """MODULE:FACTORY -> the factory. MODULE is a module name (importable from the working
+    directory or PYTHONPATH) or a path to a .py file."""
+    module_name, sep, attr = spec.rpartition(":")
+    if not sep or not module_name or not attr:
+        raise CliError(f"--model must be MODULE:FACTORY (e.g. mymodels:make_net), got {spec!r}")
+    try:
+        if module_name.endswith(".py"):
+            if not Path(module_name).is_file():
+                raise CliError(f"--model: file {module_name} does not exist")
+            name = Path(module_name).stem
+            module_spec = importlib.util.spec_from_file_location(name, module_name)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            # A console script does not put the working directory on sys.path; `python -m` does.
+            if "" not in sys.path and os.getcwd() not in sys.path:
+                sys.path.insert(0, os.getcwd())
+            module = importlib.import_module(module_name)
+    except CliError:
+        raise
+    except ModuleNotFoundError as error:
+        raise CliError(
+            f"--model: cannot import {module_name!r} ({_one_line(error)}); run from the folder "
+            "that holds it, or add that folder to PYTHONPATH"
+        ) from None
+    except Exception as error:  # the user's module raised while importing
+        raise CliError(
+            f"--model: importing {module_name!r} failed: {type(error).__name__}: {_one_line(error)}"
+        ) from None
+    factory = getattr(module, attr, None)
+    if factory is None:
+        raise CliError(f"--model: module {module_name!r} has no attribute {attr!r}")
+    if not callable(factory):
+        raise CliError(f"--model: {spec} is a {type(factory).__name__}, not a callable")
+    return factory
+
+
+def _make_model(spec: str) -> torch.nn.Module:
+    factory = load_factory(spec)
+    try:
+        model = factory()
+    except Exception as error:
+        raise CliError(
+            f"--model: calling {spec}() failed: {type(error).__name__}: {_one_line(error)}"
+        ) from None
+    if not isinstance(model, torch.nn.Module):
+        raise CliError(f"--model: {spec}() must return an nn.Module, got {type(model).__name__}")
+    return model
+
+
+def checkpoint_epochs(pattern: str) -> dict[int, str]:
+    """The files a glob matches, by epoch: the last number in each file name (ckpt_012.pt -> 12).
+
+    Unlike score_checkpoints, which falls back to positions in the list, the command line
+    requires a distinct number in every name: positions shift when a later run's glob matches
+    more files, and resuming would then skip the wrong epochs.
+    """
+    files = sorted(glob.glob(pattern, recursive=True))
+    files = [f for f in files if os.path.isfile(f)]
+    if not files:
+        raise CliError(f"--checkpoints: {pattern!r} matches no file")
+    epochs: dict[int, str] = {}
+    for file in files:
+        numbers = re.findall(r"\d+", Path(file).stem)
+        if not numbers:
+            raise CliError(
+                f"--checkpoints: {file} has no number in its name to take its epoch from "
+                "(name checkpoints like epoch_007.pt)"
+            )
+        epoch = int(numbers[-1])
+        if epoch in epochs:
+            raise CliError(
+                f"--checkpoints: {epochs[epoch]} and {file} both give epoch {epoch} (the last "
+                "number in the name); narrow the glob"
+            )
+        epochs[epoch] = file
+    return dict(sorted(epochs.items()))
+
+
+# -- commands -----------------------------------------------------------------------------------
+
+
+def cmd_info(args) -> int:
+    import curvkern
+
+    print(f"curvkern {curvkern.__version__} ({Path(curvkern.__file__).parent})")
+    cuda = f", built for CUDA {torch.version.cuda}" if torch.version.cuda else ", CPU-only build"
+    print(f"torch {torch.__version__}{cuda}; Python {sys.version.split()[0]}")
+    if curvkern.has_kernels():
+        version = curvkern.ops.cuda_version()
+        cuda_kernels = (
+            f"CUDA kernels built for CUDA {version // 1000}.{version % 1000 // 10}"
+            if version >= 0
+            else "no CUDA kernels (CPU-only build)"
+        )
+        print(f"compiled kernels: CPU kernels; {cuda_kernels}")
+    else:
+        from curvkern._extension import missing_kernels_message
+
+        print(f"compiled kernels: none ({missing_kernels_message('cpu')})")
+        print("  scoring falls back to the plain-PyTorch backend (slower, same numbers)")
+    print(f"devices: cpu ({torch.get_num_threads()} threads)")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(i)
+            usable = "kernels" if curvkern.kernels_available(f"cuda:{i}") else "torch backend"
+            print(
+                f"  cuda:{i} {props.name}, {props.total_memory / 2**30:.0f} GiB, "
+                f"compute capability {props.major}.{props.minor} ({usable})"
+            )
+    else:
+        print("  no CUDA device visible")
+    return 0
+
+
+def _check_fit(model: torch.nn.Module, data: Data, device: torch.device, spec: str) -> None:
+    """One forward pass and loss on two samples, so that data the model cannot take fails now
+    with one line, not in the middle of scoring."""
+    x, y = torch.utils.data.default_collate([data.dataset[i] for i in range(min(2, len(data)))])
+    try:
+        with torch.no_grad():
+            out = model(x.to(device))
+            torch.nn.functional.cross_entropy(out, y.to(device), reduction="none")
+    except Exception as error:
+        raise CliError(
+            f"--data: the model from {spec} cannot take x of shape {tuple(x.shape[1:])} per "
+            f"sample: {type(error).__name__}: {_one_line(error)}"
+        ) from None
+    top = int(data.labels.max())
+    if out.ndim == 2 and top >= out.shape[1]:
+        raise CliError(
+            f"--data: {data.source} has labels up to {top}, but the model from {spec} gives "
+            f"{out.shape[1]} class scores per sample"
+        )
+
+
+def cmd_score(args) -> int:
+    from tqdm.auto import tqdm
+
+    from curvkern import CurvatureScorer, CurvatureTracker, IndexedDataset, score_checkpoints
+    from curvkern.report import format_ranges
+
+    if args.n_probes < 1:
+        raise CliError(f"--n-probes must be at least 1, got {args.n_probes}")
+    if not args.h > 0:
+        raise CliError(f"--h must be positive, got {args.h}")
+    if args.batch_size < 1:
+        raise CliError(f"--batch-size must be at least 1, got {args.batch_size}")
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as error:
+        raise CliError(f"--device: cannot use {args.device!r} ({_one_line(error)})") from None
+    out = Path(args.out)
+    checkpoints = checkpoint_epochs(args.checkpoints)
+    transform = load_factory(args.transform) if args.transform else None
+    data = load_data(args.data, transform)
+    model = _make_model(args.model).to(device)
+    dtype = next(model.parameters(), torch.empty(0)).dtype
+    if data.images is not None and data.images.dtype != dtype and dtype.is_floating_point:
+        # x saved in another float precision than the model's (NumPy's default is float64):
+        # scored in the model's precision, which the scorer requires of its inputs.
+        data.dataset = torch.utils.data.TensorDataset(
+            torch.from_numpy(data.images).to(dtype), torch.from_numpy(data.labels)
+        )
+    scorer_kwargs = {"h": args.h, "n_probes": args.n_probes, "method": args.method}
+    # The tracker checks an existing --out file (its settings and N) before any long work.
+    try:
+        tracker = CurvatureTracker(CurvatureScorer(model, **scorer_kwargs), len(data), out)
+    except ValueError as error:
+        raise CliError(f"--out: {_one_line(error)}") from None
+    except (OSError, KeyError) as error:
+        raise CliError(
+            f"--out: {out} exists but is not a curvkern tracker file ({_one_line(error)}); "
+            "choose another path"
+        ) from None
+    done = set(tracker.epochs)
+    pending = {e: f for e, f in checkpoints.items() if e not in done}
+    skipped = sorted(set(checkpoints) & done)
+    if skipped:
+        print(
+            f"{len(skipped)} of {len(checkpoints)} checkpoints already scored in {out} "
+            f"(epochs {format_ranges(skipped)}): not scored again"
+        )
+    if not pending:
+        print(f"nothing to score: {out} has every epoch the checkpoints give")
+        return 0
+
+    # Load every pending checkpoint once before scoring any, through score_checkpoints itself
+    # with nothing to score: a checkpoint that does not fit fails in seconds, not after hours.
+    for epoch, file in pending.items():
+        try:
+            score_checkpoints(model, {epoch: file}, [], num_samples=len(data), progress=False)
+        except Exception as error:
+            raise CliError(
+                f"--checkpoints: {file} does not fit the model from {args.model}: "
+                f"{_state_dict_error(error)}"
+            ) from None
+    _check_fit(model, data, device, args.model)
+
+    loader = torch.utils.data.DataLoader(
+        IndexedDataset(data.dataset),
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        pin_memory=device.type == "cuda",
+    )
+    print(
+        f"scoring {len(pending)} checkpoints x {len(data):,} samples of {args.data} on {device} "
+        f"(method {args.method}, {args.n_probes} probes, h = {args.h:g}) into {out}"
+    )
+    show = sys.stderr.isatty()
+    start = time.perf_counter()
+    try:
+        with tqdm(total=len(pending), unit="checkpoint", disable=not show) as bar:
+            for epoch, file in pending.items():
+                begin = time.perf_counter()
+                score_checkpoints(
+                    model,
+                    {epoch: file},
+                    loader,
+                    num_samples=len(data),
+                    path=out,
+                    progress=show,
+                    device=device,
+                    **scorer_kwargs,
+                )
+                bar.update()
+                tqdm.write(f"epoch {epoch} ({file}): {time.perf_counter() - begin:.1f} s")
+    except ValueError as error:  # e.g. an --out file written with other settings
+        raise CliError(f"--out: {_one_line(error)}") from None
+    print(f"done in {time.perf_counter() - start:.1f} s: {out} ({len(done) + len(pending)} epochs)")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from curvkern.report import build_report, load_scores
+
+    if args.top < 1:
+        raise CliError(f"--top must be at least 1, got {args.top}")
+    path = Path(args.path)
+    if not path.is_file():
+        raise CliError(f"PATH: tracker file {path} does not exist (write it with `curvkern score`)")
+    try:
+        scores = load_scores(path)
+    except (OSError, ValueError, KeyError) as error:
+        raise CliError(
+            f"PATH: {path} is not a curvkern tracker file ({_one_line(error)})"
+        ) from None
+    data = load_data(args.data)
+    if scores.num_samples != len(data):
+        raise CliError(
+            f"--data: {args.data} has {len(data):,} samples but {path} scored "
+            f"{scores.num_samples:,}; give the data the scores were made on"
+        )
+    start = time.perf_counter()
+    size = build_report(scores, data, args.out, top=args.top, title=args.title)
+    print(
+        f"wrote {args.out} ({size / 1e6:.2f} MB, {time.perf_counter() - start:.1f} s): "
+        f"{len(data):,} samples, {len(scores.epochs)} epochs"
+    )
+    return 0
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text if len(text) <= 400 else text[:397] + "..."
+
+
+def _state_dict_error(error: BaseException) -> str:
+    """load_state_dict's multi-line report (missing, unexpected, size mismatch) as one line."""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    if lines and lines[0].startswith("Error(s) in loading state_dict"):
+        lines = lines[1:]
+    text = "; ".join(lines) if lines else type(error).__name__
+    return text if len(text) <= 400 else text[:397] + "..."
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="curvkern",
+        description="Score training samples by input curvature over saved checkpoints, and "
+        "write a report.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    sub.add_parser("info", help="version, compiled kernels, devices")
+
+    score = sub.add_parser(
+        "score",
+        help="score saved checkpoints into a tracker file (resumes)",
+        description="Scores every checkpoint (epochs from the numbers in the file names) into "
+        "a tracker file; epochs already in it are not scored again.",
+    )
+    score.add_argument(
+        "--model",
+        required=True,
+        metavar="MODULE:FACTORY",
+        help="a function returning the untrained model (module importable from "
+        "the working directory or PYTHONPATH, or a path to a .py file)",
+    )
+    score.add_argument(
+        "--checkpoints",
+        required=True,
+        metavar="GLOB",
+        help="state_dict files, e.g. 'ckpt/epoch_*.pt' (quote it)",
+    )
+    score.add_argument(
+        "--data",
+        required=True,
+        metavar="DATA",
+        help=".npz with x (N, ...) and y (N,), or an ImageFolder directory",
+    )
+    score.add_argument("--out", required=True, metavar="PATH", help="tracker file (.npz)")
+    score.add_argument("--n-probes", type=int, default=10, metavar="N")
+    score.add_argument(
+        "--h",
+        type=float,
+        default=1e-3,
+        metavar="H",
+        help="finite-difference step, in the model's input units",
+    )
+    score.add_argument("--method", choices=("fd", "hvp", "zo"), default="fd")
+    score.add_argument("--batch-size", type=int, default=256, metavar="B")
+    score.add_argument(
+        "--device",
+        default=None,
+        metavar="DEV",
+        help="cpu, cuda, cuda:1, ... (default: cuda when available)",
+    )
+    score.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        metavar="W",
+        help="DataLoader worker processes (image decoding)",
+    )
+    score.add_argument(
+        "--transform",
+        default=None,
+        metavar="MODULE:OBJECT",
+        help="for an image folder: PIL image -> tensor (default: ToTensor)",
+    )
+
+    report = sub.add_parser(
+        "report",
+        help="write one self-contained HTML report",
+        description="Writes one HTML file (no network needed to open it): the highest-scored "
+        "samples of each class, histograms, curvature against the baselines, a table, a CSV.",
+    )
+    report.add_argument("path", metavar="PATH", help="tracker file written by `curvkern score`")
+    report.add_argument("--data", required=True, metavar="DATA", help="the data that was scored")
+    report.add_argument("--out", required=True, metavar="REPORT.html")
+    report.add_argument(
+        "--top", type=int, default=12, metavar="K", help="samples shown per class (default 12)"
+    )
+    report.add_argument("--title", default=None, help="page title (default: the tracker file)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``curvkern`` console script; returns the exit status."""
+    commands = {"info": cmd_info, "score": cmd_score, "report": cmd_report}
+    try:
+        args = build_parser().parse_args(argv)
+        return commands[args.command](args)
+    except CliError as error:
+        print(f"curvkern: error: {error}", file=sys.stderr)
+        return USAGE_EXIT
+    except KeyboardInterrupt:
+        print(
+            "curvkern: interrupted (scored epochs are saved; run again to resume)", file=sys.stderr
+        )
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
