@@ -7,9 +7,25 @@ PIP := $(PYTHON) -m pip
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.* csrc/cpu/*.* csrc/cuda/*.*)
 
-.PHONY: install demo test lint format bench
+# Debian packages the tests use: a browser and its driver for the report's test, and the
+# fortunes corpus of the text examples. Installed when missing and run as root (CI, fresh
+# machines); otherwise named, and the tests that need them skip.
+DEBIAN_PACKAGES := chromium chromium-driver fortunes
 
-install: .install.stamp
+.PHONY: install system demo test lint format bench
+
+install: system .install.stamp
+
+system:
+	@missing=$$(for p in $(DEBIAN_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing Debian packages:" $$missing; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	else \
+	  echo "note: tests that need" $$missing "skip; install them with: sudo apt-get install" $$missing; \
+	fi
 
 .install.stamp: $(SOURCES)
 	$(PIP) install --quiet $(TORCH) ninja setuptools wheel
