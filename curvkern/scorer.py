@@ -58,6 +58,15 @@ _MISMATCH_MESSAGES = ("same dtype", "same device", "should be the same")
 STEP_WARN = 0.005
 STEP_SAMPLE = 4096
 
+# method="zo": a sample whose curvature (mean |e| over its pairs) is below ZO_NOISE_WARN times
+# the rounding floor eps * max(1, |L|) / (4 h^2) is reported (_warn_rounding). A pair's rounding
+# error was up to 2 floors at the 90th percentile (measured: see ZerothOrder.rounding_floor), so
+# below 20 floors the curvature can be more than 10% rounding.
+ZO_NOISE_WARN = 20.0
+# The largest h the zo warning suggests: on standardized digits (MLP and CNN, GELU) the O(h^2)
+# error of float64 zo against the exact r^T H s was 4.6% (median) at h = 3e-2 and 66% at 1e-1.
+ZO_MAX_H = 3e-2
+
 LossFn = Callable[[Any, Tensor], Tensor]
 
 
@@ -682,6 +691,9 @@ class CurvatureScorer:
             )
         if self._estimator.takes_differences:
             self._warn_zero_differences(sums, bad, batch)
+        floor = self._estimator.rounding_floor(base, self.h, batch.x.dtype)
+        if floor is not None:
+            self._warn_rounding(curvature, floor, bad, batch)
         return CurvatureScores(
             **{k: v.to(dtype) for k, v in fields.items()},
             ids=batch.ids,
@@ -707,6 +719,50 @@ class CurvatureScorer:
                 f"linear in x around them. Check h against the scale of x.",
                 stacklevel=3,
             )
+
+    def _warn_rounding(self, curvature: Tensor, floor: Tensor, bad: Tensor, batch: Batch) -> None:
+        """Warns once about samples whose zo curvature is within ZO_NOISE_WARN rounding floors.
+
+        Their value is kept, not made NaN: it still says the curvature is at most about that
+        size (a low-curvature sample stays low in a ranking), but its digits are rounding.
+
+        Args:
+            curvature: (B,) float64 mean |e| per sample.
+            floor: (B,) float64 rounding floor per sample (ZerothOrder.rounding_floor).
+            bad: (B,) bool, samples already NaN.
+            batch: the scored samples.
+        """
+        noisy = (curvature < ZO_NOISE_WARN * floor) & ~bad
+        if batch.mask is not None:
+            noisy &= batch.mask.sum(1) > 0  # a sample masked out entirely has curvature 0
+        n_noisy = int(noisy.sum())
+        if not n_noisy:
+            return
+        first = int(noisy.nonzero()[0, 0])
+        dtype = batch.x.dtype
+        advice = (
+            "score with a float64 model and input (model.double(), x.double())"
+            if dtype != torch.float64
+            else "use a larger h"
+        )
+        # The h at which the median such sample would stand ZO_NOISE_WARN floors clear (the
+        # floor falls as 1 / h^2; samples with curvature exactly 0 say nothing about it). Above
+        # ZO_MAX_H the O(h^2) error takes over on unit-scale inputs, so none is suggested.
+        nonzero = noisy & (curvature > 0)
+        larger = ""
+        if bool(nonzero.any()):
+            ratio = float((ZO_NOISE_WARN * floor[nonzero] / curvature[nonzero]).median())
+            suggest = self.h * math.sqrt(ratio)
+            if suggest <= ZO_MAX_H:
+                larger = f", or h = {suggest:.2g} (half of them clear the floor there)"
+        warnings.warn(
+            f"method='zo': {n_noisy} of {noisy.numel()} samples (first: id "
+            f"{int(batch.ids[first])}) have a curvature below {ZO_NOISE_WARN:g} times the "
+            f"rounding of their four-point loss differences in {dtype} (eps * max(1, |loss|) / "
+            f"4h^2 with h = {self.h}), so their scores are mostly rounding noise (a value that "
+            f"bounds their curvature, not a measurement of it). To fix: {advice}{larger}.",
+            stacklevel=3,
+        )
 
 
 def _mismatch(expected: Tensor, got: Tensor, eps: float) -> int | None:
