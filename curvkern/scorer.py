@@ -732,7 +732,8 @@ class CurvatureScorer:
             bad: (B,) bool, samples already NaN.
             batch: the scored samples.
         """
-        noisy = (curvature < ZO_NOISE_WARN * floor) & ~bad
+        # Exactly 0 is _warn_zero_differences' case (a loss linear in x, or a step lost to x).
+        noisy = (curvature < ZO_NOISE_WARN * floor) & (curvature > 0) & ~bad
         if batch.mask is not None:
             noisy &= batch.mask.sum(1) > 0  # a sample masked out entirely has curvature 0
         n_noisy = int(noisy.sum())
@@ -746,15 +747,13 @@ class CurvatureScorer:
             else "use a larger h"
         )
         # The h at which the median such sample would stand ZO_NOISE_WARN floors clear (the
-        # floor falls as 1 / h^2; samples with curvature exactly 0 say nothing about it). Above
-        # ZO_MAX_H the O(h^2) error takes over on unit-scale inputs, so none is suggested.
-        nonzero = noisy & (curvature > 0)
+        # floor falls as 1 / h^2). Above ZO_MAX_H the O(h^2) error takes over on unit-scale
+        # inputs, so none is suggested.
+        ratio = float((ZO_NOISE_WARN * floor[noisy] / curvature[noisy]).median())
+        suggest = self.h * math.sqrt(ratio)
         larger = ""
-        if bool(nonzero.any()):
-            ratio = float((ZO_NOISE_WARN * floor[nonzero] / curvature[nonzero]).median())
-            suggest = self.h * math.sqrt(ratio)
-            if suggest <= ZO_MAX_H:
-                larger = f", or h = {suggest:.2g} (half of them clear the floor there)"
+        if suggest <= ZO_MAX_H:
+            larger = f", or h = {suggest:.2g} (half of them clear the floor there)"
         warnings.warn(
             f"method='zo': {n_noisy} of {noisy.numel()} samples (first: id "
             f"{int(batch.ids[first])}) have a curvature below {ZO_NOISE_WARN:g} times the "
