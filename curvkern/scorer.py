@@ -760,7 +760,7 @@ class CurvatureScorer:
             f"rounding of their four-point loss differences in {dtype} (eps * max(1, |loss|) / "
             f"4h^2 with h = {self.h}), so their scores are mostly rounding noise (a value that "
             f"bounds their curvature, not a measurement of it). To fix: {advice}{larger}.",
-            stacklevel=3,
+            stacklevel=4,  # score() -> _finalize -> here: point at the caller
         )
 
 
