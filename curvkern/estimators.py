@@ -299,6 +299,11 @@ class Estimator:
         """One model pass over probes offset .. offset + n - 1 of every sample: (n, B, ...)."""
         raise NotImplementedError
 
+    def rounding_floor(self, base: Base, h: float, dtype: torch.dtype) -> Tensor | None:
+        """Per sample, the curvature that rounding alone would give (B,) float64, or None
+        where the estimator has no such floor to check against (see ZerothOrder)."""
+        return None
+
     def reduce(
         self,
         ops: types.ModuleType,
@@ -421,6 +426,29 @@ class ZerothOrder(Estimator):
 
     def reduce(self, ops, data, batch, base, seed, h, offset, per_position):
         return data.sum(0), None
+
+    def rounding_floor(self, base: Base, h: float, dtype: torch.dtype) -> Tensor:
+        """The size of one pair's |e| that rounding alone gives, per sample: (B,) float64.
+
+        Each loss value carries an absolute rounding error of about eps * max(1, |L|) (eps of
+        the model's dtype): a cross-entropy is computed as log(sum exp(z - max z)), whose
+        log(1 + small) is rounded to eps of 1 however small the loss, so a float32 loss below
+        eps comes out exactly 0. The four-point combination divides that by 4 h^2. Measured
+        (digits MLP and 8x8 CNN, GELU, trained to 100% accuracy, 16 pairs on 256 samples,
+        float32 against the float64 copy with the same probes, h = 1e-3 .. 1e-1): the pairs'
+        rounding error |e32 - e64| was 1.0 to 2.0 times this floor at the 90th percentile
+        and at most 23 times it. The perturbed losses differ from L(x) by O(h |g|), far below
+        1 where the floor matters, so L(x) stands in for the four.
+
+        Args:
+            base: the unperturbed pass (its float64 losses (B,)).
+            h: the step.
+            dtype: the dtype the model computed its losses in.
+        Returns:
+            (B,) float64 eps * max(1, |L(x)|) / (4 h^2).
+        """
+        eps = torch.finfo(dtype).eps
+        return eps * base.loss.abs().clamp(min=1.0) / (4.0 * h * h)
 
 
 ESTIMATORS: dict[str, Estimator] = {

@@ -65,6 +65,15 @@ _MISMATCH_MESSAGES = ("same dtype", "same device", "should be the same")
 STEP_WARN = 0.005
 STEP_SAMPLE = 4096
 
+# method="zo": a sample whose curvature (mean |e| over its pairs) is below ZO_NOISE_WARN times
+# the rounding floor eps * max(1, |L|) / (4 h^2) is reported (_warn_rounding). A pair's rounding
+# error was up to 2 floors at the 90th percentile (measured: see ZerothOrder.rounding_floor), so
+# below 20 floors the curvature can be more than 10% rounding.
+ZO_NOISE_WARN = 20.0
+# The largest h the zo warning suggests: on standardized digits (MLP and CNN, GELU) the O(h^2)
+# error of float64 zo against the exact r^T H s was 4.6% (median) at h = 3e-2 and 66% at 1e-1.
+ZO_MAX_H = 3e-2
+
 LossFn = Callable[[Any, Tensor], Tensor]
 
 
@@ -689,6 +698,9 @@ class CurvatureScorer:
             )
         if self._estimator.takes_differences:
             self._warn_zero_differences(sums, bad, batch)
+        floor = self._estimator.rounding_floor(base, self.h, batch.x.dtype)
+        if floor is not None:
+            self._warn_rounding(curvature, floor, bad, batch)
         return CurvatureScores(
             **{k: v.to(dtype) for k, v in fields.items()},
             ids=batch.ids,
@@ -714,6 +726,49 @@ class CurvatureScorer:
                 f"linear in x around them. Check h against the scale of x.",
                 stacklevel=3,
             )
+
+    def _warn_rounding(self, curvature: Tensor, floor: Tensor, bad: Tensor, batch: Batch) -> None:
+        """Warns once about samples whose zo curvature is within ZO_NOISE_WARN rounding floors.
+
+        Their value is kept, not made NaN: it still says the curvature is at most about that
+        size (a low-curvature sample stays low in a ranking), but its digits are rounding.
+
+        Args:
+            curvature: (B,) float64 mean |e| per sample.
+            floor: (B,) float64 rounding floor per sample (ZerothOrder.rounding_floor).
+            bad: (B,) bool, samples already NaN.
+            batch: the scored samples.
+        """
+        # Exactly 0 is _warn_zero_differences' case (a loss linear in x, or a step lost to x).
+        noisy = (curvature < ZO_NOISE_WARN * floor) & (curvature > 0) & ~bad
+        if batch.mask is not None:
+            noisy &= batch.mask.sum(1) > 0  # a sample masked out entirely has curvature 0
+        n_noisy = int(noisy.sum())
+        if not n_noisy:
+            return
+        first = int(noisy.nonzero()[0, 0])
+        dtype = batch.x.dtype
+        advice = (
+            "score with a float64 model and input (model.double(), x.double())"
+            if dtype != torch.float64
+            else "use a larger h"
+        )
+        # The h at which the median such sample would stand ZO_NOISE_WARN floors clear (the
+        # floor falls as 1 / h^2). Above ZO_MAX_H the O(h^2) error takes over on unit-scale
+        # inputs, so none is suggested.
+        ratio = float((ZO_NOISE_WARN * floor[noisy] / curvature[noisy]).median())
+        suggest = self.h * math.sqrt(ratio)
+        larger = ""
+        if suggest <= ZO_MAX_H:
+            larger = f", or h = {suggest:.2g} (half of them clear the floor there)"
+        warnings.warn(
+            f"method='zo': {n_noisy} of {noisy.numel()} samples (first: id "
+            f"{int(batch.ids[first])}) have a curvature below {ZO_NOISE_WARN:g} times the "
+            f"rounding of their four-point loss differences in {dtype} (eps * max(1, |loss|) / "
+            f"4h^2 with h = {self.h}), so their scores are mostly rounding noise (a value that "
+            f"bounds their curvature, not a measurement of it). To fix: {advice}{larger}.",
+            stacklevel=4,  # score() -> _finalize -> here: point at the caller
+        )
 
 
 def _mismatch(expected: Tensor, got: Tensor, eps: float) -> int | None:
