@@ -724,7 +724,7 @@ class CurvatureScorer:
                 f"{what} exactly zero for every probe, so their curvature is 0: either h = "
                 f"{self.h} is lost to rounding at these inputs (x + h r == x), or the loss is "
                 f"linear in x around them. Check h against the scale of x.",
-                stacklevel=3,
+                stacklevel=4,  # score() -> _finalize -> here: point at the caller
             )
 
     def _warn_rounding(self, curvature: Tensor, floor: Tensor, bad: Tensor, batch: Batch) -> None:
