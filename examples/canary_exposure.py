@@ -28,8 +28,8 @@ import time
 
 import numpy as np
 import torch
-from common import markdown_table, write_csv
 from fortunes import FORTUNE_DIR, load_or_exit, pad_batch
+from plots import markdown_table, write_csv
 
 from curvkern import CurvatureScores, CurvatureTracker
 from curvkern.losses import sequence_cross_entropy

@@ -16,7 +16,7 @@ import argparse
 import copy
 
 import torch
-from common import markdown_table
+from plots import markdown_table
 
 from curvkern.losses import sequence_cross_entropy
 from curvkern.text import TokenScorer

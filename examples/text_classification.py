@@ -20,8 +20,9 @@ import time
 from collections import Counter
 
 import torch
-from common import markdown_table, tracked_scores, write_csv
 from fortunes import FORTUNE_DIR, load_or_exit, pad_batch
+from plots import markdown_table, write_csv
+from scores import compared
 
 from curvkern import CurvatureScores, CurvatureTracker
 from curvkern.metrics import auroc
@@ -129,7 +130,11 @@ def main(argv=None) -> dict[str, float]:
         for rows, input_ids, attention_mask, y in batches(seqs, noisy, 256):
             logits = model(input_ids, attention_mask=attention_mask).logits
             scores[rows] = (logits.argmax(1) == y).float()
-    columns, names = tracked_scores(tracker)
+    # The four scores the README's table compares (all high-first), from the shared list.
+    values, _, names = compared(tracker)
+    columns = {
+        k: values[k] for k in ("curvature_mean", "curvature_last", "loss_final", "loss_mean")
+    }
     aurocs = {key: auroc(torch.from_numpy(v), flipped) for key, v in columns.items()}
     print(f"\n{n} fortunes from {', '.join(CATEGORIES)} ({args.per_class} each, at most 120 "
           f"characters, {vocab_size} word types), {int(flipped.sum())} labels flipped; "

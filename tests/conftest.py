@@ -1,4 +1,8 @@
+import csv
+import importlib
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -65,3 +69,43 @@ def labelled_batch(
     x = torch.randn(batch, *sample_shape, generator=gen, dtype=dtype)
     y = torch.randint(0, classes, (batch,), generator=gen)
     return x, y
+
+
+# The samples of the dataset and tracker tests: N labelled rows as IndexedDataset items, and
+# the tolerance of "the same computation, batched otherwise" in float64.
+N = 23
+EXACT = dict(rtol=1e-8, atol=1e-12, equal_nan=True)
+
+
+@pytest.fixture
+def data():
+    from torch.utils.data import TensorDataset
+
+    x, y = labelled_batch(N)
+    return curvkern.IndexedDataset(TensorDataset(x, y))
+
+
+def indexed_loader(dataset, **kw):
+    """A DataLoader of the dataset/tracker tests (batches of 5 unless told)."""
+    from torch.utils.data import DataLoader
+
+    return DataLoader(dataset, batch_size=kw.pop("batch_size", 5), **kw)
+
+
+# The examples' tests import example modules by name (examples/ is not a package).
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@pytest.fixture(scope="module")
+def examples():
+    """Imports an example module by name, with examples/ on sys.path."""
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        yield importlib.import_module
+    finally:
+        sys.path.remove(str(EXAMPLES))
+
+
+def csv_rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))

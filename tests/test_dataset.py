@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader, Subset, TensorDataset
+from torch.utils.data import Subset, TensorDataset
 
 from curvkern import (
     CurvatureScorer,
@@ -15,20 +15,7 @@ from curvkern import (
 )
 from curvkern.scores import SCORE_FIELDS
 
-from .conftest import labelled_batch, smooth_classifier
-
-N = 23
-EXACT = dict(rtol=1e-8, atol=1e-12, equal_nan=True)
-
-
-@pytest.fixture
-def data():
-    x, y = labelled_batch(N)
-    return IndexedDataset(TensorDataset(x, y))
-
-
-def _loader(dataset, **kw):
-    return DataLoader(dataset, batch_size=kw.pop("batch_size", 5), **kw)
+from .conftest import EXACT, N, indexed_loader, smooth_classifier
 
 
 def _assert_same(a, b):
@@ -52,7 +39,7 @@ def test_one_row_per_id_whatever_the_batching(data):
     x, y = data.dataset.tensors
     direct = scorer.score(x, y, torch.arange(N))
     for kw in (dict(batch_size=5), dict(batch_size=1), dict(batch_size=N, shuffle=True)):
-        result = score_dataset(scorer, _loader(data, **kw), progress=False)
+        result = score_dataset(scorer, indexed_loader(data, **kw), progress=False)
         assert len(result) == N and result.ids.tolist() == list(range(N))
         _assert_same(result, direct)
 
@@ -60,7 +47,9 @@ def test_one_row_per_id_whatever_the_batching(data):
 def test_unseen_ids_are_nan(data):
     scorer = CurvatureScorer(smooth_classifier(), n_probes=2)
     seen = [0, 3, 4, 10, 22]
-    result = score_dataset(scorer, _loader(Subset(data, seen)), num_samples=N, progress=False)
+    result = score_dataset(
+        scorer, indexed_loader(Subset(data, seen)), num_samples=N, progress=False
+    )
     assert len(result) == N
     unseen = torch.ones(N, dtype=torch.bool)
     unseen[seen] = False
@@ -78,20 +67,20 @@ def test_bad_loaders(data):
     with pytest.raises(
         TypeError, match=r"must yield \(x, y, ids\) or .* batches, got list of length 2"
     ):
-        score_dataset(scorer, _loader(data.dataset), progress=False)
+        score_dataset(scorer, indexed_loader(data.dataset), progress=False)
     with pytest.raises(ValueError, match=r"ids must lie in \[0, num_samples = 10\), got id 1"):
-        score_dataset(scorer, _loader(Subset(data, [1, 12])), num_samples=10, progress=False)
+        score_dataset(scorer, indexed_loader(Subset(data, [1, 12])), num_samples=10, progress=False)
 
 
 def test_progress_bar_on_a_terminal_only(data, capsys, monkeypatch):
     scorer = CurvatureScorer(smooth_classifier(), n_probes=1)
-    score_dataset(scorer, _loader(data), progress=True)
+    score_dataset(scorer, indexed_loader(data), progress=True)
     assert capsys.readouterr().err == ""  # not a terminal under pytest
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
-    score_dataset(scorer, _loader(data), progress=True)
+    score_dataset(scorer, indexed_loader(data), progress=True)
     err = capsys.readouterr().err
     assert re.search(rf"100%.*{N}(\.0)?/{N}(\.0)?", err) and "sample/s" in err
-    score_dataset(scorer, _loader(data), progress=False)
+    score_dataset(scorer, indexed_loader(data), progress=False)
     assert capsys.readouterr().err == ""
 
 
@@ -117,16 +106,16 @@ def test_indexed_subset_yields_the_parents_indices(data):
 def test_scores_through_a_subset_land_in_the_parents_rows(data):
     base = data.dataset
     scorer = CurvatureScorer(smooth_classifier(), n_probes=3)
-    full = score_dataset(scorer, _loader(IndexedDataset(base)), progress=False)
+    full = score_dataset(scorer, indexed_loader(IndexedDataset(base)), progress=False)
     idx = [7, 2, 19, 11, 4, 22]
-    part = score_dataset(scorer, _loader(IndexedDataset(Subset(base, idx))), progress=False)
+    part = score_dataset(scorer, indexed_loader(IndexedDataset(Subset(base, idx))), progress=False)
     assert len(part) == N  # num_samples defaults to len(base)
     _assert_same(part[idx], full[idx])  # same rows, same probes
     rest = torch.ones(N, dtype=torch.bool)
     rest[idx] = False
     assert torch.isnan(part.curvature[rest]).all()
     # Subset(IndexedDataset(ds)) also yields ds's ids, and N defaults to len(ds)
-    outer = score_dataset(scorer, _loader(Subset(IndexedDataset(base), idx)), progress=False)
+    outer = score_dataset(scorer, indexed_loader(Subset(IndexedDataset(base), idx)), progress=False)
     _assert_same(outer, part)
 
 
@@ -147,7 +136,7 @@ def test_model_inputs_reach_any_scorer(data):
     indexed = IndexedDataset(items)
     assert len(indexed[3]) == 4 and indexed[3][2] == 3
     inner = CurvatureScorer(smooth_classifier(), n_probes=2)
-    result = score_dataset(_Shifted(inner), _loader(indexed, batch_size=4), progress=False)
+    result = score_dataset(_Shifted(inner), indexed_loader(indexed, batch_size=4), progress=False)
     _assert_same(result, inner.score(x + shift, y, torch.arange(N)))
 
 
@@ -159,20 +148,20 @@ def test_one_id_twice_with_other_scores_is_refused(data):
     first = IndexedDataset(TensorDataset(x[:12], y[:12]))
     second = IndexedDataset(TensorDataset(x[12:], y[12:]))
     with pytest.raises(ValueError, match=r"id 0 arrived twice with different scores .*11 ids"):
-        score_dataset(scorer, _loader(ConcatDataset([first, second])), progress=False)
+        score_dataset(scorer, indexed_loader(ConcatDataset([first, second])), progress=False)
     # the fix the message gives: index the concatenation
     joined = IndexedDataset(
         ConcatDataset([TensorDataset(x[:12], y[:12]), TensorDataset(x[12:], y[12:])])
     )
     _assert_same(
-        score_dataset(scorer, _loader(joined), progress=False),
-        score_dataset(scorer, _loader(data), progress=False),
+        score_dataset(scorer, indexed_loader(joined), progress=False),
+        score_dataset(scorer, indexed_loader(data), progress=False),
     )
     # one sample scored twice (in other batches, e.g. a sampler's padding) is harmless
     twice = Subset(data, [*range(N), 3, 3, 17])
     _assert_same(
-        score_dataset(scorer, _loader(twice, batch_size=4), progress=False),
-        score_dataset(scorer, _loader(data), progress=False),
+        score_dataset(scorer, indexed_loader(twice, batch_size=4), progress=False),
+        score_dataset(scorer, indexed_loader(data), progress=False),
     )
 
 

@@ -5,7 +5,6 @@ Each quick run is deterministic (fixed seeds, one torch thread). Thresholds sit 
 gives (in the comments) and over chance (AUROC 0.5).
 """
 
-import csv
 import importlib
 import os
 import subprocess
@@ -14,10 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import EXAMPLES, csv_rows
+
 pytest.importorskip("transformers", reason="the text examples build transformers models")
 
 ROOT = Path(__file__).resolve().parent.parent
-EXAMPLES = ROOT / "examples"
 sys.path.insert(0, str(EXAMPLES))
 FORTUNE_DIR = importlib.import_module("fortunes").FORTUNE_DIR
 sys.path.remove(str(EXAMPLES))
@@ -25,21 +25,6 @@ needs_fortunes = pytest.mark.skipif(
     not os.path.isfile(os.path.join(FORTUNE_DIR, "computers")),
     reason="Debian's fortunes package is not installed (sudo apt-get install fortunes)",
 )
-
-
-@pytest.fixture(scope="module")
-def examples():
-    """Imports an example module by name, with examples/ (not a package) on sys.path."""
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        yield importlib.import_module
-    finally:
-        sys.path.remove(str(EXAMPLES))
-
-
-def csv_rows(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 @needs_fortunes

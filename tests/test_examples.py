@@ -6,8 +6,6 @@ thresholds below sit well under what the quick runs give with seed 0, the one te
 over chance (AUROC 0.5, correlation 0), with the measured range over seeds 0-4 in comments.
 """
 
-import csv
-import importlib
 import os
 import subprocess
 import sys
@@ -17,26 +15,12 @@ import numpy as np
 import pytest
 import torch
 
+from .conftest import EXAMPLES, csv_rows
+
 pytest.importorskip("sklearn", reason="the examples load scikit-learn's digits")
 pytest.importorskip("matplotlib", reason="the examples draw pictures")
 
 ROOT = Path(__file__).resolve().parent.parent
-EXAMPLES = ROOT / "examples"
-
-
-@pytest.fixture(scope="module")
-def examples():
-    """Imports an example module by name, with examples/ (not a package) on sys.path."""
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        yield importlib.import_module
-    finally:
-        sys.path.remove(str(EXAMPLES))
-
-
-def csv_rows(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 BASELINES = ("loss_mean", "grad_norm_mean", "aum", "confidence", "variability", "forgetting")

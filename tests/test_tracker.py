@@ -11,33 +11,18 @@ import time
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader, Subset, TensorDataset
+from torch.utils.data import Subset
 
 from curvkern import (
     CurvatureScorer,
     CurvatureScores,
     CurvatureTracker,
-    IndexedDataset,
     score_checkpoints,
 )
 from curvkern.io import epoch_file_name, epochs_folder
 from curvkern.scores import SCORE_FIELDS
 
-from .conftest import labelled_batch, smooth_classifier
-
-N = 23
-EXACT = dict(rtol=1e-8, atol=1e-12, equal_nan=True)
-
-
-@pytest.fixture
-def data():
-    x, y = labelled_batch(N)
-    return IndexedDataset(TensorDataset(x, y))
-
-
-def _loader(dataset, **kw):
-    return DataLoader(dataset, batch_size=kw.pop("batch_size", 5), **kw)
-
+from .conftest import N, indexed_loader, labelled_batch, smooth_classifier
 
 # --- CurvatureTracker -------------------------------------------------------------------------
 
@@ -54,7 +39,7 @@ def test_tracker_averages_epochs(data, tmp_path):
     tracker = CurvatureTracker(scorer, N, tmp_path / "curv.npz")
     per_epoch = {}
     for epoch in (0, 2, 4):
-        per_epoch[epoch] = tracker.score_epoch(_loader(data), epoch, progress=False)
+        per_epoch[epoch] = tracker.score_epoch(indexed_loader(data), epoch, progress=False)
         _train_step(model)
     assert tracker.epochs == [0, 2, 4]
     assert tracker.history.shape == (3, N)
@@ -68,7 +53,7 @@ def test_tracker_averages_epochs(data, tmp_path):
         tracker.field_history("accuracy")
 
     # re-scoring an epoch replaces it
-    again = tracker.score_epoch(_loader(data), 2, progress=False)
+    again = tracker.score_epoch(indexed_loader(data), 2, progress=False)
     assert tracker.epochs == [0, 2, 4]
     torch.testing.assert_close(tracker.history[1], again.curvature)
 
@@ -88,8 +73,8 @@ def test_tracker_averages_epochs(data, tmp_path):
 def test_tracker_mean_ignores_unscored_epochs_per_sample(data):
     scorer = CurvatureScorer(smooth_classifier(), n_probes=2)
     tracker = CurvatureTracker(scorer, N)
-    full = tracker.score_epoch(_loader(data), 0, progress=False)
-    tracker.score_epoch(_loader(Subset(data, [1, 2])), 1, progress=False)
+    full = tracker.score_epoch(indexed_loader(data), 0, progress=False)
+    tracker.score_epoch(indexed_loader(Subset(data, [1, 2])), 1, progress=False)
     # samples scored only at epoch 0 keep their epoch-0 curvature as their mean
     torch.testing.assert_close(tracker.mean[5:], full.curvature[5:])
     assert tracker.history.shape == (2, N) and torch.isnan(tracker.history[1, 5:]).all()
@@ -100,7 +85,7 @@ def test_tracker_mean_ignores_unscored_epochs_per_sample(data):
 def test_tracker_refuses_other_settings(data, tmp_path):
     path = tmp_path / "t.npz"
     CurvatureTracker(CurvatureScorer(smooth_classifier(), n_probes=2), N, path).score_epoch(
-        _loader(data), 0, progress=False
+        indexed_loader(data), 0, progress=False
     )
     with pytest.raises(ValueError, match="n_probes: file 2, scorer 3"):
         CurvatureTracker(CurvatureScorer(smooth_classifier(), n_probes=3), N, path)
@@ -216,7 +201,7 @@ def test_score_checkpoints(data, tmp_path):
 
     files = sorted(tmp_path.glob("ckpt_*.pt"))
     tracker = score_checkpoints(
-        model, files, _loader(data), n_probes=2, progress=False, path=tmp_path / "series.npz"
+        model, files, indexed_loader(data), n_probes=2, progress=False, path=tmp_path / "series.npz"
     )
     assert tracker.epochs == [1, 5, 9]
     for epoch, state in states.items():
@@ -229,7 +214,7 @@ def test_score_checkpoints(data, tmp_path):
 
     # a dict with the state under a common key; explicit epochs
     wrapped = score_checkpoints(
-        model, {9: tmp_path / "wrapped.pt"}, _loader(data), n_probes=2, progress=False
+        model, {9: tmp_path / "wrapped.pt"}, indexed_loader(data), n_probes=2, progress=False
     )
     torch.testing.assert_close(wrapped.history[0], tracker.history[2])
 
@@ -241,7 +226,7 @@ def test_score_checkpoints(data, tmp_path):
 
         def __iter__(self):
             calls.append(1)
-            return iter(_loader(data))
+            return iter(indexed_loader(data))
 
     files.append(tmp_path / "ckpt_011.pt")
     torch.save(states[9], files[-1])
@@ -255,11 +240,11 @@ def test_score_checkpoints_refuses_pickled_code(data, tmp_path):
     bad = tmp_path / "bad.pt"
     torch.save({"state_dict": smooth_classifier().state_dict(), "extra": CurvatureScorer}, bad)
     with pytest.raises(Exception, match="Weights only load failed"):
-        score_checkpoints(smooth_classifier(), [bad], _loader(data), progress=False)
+        score_checkpoints(smooth_classifier(), [bad], indexed_loader(data), progress=False)
     plain = tmp_path / "plain.pt"
     torch.save([1, 2], plain)
     with pytest.raises(ValueError, match="expected a state_dict"):
-        score_checkpoints(smooth_classifier(), [plain], _loader(data), progress=False)
+        score_checkpoints(smooth_classifier(), [plain], indexed_loader(data), progress=False)
 
 
 def test_checkpoint_epochs_from_names():
