@@ -110,7 +110,8 @@ def load_digits() -> ImageData:
     )  # fmt: skip
 
 
-def _read_idx(path: str) -> np.ndarray:
+def read_idx(path: str) -> np.ndarray:
+    """The array in a gzipped IDX file (the MNIST family's format)."""
     with gzip.open(path, "rb") as f:
         data = f.read()
     ndim = data[3]
@@ -156,7 +157,7 @@ def load_fashion_mnist(root: str | None = None, download: bool = False) -> Image
             f"torchvision (needs internet), or pass --data-root a folder that holds the four "
             f"files."
         )
-    parts = {role: _read_idx(path) for role, path in files.items()}
+    parts = {role: read_idx(path) for role, path in files.items()}
     images = np.concatenate([parts["train_x"], parts["test_x"]]).astype(np.float32) / 255
     labels = np.concatenate([parts["train_y"], parts["test_y"]]).astype(np.int64)
     return ImageData(

@@ -41,7 +41,6 @@ outputs/membership_inference. On 2 CPU cores the runs take about 3 minutes of CP
 from __future__ import annotations
 
 import argparse
-import gzip
 import hashlib
 import json
 import math
@@ -50,6 +49,7 @@ import time
 
 import numpy as np
 import torch
+from data import read_idx
 from torch import nn
 
 from curvkern import privacy
@@ -99,8 +99,8 @@ def load(name: str, subset: int | None, seed: int) -> tuple[torch.Tensor, torch.
                 f"Fashion-MNIST is not installed ({path} is missing): "
                 f"`sudo apt-get install dataset-fashion-mnist`, or use --dataset digits"
             )
-        images = _read_idx(path).reshape(-1, 784)
-        labels = _read_idx(os.path.join(FASHION_DIR, "train-labels-idx1-ubyte.gz"))
+        images = read_idx(path).reshape(-1, 784)
+        labels = read_idx(os.path.join(FASHION_DIR, "train-labels-idx1-ubyte.gz"))
     x = torch.from_numpy(images.astype(np.float64))
     x = (x - x.mean()) / x.std()
     y = torch.from_numpy(labels.astype(np.int64))
@@ -108,14 +108,6 @@ def load(name: str, subset: int | None, seed: int) -> tuple[torch.Tensor, torch.
     size -= size % 2  # even: complementary halves of equal size (digits: 1,796 of 1,797)
     index = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:size]
     return x[index], y[index]
-
-
-def _read_idx(path: str) -> np.ndarray:
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    ndim = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
 # ----------------------------------------------------------------------------------------------

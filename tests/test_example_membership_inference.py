@@ -6,26 +6,16 @@ below sit about 1.5 to 2.5 of those under what seed 0 gives and above chance (0.
 in a likelihood ratio (members ranked last) gives 1 - AUROC, about 0.44, far below.
 """
 
-import importlib
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 pytest.importorskip("sklearn", reason="the example loads scikit-learn's digits")
 pytest.importorskip("matplotlib", reason="the example draws a ROC picture")
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-
 
 @pytest.fixture(scope="module")
-def example():
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        yield importlib.import_module("membership_inference")
-    finally:
-        sys.path.remove(str(EXAMPLES))
+def example(examples):
+    return examples("membership_inference")
 
 
 def test_quick_run(example, tmp_path):
