@@ -104,9 +104,8 @@ def run(data: ImageData, args: argparse.Namespace, seed: int) -> dict:
             tracker.score_epoch(batches(x, y), epoch, progress=False)
     values, ranking, names = compared(tracker)
 
-    fitted = tracker.field_history("correct")[
-        -1
-    ].numpy()  # the trained model: the loop scores the last epoch
+    # The trained model: the loop scores the last epoch.
+    fitted = tracker.field_history("correct")[-1].numpy()
     print(
         f"seed {seed}: train accuracy on the images not duplicated {fitted[role == 0].mean():.1%};"
         f" on the pairs (one label at most of each can be fitted): originals "

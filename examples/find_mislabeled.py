@@ -144,9 +144,8 @@ def run(data: ImageData, args: argparse.Namespace, seed: int) -> dict:
             tracker.score_epoch(batches(data.x, noisy), epoch, progress=False)
     values, ranking, names = compared(tracker)
 
-    fitted = tracker.field_history("correct")[
-        -1
-    ].bool()  # the trained model: the loop scores the last epoch
+    # The trained model: the loop scores the last epoch.
+    fitted = tracker.field_history("correct")[-1].bool()
     print(
         f"seed {seed}: train accuracy on the noisy labels {fitted.float().mean():.1%} (flipped "
         f"ones: {fitted[flipped].float().mean():.1%} memorized); training and tracking "

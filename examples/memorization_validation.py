@@ -329,9 +329,8 @@ def tracked_run(x: torch.Tensor, labels: torch.Tensor, num_classes: int, args, s
         train_epoch(model, optimizer, schedule, x, labels, recipe.batch_size, order)
         if epoch % args.track_every == 0 or epoch == recipe.epochs:
             tracker.score_epoch(batches(x, labels), epoch, progress=False)
-    accuracy = tracker.field_history("correct")[
-        -1
-    ].mean()  # the trained model: the loop scores the last epoch
+    # The trained model: the loop scores the last epoch.
+    accuracy = tracker.field_history("correct")[-1].mean()
     print(
         f"seed {seed}: one network on all {len(x)} images, train accuracy {accuracy:.1%}, "
         f"{len(tracker.epochs)} epochs scored ({time.perf_counter() - start:.0f} s)"
