@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from curvkern import CurvatureScorer
+from curvkern.losses import cross_entropy
 from curvkern.scorer import ZO_NOISE_WARN
 
 from .conftest import smooth_classifier
@@ -15,11 +16,12 @@ from .conftest import smooth_classifier
 BATCH = 64
 N_PROBES = 8
 EPS32 = torch.finfo(torch.float32).eps
-# The floor is an order of magnitude, not a bound: measured (ZerothOrder.rounding_floor), one
-# pair's rounding |e32 - e64| was about 1 floor at the median, 1 to 2 at the 90th percentile and
-# 23 at most; a sample's curvature (a mean over pairs) was off by up to 5.8 floors on the fitted
-# model below. A floor off by FLOORS = 10 times would make the threshold of 20 floors meaningless.
-FLOORS = 10.0
+# The floor is an order of magnitude, not a bound (ZerothOrder.rounding_floor): one pair's
+# rounding |e32 - e64| was measured at about 1 floor at the median, 1 to 2 at the 90th percentile
+# and 23 at most. The bound the tests check is derived from the loss values themselves instead:
+# with d_j the float32 minus float64 loss at the j-th of a pair's four points,
+# |e32 - e64| = |d_0 - d_1 - d_2 + d_3| / (4 h^2), so a sample's curvature (a mean of |e| over
+# pairs) moves by at most the mean over pairs of (|d_0| + |d_1| + |d_2| + |d_3|) / (4 h^2).
 
 
 def _problem(confidence: float):
@@ -35,13 +37,29 @@ def _problem(confidence: float):
     return model, copy.deepcopy(model).float(), x, y
 
 
-def _score(model, x, y, h):
-    """Scores and the zo rounding warnings raised by one score() call."""
-    scorer = CurvatureScorer(model, method="zo", h=h, n_probes=N_PROBES, seed=1)
+def _score(model, x, y, h, record=None):
+    """Scores and the zo rounding warnings raised by one score() call; ``record`` (a list)
+    receives the per-sample losses of every loss_fn call, as computed (the model's dtype)."""
+
+    def loss_fn(output, target):
+        loss = cross_entropy(output, target)
+        if record is not None:
+            record.append(loss.detach().clone())
+        return loss
+
+    scorer = CurvatureScorer(model, loss_fn, method="zo", h=h, n_probes=N_PROBES, seed=1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         scores = scorer.score(x, y)
     return scores, [str(w.message) for w in caught if "method='zo'" in str(w.message)]
+
+
+def _perturbed_losses(record):
+    """The (4, N_PROBES, BATCH) float64 losses at the four points of every pair: the calls
+    after the unperturbed pass (the last call of BATCH rows; the model checks of the first
+    score() call come before it) hold them, rows ordered (point, probe, sample)."""
+    base = max(i for i, loss in enumerate(record) if loss.shape == (BATCH,))
+    return torch.cat(record[base + 1 :]).double().reshape(4, N_PROBES, BATCH)
 
 
 def _floor(scores, h, eps=EPS32):
@@ -51,8 +69,9 @@ def _floor(scores, h, eps=EPS32):
 def test_float32_fitted_model_warns_once_with_the_count():
     m64, m32, x, y = _problem(confidence=8.0)
     h = 1e-3
-    s32, messages = _score(m32, x.float(), y, h)
-    s64, _ = _score(m64, x, y, h)
+    r32, r64 = [], []
+    s32, messages = _score(m32, x.float(), y, h, r32)
+    s64, _ = _score(m64, x, y, h, r64)
     floor = _floor(s32, h)
     c32 = s32.curvature.double()
     flagged = c32 < ZO_NOISE_WARN * floor
@@ -62,11 +81,20 @@ def test_float32_fitted_model_warns_once_with_the_count():
     assert f"{int((flagged & (c32 > 0)).sum())} of {BATCH} samples" in messages[0]
     assert "float64" in messages[0]
     assert int(flagged.sum()) > BATCH // 4
-    # Every sample's float32 curvature is within FLOORS floors of the float64 one, typically
-    # within one; flagged samples are off by 10% and more (curvature below 20 floors, rounding
-    # ~2), the others within 2 / 20 = 10%.
+    # Every sample's float32 curvature is within the bound the rounding of its loss values
+    # gives (above; plus float64's own rounding of the four-point sums, relative 4 eps64),
+    # typically within one floor; flagged samples are off by 10% and more (curvature below 20
+    # floors, rounding ~2), the others within 2 / 20 = 10%.
+    lp32, lp64 = _perturbed_losses(r32), _perturbed_losses(r64)
+    scale = 4 * h * h
+    # The reported curvature is the four-point formula on exactly these losses (stored in
+    # float32: relative rounding eps32 / 2).
+    recomputed = ((lp32[0] - lp32[1] - lp32[2] + lp32[3]).abs() / scale).mean(0)
+    torch.testing.assert_close(c32, recomputed, rtol=EPS32 / 2, atol=0.0)
+    bound = (lp32 - lp64).abs().sum(0).mean(0) / scale
+    bound += 4 * torch.finfo(torch.float64).eps * (lp32.abs() + lp64.abs()).sum(0).mean(0) / scale
     err = (s32.curvature.double() - s64.curvature).abs()
-    assert (err <= FLOORS * floor).all(), f"max {float((err / floor).max()):.1f} floors"
+    assert (err <= bound).all(), f"max {float((err / bound).max()):.2f} x the bound"
     assert float((err / floor).median()) <= 1.0
     rel = err / s64.curvature
     assert float(rel[flagged].median()) > 2.0 / ZO_NOISE_WARN
