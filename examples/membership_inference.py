@@ -50,6 +50,7 @@ import time
 import numpy as np
 import torch
 from data import read_idx
+from models import BatchedMLP
 from torch import nn
 
 from curvkern import privacy
@@ -114,38 +115,6 @@ def load(name: str, subset: int | None, seed: int) -> tuple[torch.Tensor, torch.
 # K networks trained at once
 
 
-class BatchedMLP(nn.Module):
-    """K MLPs D-hidden-hidden-C with stacked weights: (K, B, D) -> (K, B, C)."""
-
-    def __init__(self, k: int, sizes: tuple[int, ...], generator: torch.Generator) -> None:
-        super().__init__()
-        self.weights, self.biases = nn.ParameterList(), nn.ParameterList()
-        for fan_in, fan_out in zip(sizes[:-1], sizes[1:], strict=True):
-            bound = 1 / math.sqrt(fan_in)  # nn.Linear's initialization
-            w = torch.empty(k, fan_in, fan_out).uniform_(-bound, bound, generator=generator)
-            b = torch.empty(k, 1, fan_out).uniform_(-bound, bound, generator=generator)
-            self.weights.append(nn.Parameter(w))
-            self.biases.append(nn.Parameter(b))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
-            x = torch.baddbmm(b, x, w)
-            if layer < len(self.weights) - 1:
-                x = x.relu()
-        return x
-
-    def network(self, k: int) -> nn.Module:
-        """Network k alone, as an nn.Sequential of Linear and ReLU, in float64."""
-        layers = []
-        for w, b in zip(self.weights, self.biases, strict=True):
-            linear = nn.Linear(w.shape[1], w.shape[2], dtype=torch.float64)
-            with torch.no_grad():
-                linear.weight.copy_(w[k].T)
-                linear.bias.copy_(b[k, 0])
-            layers += [linear, nn.ReLU()]
-        return nn.Sequential(*layers[:-1]).eval()
-
-
 def halves(n: int, shadow: int, targets: int, seed: int) -> torch.Tensor:
     """keep (shadow + targets, n) bool: which images each network trains on, n/2 each.
 
@@ -180,7 +149,7 @@ def train_networks(
     gen = torch.Generator().manual_seed(seed + 1)
     members = torch.stack([row.nonzero().flatten() for row in keep])  # (K, n/2)
     size = members.shape[1]
-    model = BatchedMLP(k, (x.shape[1], hidden, hidden, int(y.max()) + 1), gen)
+    model = BatchedMLP(x.shape[1], int(y.max()) + 1, hidden, [gen] * k)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=True)
     flat = x.float()
     for _ in range(epochs):
@@ -194,7 +163,7 @@ def train_networks(
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-    return [model.network(i) for i in range(k)]
+    return [model.network(i).double() for i in range(k)]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -24,6 +24,52 @@ def mlp(in_features: int, num_classes: int, hidden: int = 256) -> nn.Module:
     )
 
 
+class BatchedMLP(nn.Module):
+    """K independent copies of :func:`mlp` applied at once: (K, B, in) -> (K, B, classes).
+
+    Layer l of network k has weight ``weights[l][k]`` (in, out) and bias ``biases[l][k]``
+    (1, out), initialized as nn.Linear does (uniform in +-1/sqrt(in)) from ``generators[k]``,
+    layer by layer: the weights of every network, then their biases. K entries of one
+    generator draw the stacked weights as one (K, in, out) draw would.
+    """
+
+    def __init__(
+        self, in_features: int, num_classes: int, hidden: int, generators: list[torch.Generator]
+    ) -> None:
+        super().__init__()
+        sizes = (in_features, hidden, hidden, num_classes)
+        self.weights, self.biases = nn.ParameterList(), nn.ParameterList()
+        for fan_in, fan_out in zip(sizes[:-1], sizes[1:], strict=True):
+            bound = 1 / math.sqrt(fan_in)
+            w = [
+                torch.empty(fan_in, fan_out).uniform_(-bound, bound, generator=g)
+                for g in generators
+            ]
+            b = [torch.empty(1, fan_out).uniform_(-bound, bound, generator=g) for g in generators]
+            self.weights.append(nn.Parameter(torch.stack(w)))  # (K, in, out)
+            self.biases.append(nn.Parameter(torch.stack(b)))  # (K, 1, out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (K, B, in) -> logits (K, B, classes)."""
+        last = len(self.weights) - 1
+        for layer, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
+            x = torch.baddbmm(b, x, w)
+            if layer < last:
+                x = x.relu()
+        return x
+
+    def network(self, k: int) -> nn.Module:
+        """Network k as an :func:`mlp` with the same weights."""
+        _, in_features, hidden = self.weights[0].shape
+        model = mlp(in_features, self.weights[-1].shape[2], hidden)
+        linears = [m for m in model if isinstance(m, nn.Linear)]
+        with torch.no_grad():
+            for linear, w, b in zip(linears, self.weights, self.biases, strict=True):
+                linear.weight.copy_(w[k].T)
+                linear.bias.copy_(b[k, 0])
+        return model
+
+
 @dataclass(frozen=True)
 class Recipe:
     """Adam at a constant learning rate, then a linear decay to 0 over the last ``decay`` of the
