@@ -29,6 +29,29 @@ def test_matches_twin(device, dtype, n, batch, dim):
     assert_stats_close(got, torch_ops.probe_reduce(g0, g, ids, 5, h, 3), dtype, dim)
 
 
+@pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "masked"])
+@pytest.mark.parametrize("power", [-120, -100, -70, 75, 90])
+def test_float32_squares_out_of_range(device, masked, power):
+    # Gradients scaled by 2^power (exact in float32): |dg| ~ 1e-3 * 2^power, so dg^2 is
+    # subnormal or zero below 2^-63 (a fitted sample's gradient can be 1e-24) and overflows
+    # above 2^64. Such blocks are summed in double: the sums match the float64 twin on the same
+    # values as closely as at unit scale, not 0 or inf. 2^-120 puts dg itself among float32's
+    # subnormals, where it is what the input holds (the twin takes the same difference).
+    n, batch, dim = 4, 3, 300
+    g0, g = _inputs(n, batch, dim, torch.float32, device)
+    g0, g = g0 * 2.0**power, g * 2.0**power
+    assert torch.isfinite(g).all() and (g0 != 0).all()
+    ids = torch.arange(batch, device=device)
+    mask = None
+    if masked:  # per-element weights: the other loop of the CPU kernel
+        gen = torch.Generator().manual_seed(3)
+        mask = (torch.rand(batch, dim, generator=gen) < 0.6).float().to(device)
+    got = ops.probe_reduce(g0, g, ids, 5, 1e-3, 0, mask)
+    want = torch_ops.probe_reduce(g0, g, ids, 5, 1e-3, 0, mask)
+    assert torch.isfinite(got).all() and (got[:, :2] > 0).all()
+    assert_stats_close(got, want, torch.float32, dim)
+
+
 def _stderr(sums, n):
     """Standard error of the mean of per-probe values from their sum and sum of squares (the
     scorer's formula)."""

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 #include "common.h"
 #include "cpu/mask_block.h"
@@ -29,6 +30,31 @@ namespace {
 // over a block are an OpenMP simd reduction, which allows the compiler to reorder them into
 // vector lanes: a row's result depends on D alone, not on the batch it is in or the number of
 // threads.
+//
+// Float32 squares leave float32's range where the differences are tiny or huge: a fitted
+// sample's gradient can be 1e-24 (its softmax saturated), and d^2 < 2^-126 is subnormal, below
+// 2^-149 zero. A block whose float32 sum of squares is below 2^-100 or above 2^120 (or not
+// finite) is summed again in double. Above 2^-100, what subnormal products and sums can lose
+// (at most 2^-150 each, 2 * 128 of them: 2^-142) is 2^-42 of the sum, far below its rounding.
+constexpr float kFloatSquaresLow = 0x1p-100f;
+constexpr float kFloatSquaresHigh = 0x1p120f;
+
+// A block's sum of d^2 and of (m r) . d in double (the out-of-range fallback); ``weight`` is
+// null for a block weighted as a whole.
+template <typename scalar_t, typename acc_t>
+void block_sums_double(const scalar_t* gb, const scalar_t* g0b, const acc_t* sign,
+                       const acc_t* weight, int len, double* sq, double* rd) {
+  double s = 0, r = 0;
+  for (int j = 0; j < len; ++j) {
+    double d = static_cast<double>(static_cast<scalar_t>(gb[j] - g0b[j]));
+    if (weight != nullptr) d *= static_cast<double>(weight[j]);
+    s += d * d;
+    r += static_cast<double>(sign[j]) * d;
+  }
+  *sq = s;
+  *rd = r;
+}
+
 template <typename scalar_t, bool kMasked>
 void row_norms_cpu(const scalar_t* g0,  // (B, D)
                    const scalar_t* g,   // (n, B, D)
@@ -80,9 +106,16 @@ void row_norms_cpu(const scalar_t* g0,  // (B, D)
             rd += sign[j] * d;
           }
         }
+        double sq_block = static_cast<double>(sq), rd_block = static_cast<double>(rd);
+        if constexpr (std::is_same_v<acc_t, float>) {
+          if (!(sq >= kFloatSquaresLow && sq <= kFloatSquaresHigh)) {
+            block_sums_double(gb, g0b, sign, per_element ? weight : nullptr, len, &sq_block,
+                              &rd_block);
+          }
+        }
         const double scale = static_cast<double>(run_weight) * static_cast<double>(run_weight);
-        sq_sum += scale * sq;
-        rd_sum += scale * rd;
+        sq_sum += scale * sq_block;
+        rd_sum += scale * rd_block;
       }
       partial[2 * row] = std::sqrt(sq_sum) / h;
       partial[2 * row + 1] = rd_sum / h;
