@@ -697,7 +697,7 @@ class CurvatureScorer:
                 stacklevel=3,
             )
         if self._estimator.takes_differences:
-            self._warn_zero_differences(sums, bad, batch)
+            self._warn_zero_differences(sums, bad, batch, base)
         floor = self._estimator.rounding_floor(base, self.h, batch.x.dtype)
         if floor is not None:
             self._warn_rounding(curvature, floor, bad, batch)
@@ -710,20 +710,56 @@ class CurvatureScorer:
             curvature_map=None if cmap is None else cmap.to(dtype),
         )
 
-    def _warn_zero_differences(self, sums: Tensor, bad: Tensor, batch: Batch) -> None:
-        """Warns about samples whose differences were exactly zero for every probe."""
+    def _warn_zero_differences(self, sums: Tensor, bad: Tensor, batch: Batch, base: Base) -> None:
+        """Warns about samples whose differences were exactly zero for every probe: those whose
+        loss is flat at x to the model's precision (gradient exactly 0 with fd, loss exactly 0
+        with zo), and the others (a step lost to rounding, or a loss linear in x)."""
         zero = (sums[:, 0] == 0) & ~bad
         if batch.mask is not None:
             zero &= batch.mask.sum(1) > 0  # a sample masked out entirely has curvature 0
-        n_zero = int(zero.sum())
-        if n_zero:
-            first = int(zero.nonzero()[0, 0])
-            what = "gradient differences" if self.method == "fd" else "four-point differences"
+        if not bool(zero.any()):
+            return
+        what = "gradient differences" if self.method == "fd" else "four-point differences"
+        flat_at_x = base.grad_norm == 0 if self.method == "fd" else base.loss == 0
+        dtype = batch.x.dtype
+        if self.method == "fd":
+            flat = (
+                f"its gradient at x is exactly 0 too: the loss is flat there to {dtype}'s "
+                f"precision (e.g. a cross-entropy whose softmax saturated: the other classes' "
+                f"probabilities underflowed to 0). Their true curvature is below what {dtype} "
+                f"resolves, so they rank lowest, as they should"
+                + (
+                    "; to resolve it, score with a float64 model and input (model.double(), "
+                    "x.double())."
+                    if dtype != torch.float64
+                    else "."
+                )
+            )
+        else:
+            flat = (
+                "its loss at x is exactly 0 too, and so are the losses at the probe points: a "
+                "cross-entropy rounds to 0 once a sample is fitted with a logit margin above "
+                "about 17 in float32 (37 in float64). Their true curvature is below what loss "
+                "values resolve, so they rank lowest, as they should; method='fd' resolves it "
+                "(it differentiates: a fitted sample's gradient stays nonzero to a margin of "
+                "about 100 in float32)."
+            )
+        causes = {
+            "flat": flat,
+            "other": (
+                f"either h = {self.h} is lost to rounding at these inputs (x + h r == x), or the "
+                f"loss is linear in x around them. Check h against the scale of x."
+            ),
+        }
+        for cause, rows in (("flat", zero & flat_at_x), ("other", zero & ~flat_at_x)):
+            n_rows = int(rows.sum())
+            if not n_rows:
+                continue
+            first = int(rows.nonzero()[0, 0])
             warnings.warn(
-                f"{n_zero} of {zero.numel()} samples (first: id {int(batch.ids[first])}) had "
-                f"{what} exactly zero for every probe, so their curvature is 0: either h = "
-                f"{self.h} is lost to rounding at these inputs (x + h r == x), or the loss is "
-                f"linear in x around them. Check h against the scale of x.",
+                f"{n_rows} of {rows.numel()} samples (first: id {int(batch.ids[first])}) had "
+                f"{what} exactly zero for every probe, so their curvature is 0: "
+                f"{causes[cause]}",
                 stacklevel=4,  # score() -> _finalize -> here: point at the caller
             )
 

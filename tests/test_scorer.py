@@ -10,7 +10,8 @@ from torch import nn
 import curvkern
 from curvkern import CurvatureScorer, CurvatureScores, reference, torch_ops
 
-from .conftest import CUDA, labelled_batch, smooth_classifier
+from .conftest import CUDA, labelled_batch, requires_kernels, smooth_classifier
+from .probe_stats import stats_tolerance
 
 # float64 throughout unless a test is about float32: differences between two computations of
 # the same scores are then rounding of order 1e-16 amplified by 1 / h, far below the 1e-8
@@ -361,6 +362,84 @@ def test_model_without_input_gradient():
     with pytest.warns(UserWarning, match="4 of 4 samples .* exactly zero for every probe"):
         s = CurvatureScorer(frozen, method="zo", n_probes=2).score(x, y)
     assert torch.equal(s.curvature, torch.zeros(4, dtype=torch.float64))
+
+
+@requires_kernels
+@pytest.mark.parametrize("method", ["fd", "hvp"])
+def test_float32_tiny_gradients_keep_their_curvature(method):
+    # A fitted sample's float32 gradient can be 1e-24 (its softmax saturated): the squares of
+    # its gradient differences underflow float32. A loss scaled by 2^-80 (exact in float32)
+    # must give 2^-80 times the curvature, not 0 with a warning about h. The gradients scale
+    # exactly; only the CPU kernel's float32 block sums (double for such blocks) differ.
+    dim = 200
+    model = smooth_classifier(sample_shape=(dim,), dtype=torch.float32)
+    x, y = labelled_batch(6, sample_shape=(dim,), dtype=torch.float32)
+    scale = 2.0**-80
+    scaled_loss = lambda o, t: curvkern.losses.cross_entropy(o, t) * scale  # noqa: E731
+    plain = CurvatureScorer(model, method=method, n_probes=3, backend="kernels").score(x, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tiny = CurvatureScorer(model, scaled_loss, method=method, n_probes=3, backend="kernels")
+        tiny = tiny.score(x, y)
+    assert torch.equal(tiny.grad_norm, plain.grad_norm * scale)
+    rtol = stats_tolerance(torch.float32, dim)
+    for field in ("curvature", "trace"):
+        want = getattr(plain, field).double() * scale
+        torch.testing.assert_close(getattr(tiny, field).double(), want, rtol=rtol, atol=0.0)
+    # frobenius_sq ~ 2^-160 is below float32's range itself: the scores (float32, as the model)
+    # hold it rounded, within half the smallest subnormal.
+    want = plain.frobenius_sq.double() * scale**2
+    torch.testing.assert_close(tiny.frobenius_sq.double(), want, rtol=rtol, atol=2.0**-150)
+
+
+def _fitted_with_margins(scale, low, high):
+    """A float32 classifier with its logits scaled by ``scale``, and 4 inputs labelled with
+    its predictions whose logit margins lie in (low, high)."""
+    model = smooth_classifier(dtype=torch.float32)
+    with torch.no_grad():
+        model[-1].weight.mul_(scale)
+        model[-1].bias.mul_(scale)
+        x, _ = labelled_batch(64, dtype=torch.float32)
+        top = model(x).topk(2, dim=1).values
+        margin = top[:, 0] - top[:, 1]
+        x = x[(margin > low) & (margin < high)][:4]
+        assert len(x) == 4
+        return model, x, model(x).argmax(1)
+
+
+def _zero_difference_warning(model, x, y, method):
+    with pytest.warns(UserWarning, match="4 of 4 samples .* exactly zero for every probe") as rec:
+        s = CurvatureScorer(model, method=method, n_probes=2).score(x, y)
+    assert torch.equal(s.curvature, torch.zeros(4))
+    (message,) = [str(w.message) for w in rec if "exactly zero" in str(w.message)]
+    assert "lost to rounding" not in message
+    return message
+
+
+def test_saturated_softmax_is_named_as_the_cause_fd():
+    # Logit margins of 120 to 300: every other class's probability is below float32's smallest
+    # subnormal (exp(-103.3)), so the loss and its gradient are exactly 0 at x and at every probe
+    # point; in float64 (down to exp(-745)) they are not.
+    model, x, y = _fitted_with_margins(1e3, 120, 300)
+    message = _zero_difference_warning(model, x, y, "fd")
+    assert "its gradient at x is exactly 0 too" in message
+    assert "model.double(), x.double()" in message
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s64 = CurvatureScorer(model.double(), n_probes=2).score(x.double(), y)
+    assert (s64.curvature > 0).all()
+
+
+def test_saturated_softmax_is_named_as_the_cause_zo():
+    # Logit margins of 20 to 35: the float32 cross-entropy log(1 + exp(-margin)) rounds to 0
+    # (above a margin of 16.6), and zo sees only loss values; the gradient is far from 0.
+    model, x, y = _fitted_with_margins(1e2, 20, 35)
+    message = _zero_difference_warning(model, x, y, "zo")
+    assert "its loss at x is exactly 0 too" in message and "method='fd'" in message
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fd = CurvatureScorer(model, n_probes=2).score(x, y)
+    assert (fd.curvature > 0).all()
 
 
 class _PoisonedRows(nn.Module):
