@@ -9,7 +9,7 @@ Quick use::
 from . import losses, metrics, ops, privacy, reference, text, torch_ops
 from ._extension import has_cuda_kernels, has_kernels, kernels_available
 from .dataset import IndexedDataset, score_dataset
-from .scorer import CurvatureScorer
+from .scorer import CurvatureScorer, SampleWarning
 from .scores import CurvatureScores
 from .tracker import CurvatureTracker, score_checkpoints
 
@@ -20,6 +20,7 @@ __all__ = [
     "CurvatureScores",
     "CurvatureTracker",
     "IndexedDataset",
+    "SampleWarning",
     "score_checkpoints",
     "score_dataset",
     "losses",

@@ -77,6 +77,49 @@ ZO_MAX_H = 3e-2
 LossFn = Callable[[Any, Tensor], Tensor]
 
 
+class SampleWarning(UserWarning):
+    """A warning about some of the samples one ``score()`` call scored: ``count`` of ``total``,
+    the first of them ``first_id``. :func:`curvkern.score_dataset` (and so the tracker) merges
+    those of one pass over a data set into one warning per ``kind``, counted over the pass.
+
+    Args:
+        kind: what the warning is about, with the settings its message depends on: warnings
+            of one kind are merged.
+        count, total, first_id: the samples it is about, of how many, the first one's id.
+        render: ``render(count, total, first_id, values)`` -> the message.
+        values: (count,) float64 per-sample quantities the message summarizes, or None.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        count: int,
+        total: int,
+        first_id: int,
+        render: Callable[[int, int, int, Tensor | None], str],
+        values: Tensor | None = None,
+    ) -> None:
+        self.kind, self.count, self.total, self.first_id = kind, count, total, first_id
+        self.render, self.values = render, values
+        super().__init__(render(count, total, first_id, values))
+
+    def merge(self, other: SampleWarning) -> SampleWarning:
+        """This warning and ``other`` (of the same kind, from later samples) as one."""
+        if other.kind != self.kind:
+            raise ValueError(f"cannot merge a {other.kind!r} warning into a {self.kind!r} one")
+        values = None
+        if self.values is not None and other.values is not None:
+            values = torch.cat([self.values, other.values])
+        return SampleWarning(
+            self.kind,
+            self.count + other.count,
+            self.total + other.total,
+            self.first_id,
+            self.render,
+            values,
+        )
+
+
 class _OutOfMemoryHalving:
     """Runs a scoring function with a row budget; on CUDA out-of-memory, halves the budget,
     retries, and remembers the halved budget per device for later batches."""
@@ -692,8 +735,16 @@ class CurvatureScorer:
             if cmap is not None:
                 cmap[bad] = math.nan
             warnings.warn(
-                f"{n_bad} of {bad.numel()} samples had a non-finite loss or gradient; their "
-                f"scores are NaN",
+                SampleWarning(
+                    "non-finite",
+                    n_bad,
+                    bad.numel(),
+                    int(batch.ids[int(bad.nonzero()[0, 0])]),
+                    lambda count, total, first, _: (
+                        f"{count} of {total} samples (first: id {first}) had a non-finite loss "
+                        f"or gradient; their scores are NaN"
+                    ),
+                ),
                 stacklevel=3,
             )
         if self._estimator.takes_differences:
@@ -755,11 +806,17 @@ class CurvatureScorer:
             n_rows = int(rows.sum())
             if not n_rows:
                 continue
-            first = int(rows.nonzero()[0, 0])
+
+            def render(count, total, first, _, text=causes[cause]):
+                return (
+                    f"{count} of {total} samples (first: id {first}) had {what} exactly zero "
+                    f"for every probe, so their curvature is 0: {text}"
+                )
+
+            first = int(batch.ids[int(rows.nonzero()[0, 0])])
+            kind = f"zero differences, {cause}: {self.method}, {dtype}, h = {self.h}"
             warnings.warn(
-                f"{n_rows} of {rows.numel()} samples (first: id {int(batch.ids[first])}) had "
-                f"{what} exactly zero for every probe, so their curvature is 0: "
-                f"{causes[cause]}",
+                SampleWarning(kind, n_rows, rows.numel(), first, render),
                 stacklevel=4,  # score() -> _finalize -> here: point at the caller
             )
 
@@ -782,27 +839,35 @@ class CurvatureScorer:
         n_noisy = int(noisy.sum())
         if not n_noisy:
             return
-        first = int(noisy.nonzero()[0, 0])
-        dtype = batch.x.dtype
+        first = int(batch.ids[int(noisy.nonzero()[0, 0])])
+        dtype, h = batch.x.dtype, self.h
         advice = (
             "score with a float64 model and input (model.double(), x.double())"
             if dtype != torch.float64
             else "use a larger h"
         )
-        # The h at which the median such sample would stand ZO_NOISE_WARN floors clear (the
-        # floor falls as 1 / h^2). Above ZO_MAX_H the O(h^2) error takes over on unit-scale
-        # inputs, so none is suggested.
-        ratio = float((ZO_NOISE_WARN * floor[noisy] / curvature[noisy]).median())
-        suggest = self.h * math.sqrt(ratio)
-        larger = ""
-        if suggest <= ZO_MAX_H:
-            larger = f", or h = {suggest:.2g} (half of them clear the floor there)"
+
+        def render(count, total, first, ratios):
+            # The h at which the median such sample would stand ZO_NOISE_WARN floors clear (the
+            # floor falls as 1 / h^2). Above ZO_MAX_H the O(h^2) error takes over on unit-scale
+            # inputs, so none is suggested.
+            suggest = h * math.sqrt(float(ratios.median()))
+            larger = ""
+            if suggest <= ZO_MAX_H:
+                larger = f", or h = {suggest:.2g} (half of them clear the floor there)"
+            return (
+                f"method='zo': {count} of {total} samples (first: id {first}) have a curvature "
+                f"below {ZO_NOISE_WARN:g} times the rounding of their four-point loss "
+                f"differences in {dtype} (eps * max(1, |loss|) / 4h^2 with h = {h}), so their "
+                f"scores are mostly rounding noise (a value that bounds their curvature, not a "
+                f"measurement of it). To fix: {advice}{larger}."
+            )
+
+        ratios = (ZO_NOISE_WARN * floor[noisy] / curvature[noisy]).double().cpu()
         warnings.warn(
-            f"method='zo': {n_noisy} of {noisy.numel()} samples (first: id "
-            f"{int(batch.ids[first])}) have a curvature below {ZO_NOISE_WARN:g} times the "
-            f"rounding of their four-point loss differences in {dtype} (eps * max(1, |loss|) / "
-            f"4h^2 with h = {self.h}), so their scores are mostly rounding noise (a value that "
-            f"bounds their curvature, not a measurement of it). To fix: {advice}{larger}.",
+            SampleWarning(
+                f"zo rounding: {dtype}, h = {h}", n_noisy, noisy.numel(), first, render, ratios
+            ),
             stacklevel=4,  # score() -> _finalize -> here: point at the caller
         )
 

@@ -1,5 +1,6 @@
 import csv
 import importlib
+import math
 import os
 import sys
 from pathlib import Path
@@ -60,6 +61,18 @@ def smooth_classifier(
             # Weights large enough that the Hessian is far from zero and far from diagonal.
             p.copy_(torch.randn(p.shape, generator=gen, dtype=dtype) * 1.5 / p.shape[-1] ** 0.5)
     return model
+
+
+class PoisonedRows(nn.Module):
+    """Returns NaN logits for inputs with x[:, 0] > 10, the model's output elsewhere."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        out = self.inner(x)
+        return torch.where((x[:, 0] > 10).unsqueeze(1), math.nan, out)
 
 
 def labelled_batch(

@@ -60,14 +60,3 @@ def test_shadow_halves_are_balanced(example):
     assert (keep.sum(1) == 5).all()  # every network trains on half the images
     assert (keep[:6].sum(0) == 3).all()  # every image is in exactly half the shadow networks
     assert (keep[0] == ~keep[1]).all()
-
-
-def test_batched_networks_match_their_extracted_copies(example):
-    gen = torch.Generator().manual_seed(0)
-    batched = example.BatchedMLP(3, (5, 7, 7, 4), gen)
-    x = torch.randn(3, 11, 5)
-    with torch.no_grad():
-        out = batched(x)
-        for k in range(3):
-            single = batched.network(k)(x[k].double())
-            torch.testing.assert_close(single, out[k].double(), rtol=1e-5, atol=1e-6)

@@ -99,14 +99,35 @@ def test_batched_networks_train_independently(examples):
 
 
 def test_batched_mlp_matches_its_networks(examples):
-    example = examples("memorization_validation")
+    models = examples("models")
     generators = [torch.Generator().manual_seed(s) for s in range(3)]
-    model = example.BatchedMLP(20, 5, 16, generators)
+    model = models.BatchedMLP(20, 5, 16, generators)
     x = torch.randn(3, 7, 20)
     with torch.no_grad():
         batched = model(x)
         for k in range(3):
             torch.testing.assert_close(batched[k], model.network(k)(x[k]))
+            # membership_inference scores the networks in float64
+            torch.testing.assert_close(
+                model.network(k).double()(x[k].double()), batched[k].double(), rtol=1e-5, atol=1e-6
+            )
+
+
+def test_batched_mlp_one_generator_draws_as_one_stacked_draw(examples):
+    # membership_inference initializes its K networks from one generator (K entries of it):
+    # the weights of layer l must be the (K, in, out) draw it made before the class was shared.
+    models = examples("models")
+    gen = torch.Generator().manual_seed(4)
+    model = models.BatchedMLP(5, 4, 7, [gen] * 3)
+    gen = torch.Generator().manual_seed(4)
+    for fan_in, fan_out, w, b in zip(
+        (5, 7, 7), (7, 7, 4), model.weights, model.biases, strict=True
+    ):
+        bound = 1 / fan_in**0.5
+        assert torch.equal(
+            w, torch.empty(3, fan_in, fan_out).uniform_(-bound, bound, generator=gen)
+        )
+        assert torch.equal(b, torch.empty(3, 1, fan_out).uniform_(-bound, bound, generator=gen))
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ from torch import nn
 import curvkern
 from curvkern import CurvatureScorer, CurvatureScores, reference, torch_ops
 
-from .conftest import CUDA, labelled_batch, requires_kernels, smooth_classifier
+from .conftest import CUDA, PoisonedRows, labelled_batch, requires_kernels, smooth_classifier
 from .probe_stats import stats_tolerance
 
 # float64 throughout unless a test is about float32: differences between two computations of
@@ -442,27 +442,18 @@ def test_saturated_softmax_is_named_as_the_cause_zo():
     assert (fd.curvature > 0).all()
 
 
-class _PoisonedRows(nn.Module):
-    """Returns NaN logits for inputs with x[:, 0] > 10, the model's output elsewhere."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, x):
-        out = self.inner(x)
-        return torch.where((x[:, 0] > 10).unsqueeze(1), math.nan, out)
-
-
 def test_non_finite_loss_gives_nan_for_that_sample_only():
     model = smooth_classifier()
     x, y = labelled_batch(5)
     x[3, 0] = 50.0
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        s = CurvatureScorer(_PoisonedRows(model), n_probes=3).score(x, y)
+        s = CurvatureScorer(PoisonedRows(model), n_probes=3).score(x, y)
     messages = [str(w.message) for w in caught]
-    assert messages == ["1 of 5 samples had a non-finite loss or gradient; their scores are NaN"]
+    assert messages == [
+        "1 of 5 samples (first: id 3) had a non-finite loss or gradient; their scores are NaN"
+    ]
+    assert isinstance(caught[0].message, curvkern.SampleWarning)
     for name in curvkern.scores.SCORE_FIELDS:
         value = getattr(s, name)
         assert torch.isnan(value[3]), name
