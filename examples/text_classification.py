@@ -7,7 +7,12 @@ every other epoch (probes on the real tokens only; the padding is masked), and t
 are ranked by the epoch-averaged curvature, the last epoch's curvature, the final loss and the
 loss averaged over the same epochs (AUROC), as the image examples do.
 
-    python examples/text_classification.py [--quick] [--flip 0.1] [--epochs 30]
+    python examples/text_classification.py [--quick] [--flip 0.1] [--epochs 30] [--seeds 5]
+
+With --seeds S the run is repeated with seeds --seed .. --seed+S-1 (the texts drawn, the flipped
+labels, the initial weights, the batch order and the probes) and the table gives the mean and
+standard deviation over them; scores.csv holds the first seed's scores, seeds.csv every seed's
+AUROCs.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from collections import Counter
 
 import torch
 from fortunes import FORTUNE_DIR, load_or_exit, pad_batch
-from plots import markdown_table, write_csv
+from plots import markdown_table, mean_sd, write_csv
 from scores import compared
 
 from curvkern import CurvatureScores, CurvatureTracker
@@ -42,7 +47,11 @@ def parse(argv):
     p.add_argument("--lr", type=float, default=5e-3)
     p.add_argument("--n-probes", type=int, default=4)
     p.add_argument("--h", type=float, default=1e-3, help="in embedding units (std ~0.02)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the first seed (default: 0)")
+    p.add_argument(
+        "--seeds", type=int, default=1, metavar="S",
+        help="runs with seeds --seed .. --seed+S-1; the table gives mean ± sd (default: 1)",
+    )  # fmt: skip
     # One thread: these models are too small to gain from a second, and on a busy machine the
     # threads' waits for each other cost far more (measured on 2 shared cores: 0.03 s per
     # training step with one thread, 1.7 s with two).
@@ -52,6 +61,8 @@ def parse(argv):
     args = p.parse_args(argv)
     if args.quick:
         args.per_class, args.epochs, args.every = 40, 12, 3
+    if args.seeds < 1:
+        p.error(f"--seeds must be at least 1, got {args.seeds}")
     return p, args
 
 
@@ -85,13 +96,16 @@ def batches(seqs, labels, size, gen=None):
         yield rows, input_ids, attention_mask, labels[rows]
 
 
-def main(argv=None) -> dict[str, float]:
-    parser, args = parse(argv)
-    torch.set_num_threads(args.threads)
+# The four scores the README's table compares (all high-first), from the shared list.
+COLUMNS = ("curvature_mean", "curvature_last", "loss_final", "loss_mean")
+
+
+def run(data: dict[str, list[str]], args: argparse.Namespace, seed: int) -> dict:
+    """One seed: draws the texts and flipped labels, trains and tracks. Returns the texts,
+    labels, flipped mask, score columns, AUROCs and training accuracy."""
     start = time.perf_counter()
-    torch.manual_seed(args.seed)
-    data = load_or_exit(parser, CATEGORIES, args.data_dir, max_chars=120)
-    gen = torch.Generator().manual_seed(args.seed)
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
     texts, truth = [], []
     for c, name in enumerate(CATEGORIES):
         pick = torch.randperm(len(data[name]), generator=gen)[: args.per_class].tolist()
@@ -108,7 +122,7 @@ def main(argv=None) -> dict[str, float]:
     model = tiny_bert(vocab_size, k)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     tracker = CurvatureTracker(TokenScorer(model, h=args.h, n_probes=args.n_probes,
-                                           seed=args.seed), n)  # fmt: skip
+                                           seed=seed), n)  # fmt: skip
     for epoch in range(1, args.epochs + 1):
         model.train()
         for _, input_ids, attention_mask, y in batches(seqs, noisy, 16, gen):
@@ -122,39 +136,63 @@ def main(argv=None) -> dict[str, float]:
                 for rows, input_ids, attention_mask, y in batches(seqs, noisy, 128)
             ]
             tracker.record(epoch, CurvatureScores.cat(parts))
-        print(f"epoch {epoch}: training loss {loss.item():.3f}", file=sys.stderr)
+        print(f"seed {seed}, epoch {epoch}: training loss {loss.item():.3f}", file=sys.stderr)
 
     model.eval()
-    scores = torch.zeros(n)  # 1 where the trained model predicts the given label
+    fitted = torch.zeros(n)  # 1 where the trained model predicts the given label
     with torch.no_grad():
         for rows, input_ids, attention_mask, y in batches(seqs, noisy, 256):
             logits = model(input_ids, attention_mask=attention_mask).logits
-            scores[rows] = (logits.argmax(1) == y).float()
-    # The four scores the README's table compares (all high-first), from the shared list.
+            fitted[rows] = (logits.argmax(1) == y).float()
     values, _, names = compared(tracker)
-    columns = {
-        k: values[k] for k in ("curvature_mean", "curvature_last", "loss_final", "loss_mean")
-    }
-    aurocs = {key: auroc(torch.from_numpy(v), flipped) for key, v in columns.items()}
-    print(f"\n{n} fortunes from {', '.join(CATEGORIES)} ({args.per_class} each, at most 120 "
-          f"characters, {vocab_size} word types), {int(flipped.sum())} labels flipped; "
-          f"{args.epochs} epochs, scored {len(tracker.epochs)} times ({args.n_probes} probes, "
-          f"h = {args.h}); training accuracy on the given labels {scores.mean():.1%}, on the "
-          f"flipped ones {scores[flipped].mean():.1%}\n")  # fmt: skip
-    sigma = model.get_input_embeddings().weight.std().item()
-    print(f"embedding entries' std {sigma:.3f} (h / std = {args.h / sigma:.3f})\n")
+    columns = {key: values[key] for key in COLUMNS}
     top = int(flipped.sum())
-    rows = [[names[key], f"{aurocs[key]:.3f}",
-             f"{int(flipped[torch.from_numpy(v).topk(top).indices].sum())}/{top}"]
-            for key, v in columns.items()]  # fmt: skip
+    sigma = model.get_input_embeddings().weight.std().item()
+    print(f"seed {seed}: {n} fortunes ({vocab_size} word types), {top} labels flipped; training "
+          f"accuracy on the given labels {fitted.mean():.1%}, on the flipped ones "
+          f"{fitted[flipped].mean():.1%}; embedding entries' std {sigma:.3f} (h / std = "
+          f"{args.h / sigma:.3f}); {time.perf_counter() - start:.0f} s")  # fmt: skip
+    return {
+        "texts": texts, "truth": truth, "noisy": noisy, "flipped": flipped, "columns": columns,
+        "names": names, "vocab_size": vocab_size, "scored": len(tracker.epochs),
+        "auroc": {key: auroc(torch.from_numpy(v), flipped) for key, v in columns.items()},
+        "top": {key: int(flipped[torch.from_numpy(v).topk(top).indices].sum())
+                for key, v in columns.items()},
+    }  # fmt: skip
+
+
+def main(argv=None) -> dict[str, float]:
+    """Runs the example; returns each score's AUROC, the mean over seeds."""
+    parser, args = parse(argv)
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    data = load_or_exit(parser, CATEGORIES, args.data_dir, max_chars=120)
+    seeds = range(args.seed, args.seed + args.seeds)
+    runs = [run(data, args, seed) for seed in seeds]
+    first = runs[0]
+    n, top = len(first["texts"]), int(first["flipped"].sum())
+    spread = f"mean ± sd over {len(runs)} seeds" if len(runs) > 1 else f"seed {args.seed}"
+    print(f"\n{n} fortunes from {', '.join(CATEGORIES)} ({args.per_class} each, at most 120 "
+          f"characters), {top} labels flipped; {args.epochs} epochs, scored "
+          f"{first['scored']} times ({args.n_probes} probes, h = {args.h}); "
+          f"{spread}\n")  # fmt: skip
+    rows = [[first["names"][key], mean_sd([r["auroc"][key] for r in runs]),
+             mean_sd([r["top"][key] for r in runs], digits=1 if len(runs) > 1 else 0)]
+            for key in COLUMNS]  # fmt: skip
     print(markdown_table(["score", "AUROC", f"flipped among the top {top}"], rows))
     os.makedirs(args.out, exist_ok=True)
     write_csv(os.path.join(args.out, "scores.csv"), {
-        "category": [CATEGORIES[c] for c in truth], "given": [CATEGORIES[c] for c in noisy],
-        "flipped": flipped.int().numpy(), **columns, "text": texts,
+        "category": [CATEGORIES[c] for c in first["truth"]],
+        "given": [CATEGORIES[c] for c in first["noisy"]],
+        "flipped": first["flipped"].int().numpy(), **first["columns"], "text": first["texts"],
+    })  # fmt: skip
+    write_csv(os.path.join(args.out, "seeds.csv"), {
+        "seed": [s for s in seeds for _ in COLUMNS], "score": [k for _ in seeds for k in COLUMNS],
+        "auroc": [r["auroc"][k] for r in runs for k in COLUMNS],
+        "flipped_in_top": [r["top"][k] for r in runs for k in COLUMNS],
     })  # fmt: skip
     print(f"\n({time.perf_counter() - start:.0f} s)")
-    return aurocs
+    return {key: sum(r["auroc"][key] for r in runs) / len(runs) for key in COLUMNS}
 
 
 if __name__ == "__main__":
