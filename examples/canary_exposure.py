@@ -13,7 +13,12 @@ characters), and on the whole sequence. Reported by repetition count, for each s
 - members: AUROC of the inserted canaries against held-out ones (memorized = high curvature,
   low loss, high Min-K% probability), the exposure test proper.
 
-    python examples/canary_exposure.py [--quick] [--epochs 12] [--out outputs/canary_exposure]
+    python examples/canary_exposure.py [--quick] [--epochs 12] [--seeds 5]
+
+With --seeds S the run is repeated with seeds --seed .. --seed+S-1 (the texts, the canaries, the
+initial weights, the batch order and the probes) and the tables give the mean and standard
+deviation over them; scores.csv holds the first seed's scores, seeds.csv every seed's AUROCs
+and ranks.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import time
 import numpy as np
 import torch
 from fortunes import FORTUNE_DIR, load_or_exit, pad_batch
-from plots import markdown_table, write_csv
+from plots import markdown_table, mean_sd, write_csv
 
 from curvkern import CurvatureScores, CurvatureTracker
 from curvkern.losses import sequence_cross_entropy
@@ -54,7 +59,11 @@ def parse(argv):
     p.add_argument("--n-probes", type=int, default=2)
     p.add_argument("--h", type=float, default=1e-3, help="in embedding units (std ~0.02)")
     p.add_argument("--min-k", type=float, default=0.2, help="Min-K%% probability's k")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the first seed (default: 0)")
+    p.add_argument(
+        "--seeds", type=int, default=1, metavar="S",
+        help="runs with seeds --seed .. --seed+S-1; the tables give mean ± sd (default: 1)",
+    )  # fmt: skip
     # One thread: these models are too small to gain from a second, and on a busy machine the
     # threads' waits for each other cost far more (measured on 2 shared cores: 0.03 s per
     # training step with one thread, 1.7 s with two).
@@ -64,17 +73,20 @@ def parse(argv):
     args = p.parse_args(argv)
     if args.quick:
         args.epochs, args.every, args.texts, args.scored_texts, args.canaries = 6, 3, 300, 60, 3
+    if args.seeds < 1:
+        p.error(f"--seeds must be at least 1, got {args.seeds}")
     return p, args
 
 
-def build_corpus(texts: list[str], args):
+def build_corpus(texts: list[str], args, seed: int):
     """Training token lists, the scored token lists, their probe masks and roles."""
-    rng = random.Random(args.seed)
+    rng = random.Random(seed)
     alphabet = string.ascii_lowercase + string.digits
 
     def canary():
         return PREFIX + "".join(rng.choice(alphabet) for _ in range(SECRET))
 
+    texts = list(texts)  # shuffled: the caller's order stays for the next seed
     rng.shuffle(texts)
     ordinary = texts[: args.texts]
     inserted = {r: [canary() for _ in range(args.canaries)] for r in REPEATS}
@@ -152,21 +164,21 @@ def token_scores(model, seqs, k: float) -> tuple[torch.Tensor, torch.Tensor]:
     return min_k, secret
 
 
-def main(argv=None) -> dict[str, dict[int, float]]:
-    parser, args = parse(argv)
-    torch.set_num_threads(args.threads)
+def run(texts: list[str], args: argparse.Namespace, seed: int) -> dict:
+    """One seed: builds the corpus, trains and tracks. Returns per score (by name) the AUROCs
+    "found" (canaries against training text) and "members" (against held-out canaries) and the
+    median ranks, per repetition count, and the scores themselves."""
     start = time.perf_counter()
-    torch.manual_seed(args.seed)
-    texts = [t for ts in load_or_exit(parser, CATEGORIES, args.data_dir, 80).values() for t in ts]
-    train, scored, role, vocab_size = build_corpus(texts, args)
+    torch.manual_seed(seed)
+    train, scored, role, vocab_size = build_corpus(texts, args, seed)
     model = char_gpt2(vocab_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
 
     # curvkern: one scorer, two trackers (probes on the secret / on the whole sequence)
     scorer = TokenScorer(model, sequence_cross_entropy, h=args.h, n_probes=args.n_probes,
-                         seed=args.seed)  # fmt: skip
+                         seed=seed)  # fmt: skip
     trackers = {probe: CurvatureTracker(scorer, len(scored)) for probe in (True, False)}
-    shuffle = random.Random(args.seed)
+    shuffle = random.Random(seed)
     train_time = score_time = 0.0
     for epoch in range(1, args.epochs + 1):
         t0 = time.perf_counter()
@@ -183,7 +195,7 @@ def main(argv=None) -> dict[str, dict[int, float]]:
                 tracker.record(epoch, score_all(scorer, scored, probe))
         train_time += t1 - t0
         score_time += time.perf_counter() - t1
-        print(f"epoch {epoch}: training loss {loss.item():.3f}", file=sys.stderr)
+        print(f"seed {seed}, epoch {epoch}: training loss {loss.item():.3f}", file=sys.stderr)
 
     model.eval()
     min_k, secret_loss = token_scores(model, scored, args.min_k)
@@ -198,34 +210,64 @@ def main(argv=None) -> dict[str, dict[int, float]]:
         f"Min-K% probability, k = {args.min_k:.0%}": min_k,
     }
     text, held = role == -1, role == 0
-    found, members, rows_found, rows_members = {}, {}, [], []
+    found, members, ranks = {}, {}, {}
     for name, s in signals.items():
         s = s.double()
-        found[name], members[name] = {}, {}
+        # Among training text, canaries are flagged by the opposite of "memorized" for loss and
+        # Min-K% (random strings are hard to predict) but by high curvature.
+        flag = s if name.startswith("curvature") else -s
+        found[name], members[name], ranks[name] = {}, {}, {}
         for r in REPEATS:
             canary = role == r
-            # Among training text, canaries are flagged by the opposite of "memorized" for loss
-            # and Min-K% (random strings are hard to predict) but by high curvature.
-            flag = s if name.startswith("curvature") else -s
             found[name][r] = auroc(flag[canary | text], canary[canary | text])
             members[name][r] = auroc(s[canary | held], canary[canary | held])
-        ranks = {r: int(np.median([1 + int((flag[text] > v).sum()) for v in flag[role == r]]))
-                 for r in REPEATS}  # fmt: skip
+            ranks[name][r] = float(
+                np.median([1 + int((flag[text] > v).sum()) for v in flag[canary]])
+            )
+    sigma = model.get_input_embeddings().weight.std().item()
+    print(f"seed {seed}: {len(train)} training sequences, final training loss {loss.item():.3f}; "
+          f"embedding entries' std {sigma:.3f} (h / std = {args.h / sigma:.3f}); "
+          f"{time.perf_counter() - start:.0f} s: training {train_time:.0f} s, scoring "
+          f"{score_time:.0f} s")  # fmt: skip
+    return {
+        "found": found, "members": members, "ranks": ranks, "role": role, "signals": signals,
+        "train": len(train), "scored": len(trackers[True].epochs),
+    }  # fmt: skip
+
+
+def main(argv=None) -> dict[str, dict[str, dict[int, float]]]:
+    """Runs the example; returns "found" and "members" AUROCs per score and repetition count,
+    the means over seeds."""
+    parser, args = parse(argv)
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    texts = [t for ts in load_or_exit(parser, CATEGORIES, args.data_dir, 80).values() for t in ts]
+    seeds = range(args.seed, args.seed + args.seeds)
+    runs = [run(texts, args, seed) for seed in seeds]
+    first = runs[0]
+    names = list(first["signals"])
+
+    def cells(kind, name, digits=3):
+        return [mean_sd([r[kind][name][rep] for r in runs], digits) for rep in REPEATS]
+
+    rows_found, rows_members = [], []
+    for name in names:
         flag_name = name.replace("(low = memorized)", "(high first)") if "loss" in name else name
         if "Min-K%" in name:
             flag_name += " (low first)"
-        rows_found.append([flag_name, *(f"{found[name][r]:.3f}" for r in REPEATS),
-                           *(ranks[r] for r in REPEATS)])  # fmt: skip
-        rows_members.append([name, *(f"{members[name][r]:.3f}" for r in REPEATS)])
+        digits = 1 if len(runs) > 1 else 0
+        rows_found.append([flag_name, *cells("found", name), *cells("ranks", name, digits)])
+        rows_members.append([name, *cells("members", name)])
 
-    n_text, n_c = int(text.sum()), args.canaries
-    sigma = model.get_input_embeddings().weight.std().item()
-    print(f"\n{len(train)} training sequences ({args.texts} fortunes, {n_c} canaries each "
-          f"repeated {', '.join(map(str, REPEATS))} times), {args.epochs} epochs, scored "
-          f"{len(trackers[True].epochs)} times ({args.n_probes} probes, h = {args.h}); final "
-          f"training loss {loss.item():.3f}; embedding entries' std {sigma:.3f} (h / std = "
-          f"{args.h / sigma:.3f})\n")  # fmt: skip
-    print(f"Canaries among {n_text} ordinary training sequences: AUROC and median rank (1 = top)")
+    role = first["role"]
+    text, held = role == -1, role == 0
+    spread = f"mean ± sd over {len(runs)} seeds" if len(runs) > 1 else f"seed {args.seed}"
+    print(f"\n{first['train']} training sequences ({args.texts} fortunes, {args.canaries} "
+          f"canaries each repeated {', '.join(map(str, REPEATS))} times), {args.epochs} epochs, "
+          f"scored {first['scored']} times ({args.n_probes} probes, h = {args.h}); "
+          f"{spread}\n")  # fmt: skip
+    print(f"Canaries among {int(text.sum())} ordinary training sequences: AUROC and median rank "
+          f"(1 = top)")  # fmt: skip
     print(markdown_table(["score", *(f"AUROC, {r}x" for r in REPEATS),
                           *(f"rank, {r}x" for r in REPEATS)], rows_found))  # fmt: skip
     print(
@@ -235,11 +277,23 @@ def main(argv=None) -> dict[str, dict[int, float]]:
     os.makedirs(args.out, exist_ok=True)
     columns = {"role": role.numpy()}
     columns.update({re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_"): s.double().numpy()
-                    for name, s in signals.items()})  # fmt: skip
+                    for name, s in first["signals"].items()})  # fmt: skip
     write_csv(os.path.join(args.out, "scores.csv"), columns)
-    total = time.perf_counter() - start
-    print(f"\n({total:.0f} s: training {train_time:.0f} s, scoring {score_time:.0f} s)")
-    return {"found": found, "members": members}
+    per_seed = [(seed, name, rep, r) for seed, r in zip(seeds, runs, strict=True)
+                for name in names for rep in REPEATS]  # fmt: skip
+    write_csv(os.path.join(args.out, "seeds.csv"), {
+        "seed": [p[0] for p in per_seed], "score": [p[1] for p in per_seed],
+        "repeats": [p[2] for p in per_seed],
+        "auroc_found": [p[3]["found"][p[1]][p[2]] for p in per_seed],
+        "median_rank": [p[3]["ranks"][p[1]][p[2]] for p in per_seed],
+        "auroc_members": [p[3]["members"][p[1]][p[2]] for p in per_seed],
+    })  # fmt: skip
+    print(f"\n({time.perf_counter() - start:.0f} s)")
+    return {
+        kind: {name: {rep: float(np.mean([r[kind][name][rep] for r in runs])) for rep in REPEATS}
+               for name in names}
+        for kind in ("found", "members")
+    }  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -29,19 +29,26 @@ needs_fortunes = pytest.mark.skipif(
 
 @needs_fortunes
 def test_canary_exposure(examples, tmp_path):
-    result = examples("canary_exposure").main(["--quick", "--out", str(tmp_path)])
+    result = examples("canary_exposure").main(["--quick", "--seeds", "2", "--out", str(tmp_path)])
     rows = csv_rows(tmp_path / "scores.csv")
     # 3 canaries per repetition count, 9 held out, 60 ordinary texts
     assert len(rows) == 9 + 9 + 60
     assert sorted({int(r["role"]) for r in rows}) == [-1, 0, 1, 4, 16]
+    seeds = csv_rows(tmp_path / "seeds.csv")
+    assert len(seeds) == 2 * 8 * 3 and {r["seed"] for r in seeds} == {"0", "1"}
+    name = "curvature on the secret, mean over epochs"
+    found = result["found"][name]
+    per_seed = [
+        float(r["auroc_found"]) for r in seeds if (r["score"], r["repeats"]) == (name, "16")
+    ]
+    assert abs(found[16] - sum(per_seed) / 2) < 1e-6  # the mean over seeds (CSV: 6 digits)
     members = result["members"]
-    # Seed 0: canaries repeated 16 times are told from held-out ones by their loss and Min-K%
-    # probability (AUROC 1.000 for both).
+    # Seeds 0 and 1: canaries repeated 16 times are told from held-out ones by their loss and
+    # Min-K% probability (AUROC 1.000 for both in both seeds).
     assert members["loss, final (low = memorized)"][16] > 0.8
     assert members["Min-K% probability, k = 20%"][16] > 0.8
-    # Seed 0: curvature on the secret, averaged over epochs, flags every canary above ordinary
-    # text (AUROC 1.000, 1.000, 0.989 for 1, 4, 16 repetitions).
-    found = result["found"]["curvature on the secret, mean over epochs"]
+    # Curvature on the secret, averaged over epochs, flags every canary above ordinary text
+    # (AUROC 0.994 to 1.000 over 1, 4, 16 repetitions, mean over seeds 0 and 1).
     assert min(found.values()) > 0.8
 
 
