@@ -33,7 +33,7 @@ import time
 
 import numpy as np
 import torch
-from fortunes import FORTUNE_DIR, load_or_exit, pad_batch
+from fortunes import FORTUNE_DIR, load_or_exit, pad_batch, step_scale
 from plots import markdown_table, mean_sd, write_csv
 
 from curvkern import CurvatureScores, CurvatureTracker
@@ -224,11 +224,9 @@ def run(texts: list[str], args: argparse.Namespace, seed: int) -> dict:
             ranks[name][r] = float(
                 np.median([1 + int((flag[text] > v).sum()) for v in flag[canary]])
             )
-    sigma = model.get_input_embeddings().weight.std().item()
     print(f"seed {seed}: {len(train)} training sequences, final training loss {loss.item():.3f}; "
-          f"embedding entries' std {sigma:.3f} (h / std = {args.h / sigma:.3f}); "
-          f"{time.perf_counter() - start:.0f} s: training {train_time:.0f} s, scoring "
-          f"{score_time:.0f} s")  # fmt: skip
+          f"{step_scale(model, args.h)}; {time.perf_counter() - start:.0f} s: training "
+          f"{train_time:.0f} s, scoring {score_time:.0f} s")  # fmt: skip
     return {
         "found": found, "members": members, "ranks": ranks, "role": role, "signals": signals,
         "train": len(train), "scored": len(trackers[True].epochs),

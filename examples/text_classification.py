@@ -25,7 +25,7 @@ import time
 from collections import Counter
 
 import torch
-from fortunes import FORTUNE_DIR, load_or_exit, pad_batch
+from fortunes import FORTUNE_DIR, load_or_exit, pad_batch, step_scale
 from plots import markdown_table, mean_sd, write_csv
 from scores import compared
 
@@ -147,11 +147,10 @@ def run(data: dict[str, list[str]], args: argparse.Namespace, seed: int) -> dict
     values, _, names = compared(tracker)
     columns = {key: values[key] for key in COLUMNS}
     top = int(flipped.sum())
-    sigma = model.get_input_embeddings().weight.std().item()
     print(f"seed {seed}: {n} fortunes ({vocab_size} word types), {top} labels flipped; training "
           f"accuracy on the given labels {fitted.mean():.1%}, on the flipped ones "
-          f"{fitted[flipped].mean():.1%}; embedding entries' std {sigma:.3f} (h / std = "
-          f"{args.h / sigma:.3f}); {time.perf_counter() - start:.0f} s")  # fmt: skip
+          f"{fitted[flipped].mean():.1%}; {step_scale(model, args.h)}; "
+          f"{time.perf_counter() - start:.0f} s")  # fmt: skip
     return {
         "texts": texts, "truth": truth, "noisy": noisy, "flipped": flipped, "columns": columns,
         "names": names, "vocab_size": vocab_size, "scored": len(tracker.epochs),
