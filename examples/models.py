@@ -100,6 +100,8 @@ def adam(model: nn.Module, recipe: Recipe, num_samples: int, **options):
     optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr, **options)
     steps = recipe.epochs * math.ceil(num_samples / recipe.batch_size)
     start = round((1 - recipe.decay) * steps)
+    if start >= steps:  # no decay: a constant rate (the schedule steps once past the last batch)
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 1.0 if step < start else (steps - step) / (steps - start)
     )
