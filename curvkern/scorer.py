@@ -855,12 +855,15 @@ class CurvatureScorer:
             larger = ""
             if suggest <= ZO_MAX_H:
                 larger = f", or h = {suggest:.2g} (half of them clear the floor there)"
+            floors = float((ZO_NOISE_WARN / ratios).median())
             return (
                 f"method='zo': {count} of {total} samples (first: id {first}) have a curvature "
-                f"below {ZO_NOISE_WARN:g} times the rounding of their four-point loss "
-                f"differences in {dtype} (eps * max(1, |loss|) / 4h^2 with h = {h}), so their "
-                f"scores are mostly rounding noise (a value that bounds their curvature, not a "
-                f"measurement of it). To fix: {advice}{larger}."
+                f"below {ZO_NOISE_WARN:g} times the rounding floor of their four-point loss "
+                f"differences in {dtype} (eps * max(1, |loss|) / 4h^2 with h = {h}; the median "
+                f"such sample at {floors:.2g} times). One pair's rounding error is 1 to 2 "
+                f"floors, so their values are off by about 10% (at {ZO_NOISE_WARN:g} floors) up "
+                f"to their whole size (near 1 floor): they bound the curvature more than they "
+                f"measure it. To fix: {advice}{larger}."
             )
 
         ratios = (ZO_NOISE_WARN * floor[noisy] / curvature[noisy]).double().cpu()
