@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import sys
-import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -15,7 +13,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
 
 from .distributed import all_gather_rows, is_main_process, widest_dtype
-from .scorer import SampleWarning
+from .scorer import PassWarnings
 from .scores import SCORE_FIELDS, CurvatureScores
 
 __all__ = ["IndexedDataset", "score_dataset", "scorer_setting"]
@@ -167,45 +165,6 @@ def _check_duplicate_ids(ids: Tensor, values: Tensor, dtype: torch.dtype) -> Non
         )
 
 
-class _PassWarnings:
-    """The warnings of one pass over a data set, raised when it ends (or fails): each kind of
-    :class:`SampleWarning` once, counted over the pass ("12 of 50000 samples"), not once per
-    batch; any other warning once per distinct message and place."""
-
-    def __init__(self) -> None:
-        self.scored = 0
-        self.samples: dict[str, SampleWarning] = {}
-        self.others: dict[tuple, warnings.WarningMessage] = {}
-
-    @contextlib.contextmanager
-    def batch(self, size: int):
-        """Records the warnings raised inside (the filters still apply: an "error" filter
-        raises there, as without this)."""
-        with warnings.catch_warnings(record=True) as caught:
-            try:
-                yield
-            finally:
-                self.scored += size
-                for w in caught:
-                    if isinstance(w.message, SampleWarning):
-                        kind = w.message.kind
-                        seen = self.samples.get(kind)
-                        self.samples[kind] = w.message if seen is None else seen.merge(w.message)
-                    else:
-                        key = (w.category, str(w.message), w.filename, w.lineno)
-                        self.others.setdefault(key, w)
-
-    def __enter__(self) -> _PassWarnings:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for w in self.others.values():
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
-        for w in self.samples.values():
-            merged = SampleWarning(w.kind, w.count, self.scored, w.first_id, w.render, w.values)
-            warnings.warn(merged, stacklevel=3)  # __exit__ -> score_dataset -> its caller
-
-
 def score_dataset(
     scorer,
     loader: Iterable,
@@ -252,7 +211,7 @@ def score_dataset(
     total = len(sampler) if sampler is not None and hasattr(sampler, "__len__") else num_samples
 
     parts: list[CurvatureScores] = []
-    with _progress_bar(total, progress, "curvature") as bar, _PassWarnings() as caught:
+    with _progress_bar(total, progress, "curvature") as bar, PassWarnings() as caught:
         for batch in loader:
             x, y, ids, inputs = _split_batch(batch)
             if device is not None:

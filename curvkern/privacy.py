@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._model_state import scoring_mode
-from .scorer import CurvatureScorer
+from .scorer import CurvatureScorer, PassWarnings
 
 __all__ = [
     "likelihood_ratio",
@@ -468,9 +468,11 @@ def curvature_signal(
     if ids is None:
         ids = torch.arange(x.shape[0], device=x.device)
     ids = torch.as_tensor(ids, device=x.device)
-    parts = [
-        scorer.score(x[p], y[p], ids[p]).curvature.double().cpu() for p in _batches(x, batch_size)
-    ]
+    parts = []
+    with PassWarnings() as caught:  # one warning per kind for the N samples, not per batch
+        for p in _batches(x, batch_size):
+            with caught.batch(x[p].shape[0]):
+                parts.append(scorer.score(x[p], y[p], ids[p]).curvature.double().cpu())
     curvature = torch.cat(parts)
     return torch.log(h * curvature + LOG_FLOOR) if log else curvature
 

@@ -120,6 +120,48 @@ class SampleWarning(UserWarning):
         )
 
 
+class PassWarnings:
+    """The warnings of one pass over a data set, raised when it ends (or fails): each kind of
+    :class:`SampleWarning` once, counted over the pass ("12 of 50000 samples"), not once per
+    batch; any other warning once per distinct message and place. Used as ``with
+    PassWarnings() as caught:`` around the pass and ``with caught.batch(len(ids)):`` around
+    each ``score()`` call; the merged warnings point at the caller of the function that holds
+    the ``with``."""
+
+    def __init__(self) -> None:
+        self.scored = 0
+        self.samples: dict[str, SampleWarning] = {}
+        self.others: dict[tuple, warnings.WarningMessage] = {}
+
+    @contextlib.contextmanager
+    def batch(self, size: int):
+        """Records the warnings raised inside (the filters still apply: an "error" filter
+        raises there, as without this)."""
+        with warnings.catch_warnings(record=True) as caught:
+            try:
+                yield
+            finally:
+                self.scored += size
+                for w in caught:
+                    if isinstance(w.message, SampleWarning):
+                        kind = w.message.kind
+                        seen = self.samples.get(kind)
+                        self.samples[kind] = w.message if seen is None else seen.merge(w.message)
+                    else:
+                        key = (w.category, str(w.message), w.filename, w.lineno)
+                        self.others.setdefault(key, w)
+
+    def __enter__(self) -> PassWarnings:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for w in self.others.values():
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+        for w in self.samples.values():
+            merged = SampleWarning(w.kind, w.count, self.scored, w.first_id, w.render, w.values)
+            warnings.warn(merged, stacklevel=3)  # __exit__ -> the function -> its caller
+
+
 class _OutOfMemoryHalving:
     """Runs a scoring function with a row budget; on CUDA out-of-memory, halves the budget,
     retries, and remembers the halved budget per device for later batches."""

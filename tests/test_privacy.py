@@ -328,6 +328,23 @@ def test_curvature_signal_is_h_times_curvkerns_on_the_papers_scale():
     torch.testing.assert_close(logged, torch.log(paper + 1e-22), rtol=1e-9, atol=0)
 
 
+def test_curvature_signal_warns_once_per_model_not_per_batch():
+    # A float32 model with large logits: zo at h = 1e-3 flags samples in every batch of 10; the
+    # signal of one model over its 40 samples gives one warning counted over all 40.
+    model = small_model(dtype=torch.float32)
+    with torch.no_grad():
+        model[-1].weight.mul_(20)
+    x = torch.randn(40, 5)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        privacy.curvature_signal(model, x, y, batch_size=10, n_probes=2)
+    messages = [str(w.message) for w in caught if "method='zo'" in str(w.message)]
+    assert len(messages) == 1 and " of 40 samples" in messages[0]
+    assert caught[0].filename == __file__
+
+
 def test_shadow_signals_layout():
     models = [small_model(seed) for seed in range(3)]
     x = torch.randn(10, 5, dtype=torch.float64)
