@@ -12,6 +12,8 @@ import contextlib
 import itertools
 import math
 import numbers
+import os
+import sys
 import types
 import warnings
 from collections.abc import Callable, Sequence
@@ -120,13 +122,25 @@ class SampleWarning(UserWarning):
         )
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _outside_caller_level() -> int:
+    """The ``stacklevel`` that makes a warning raised by this function's caller point at the
+    first frame outside curvkern."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 class PassWarnings:
     """The warnings of one pass over a data set, raised when it ends (or fails): each kind of
     :class:`SampleWarning` once, counted over the pass ("12 of 50000 samples"), not once per
     batch; any other warning once per distinct message and place. Used as ``with
     PassWarnings() as caught:`` around the pass and ``with caught.batch(len(ids)):`` around
-    each ``score()`` call; the merged warnings point at the caller of the function that holds
-    the ``with``."""
+    each ``score()`` call; the merged warnings point at the first caller outside curvkern (the
+    user's score_dataset or score_epoch line)."""
 
     def __init__(self) -> None:
         self.scored = 0
@@ -159,7 +173,7 @@ class PassWarnings:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
         for w in self.samples.values():
             merged = SampleWarning(w.kind, w.count, self.scored, w.first_id, w.render, w.values)
-            warnings.warn(merged, stacklevel=3)  # __exit__ -> the function -> its caller
+            warnings.warn(merged, stacklevel=_outside_caller_level())
 
 
 class _OutOfMemoryHalving:

@@ -11,6 +11,7 @@ from torch.utils.data import Subset, TensorDataset
 
 from curvkern import (
     CurvatureScorer,
+    CurvatureTracker,
     IndexedDataset,
     SampleWarning,
     score_dataset,
@@ -198,6 +199,20 @@ def test_sample_warnings_are_merged_over_the_pass(data):
     )
     assert caught[0].filename == __file__  # points at the caller of score_dataset
     assert torch.isnan(scores.curvature).sum() == 3
+
+
+def test_tracker_warnings_point_at_the_callers_line(data):
+    x, y = data.dataset.tensors
+    x = x.clone()
+    x[[1, 12], 0] = 50.0  # NaN logits there
+    dataset = IndexedDataset(TensorDataset(x, y))
+    tracker = CurvatureTracker(CurvatureScorer(PoisonedRows(smooth_classifier()), n_probes=2), N)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tracker.score_epoch(indexed_loader(dataset), epoch=1, progress=False)
+    (w,) = [w for w in caught if isinstance(w.message, SampleWarning)]
+    assert str(w.message).startswith(f"2 of {N} samples (first: id 1)")
+    assert w.filename == __file__  # not curvkern/tracker.py
 
 
 def test_zo_rounding_warning_merged_as_its_batches(data):
