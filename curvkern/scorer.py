@@ -827,14 +827,19 @@ class CurvatureScorer:
         if not bool(zero.any()):
             return
         what = "gradient differences" if self.method == "fd" else "four-point differences"
-        flat_at_x = base.grad_norm == 0 if self.method == "fd" else base.loss == 0
+        # A loss exactly 0 at x (a saturated softmax: its gradient is then 0 or a few bits of a
+        # subnormal, which the step does not move) or, with fd, a gradient exactly 0.
+        flat_at_x = base.loss == 0
+        if self.method == "fd":
+            flat_at_x |= base.grad_norm == 0
         dtype = batch.x.dtype
         if self.method == "fd":
             flat = (
-                f"its gradient at x is exactly 0 too: the loss is flat there to {dtype}'s "
-                f"precision (e.g. a cross-entropy whose softmax saturated: the other classes' "
-                f"probabilities underflowed to 0). Their true curvature is below what {dtype} "
-                f"resolves, so they rank lowest, as they should"
+                f"their loss or its gradient at x is exactly 0 too: the loss is flat there to "
+                f"{dtype}'s precision (e.g. a cross-entropy whose softmax saturated: the other "
+                f"classes' probabilities rounded to 0 or to a subnormal the step does not move). "
+                f"Their true curvature is below what {dtype} resolves, so they rank lowest, as "
+                f"they should"
                 + (
                     "; to resolve it, score with a float64 model and input (model.double(), "
                     "x.double())."
@@ -844,7 +849,7 @@ class CurvatureScorer:
             )
         else:
             flat = (
-                "its loss at x is exactly 0 too, and so are the losses at the probe points: a "
+                "their loss at x is exactly 0 too, and so are the losses at the probe points: a "
                 "cross-entropy rounds to 0 once a sample is fitted with a logit margin above "
                 "about 17 in float32 (37 in float64). Their true curvature is below what loss "
                 "values resolve, so they rank lowest, as they should; method='fd' resolves it "

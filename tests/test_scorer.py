@@ -422,7 +422,7 @@ def test_saturated_softmax_is_named_as_the_cause_fd():
     # point; in float64 (down to exp(-745)) they are not.
     model, x, y = _fitted_with_margins(1e3, 120, 300)
     message = _zero_difference_warning(model, x, y, "fd")
-    assert "its gradient at x is exactly 0 too" in message
+    assert "their loss or its gradient at x is exactly 0 too" in message
     assert "model.double(), x.double()" in message
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -430,12 +430,31 @@ def test_saturated_softmax_is_named_as_the_cause_fd():
     assert (s64.curvature > 0).all()
 
 
+def test_a_zero_loss_with_a_gradient_is_flat_too():
+    # A softmax saturated to a subnormal probability leaves the loss exactly 0 and a gradient of
+    # a few bits that the step does not move (measured: a ReLU MLP at a logit margin of 103 in
+    # float32, gradient norm 6e-43). Its stand-in: a loss of value exactly 0 whose gradient is
+    # constant in x. It is named as flat, not as a step lost to rounding.
+    model = nn.Linear(6, 4, dtype=torch.float32)
+    x, y = labelled_batch(4, dtype=torch.float32)
+
+    def zero_valued(output, target):
+        s = output.sum(1)
+        return s - s.detach()  # 0, with gradient model.weight.sum(0)
+
+    with pytest.warns(UserWarning, match="4 of 4 samples .* exactly zero") as rec:
+        s = CurvatureScorer(model, zero_valued, n_probes=2).score(x, y)
+    assert (s.loss == 0).all() and (s.grad_norm > 0).all()
+    (message,) = [str(w.message) for w in rec if "exactly zero" in str(w.message)]
+    assert "their loss or its gradient at x is exactly 0 too" in message
+
+
 def test_saturated_softmax_is_named_as_the_cause_zo():
     # Logit margins of 20 to 35: the float32 cross-entropy log(1 + exp(-margin)) rounds to 0
     # (above a margin of 16.6), and zo sees only loss values; the gradient is far from 0.
     model, x, y = _fitted_with_margins(1e2, 20, 35)
     message = _zero_difference_warning(model, x, y, "zo")
-    assert "its loss at x is exactly 0 too" in message and "method='fd'" in message
+    assert "their loss at x is exactly 0 too" in message and "method='fd'" in message
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fd = CurvatureScorer(model, n_probes=2).score(x, y)
