@@ -25,7 +25,7 @@ import time
 from collections import Counter
 
 import torch
-from fortunes import FORTUNE_DIR, load_or_exit, pad_batch, step_scale
+from fortunes import add_run_arguments, load_or_exit, pad_batch, step_scale
 from plots import markdown_table, mean_sd, write_csv
 from scores import compared
 
@@ -47,17 +47,7 @@ def parse(argv):
     p.add_argument("--lr", type=float, default=5e-3)
     p.add_argument("--n-probes", type=int, default=4)
     p.add_argument("--h", type=float, default=1e-3, help="in embedding units (std ~0.02)")
-    p.add_argument("--seed", type=int, default=0, help="the first seed (default: 0)")
-    p.add_argument(
-        "--seeds", type=int, default=1, metavar="S",
-        help="runs with seeds --seed .. --seed+S-1; the table gives mean ± sd (default: 1)",
-    )  # fmt: skip
-    # One thread: these models are too small to gain from a second, and on a busy machine the
-    # threads' waits for each other cost far more (measured on 2 shared cores: 0.03 s per
-    # training step with one thread, 1.7 s with two).
-    p.add_argument("--threads", type=int, default=1, help="torch threads")
-    p.add_argument("--data-dir", default=FORTUNE_DIR)
-    p.add_argument("--out", default="outputs/text_classification")
+    add_run_arguments(p, out="outputs/text_classification")
     args = p.parse_args(argv)
     if args.quick:
         args.per_class, args.epochs, args.every = 40, 12, 3
