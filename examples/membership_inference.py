@@ -154,15 +154,7 @@ def train_networks(
     flat = x.float()
     for _ in range(epochs):
         order = torch.stack([torch.randperm(size, generator=gen) for _ in range(k)])
-        for index in members.gather(1, order).split(batch, dim=1):  # (K, b)
-            logits = model(flat[index])  # (K, b, C)
-            # summed over networks: each gets the gradient of its own batch-mean loss
-            loss = nn.functional.cross_entropy(
-                logits.flatten(0, 1), y[index].flatten(), reduction="sum"
-            ) / index.shape[1]  # fmt: skip
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+        model.train_epoch(optimizer, flat, y, members.gather(1, order), batch)
     return [model.network(i).double() for i in range(k)]
 
 

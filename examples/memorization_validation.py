@@ -62,7 +62,6 @@ from models import (
 )
 from plots import markdown_table, mean_sd, pyplot, save_image_grid, write_csv
 from scores import compared, percentile_ranks
-from torch import nn
 
 from curvkern import CurvatureScorer, CurvatureTracker
 from curvkern.io import atomic_write
@@ -110,15 +109,7 @@ def train_on_subsets(
     for _ in range(recipe.epochs):
         order = torch.stack([torch.randperm(size, generator=g) for g in generators])
         batches = members.gather(1, order)  # (K, size): each network's epoch order
-        for index in batches.split(recipe.batch_size, dim=1):  # (K, b)
-            logits = model(flat[index])  # (K, b, C)
-            loss = nn.functional.cross_entropy(
-                logits.flatten(0, 1), y[index].flatten(), reduction="sum"
-            ) / index.shape[1]  # fmt: skip
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
+        model.train_epoch(optimizer, flat, y, batches, recipe.batch_size, schedule)
     masks = torch.zeros(len(seeds), len(x), dtype=torch.bool)
     masks.scatter_(1, members, True)
     with torch.no_grad():

@@ -69,6 +69,25 @@ class BatchedMLP(nn.Module):
                 linear.bias.copy_(b[k, 0])
         return model
 
+    def train_epoch(
+        self, optimizer, x: torch.Tensor, y: torch.Tensor, order: torch.Tensor, batch_size: int,
+        schedule=None,
+    ) -> None:  # fmt: skip
+        """One epoch of all K networks at once: ``order`` (K, size) holds each network's sample
+        indices into x (N, in) and y (N,) in its epoch order; each network gets the gradient of
+        its own batch-mean loss. ``schedule`` (if any) steps once per batch."""
+        for index in order.split(batch_size, dim=1):  # (K, b)
+            logits = self(x[index])  # (K, b, C)
+            # summed over networks: each gets the gradient of its own batch-mean loss
+            loss = nn.functional.cross_entropy(
+                logits.flatten(0, 1), y[index].flatten(), reduction="sum"
+            ) / index.shape[1]  # fmt: skip
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if schedule is not None:
+                schedule.step()
+
 
 @dataclass(frozen=True)
 class Recipe:
