@@ -85,3 +85,40 @@ class EpochScoring:
             collate_fn=self.collate_fn,
         )
         self.tracker.score_epoch(loader, epoch, progress=False)
+
+
+class ScoringCallback:
+    """What both frameworks' callbacks share: their constructor and ``tracker``. A subclass
+    (listed before the framework's callback class) sets ``_collate_fn`` (a staticmethod) and
+    may override ``_items`` to adapt the data set's items."""
+
+    _collate_fn: Callable | None = None
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        *,
+        batch_size: int = 64,
+        path: str | os.PathLike | None = None,
+        every_n_epochs: int = 1,
+        keep_history: bool = True,
+        **scorer_kwargs,
+    ) -> None:
+        super().__init__()
+        self._scoring = EpochScoring(
+            self._items(dataset),
+            batch_size=batch_size,
+            path=path,
+            every_n_epochs=every_n_epochs,
+            keep_history=keep_history,
+            collate_fn=self._collate_fn,
+        )
+        self.scorer_kwargs = scorer_kwargs
+
+    @staticmethod
+    def _items(dataset: Dataset) -> Dataset:
+        return dataset
+
+    @property
+    def tracker(self) -> CurvatureTracker | None:
+        return self._scoring.tracker

@@ -17,7 +17,6 @@ for token models, scored in embedding space by :class:`curvkern.text.TokenScorer
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -26,7 +25,7 @@ from torch.utils.data import Dataset
 
 from ..scorer import CurvatureScorer
 from ..text import TokenScorer
-from ._scoring import EpochScoring
+from ._scoring import ScoringCallback
 
 try:
     from transformers import TrainerCallback
@@ -108,7 +107,7 @@ class _DictItems(Dataset):
         return self.dataset[index], 0
 
 
-class CurvatureCallback(TrainerCallback):
+class CurvatureCallback(ScoringCallback, TrainerCallback):
     """Scores ``dataset`` at the end of training epochs of a ``transformers.Trainer``.
 
     Args:
@@ -126,29 +125,8 @@ class CurvatureCallback(TrainerCallback):
             epochs are 0-based (the Trainer's ``state.epoch`` at the epoch's end, minus one).
     """
 
-    def __init__(
-        self,
-        dataset: Dataset,
-        *,
-        batch_size: int = 64,
-        path: str | os.PathLike | None = None,
-        every_n_epochs: int = 1,
-        keep_history: bool = True,
-        **scorer_kwargs,
-    ) -> None:
-        self._scoring = EpochScoring(
-            _DictItems(dataset),
-            batch_size=batch_size,
-            path=path,
-            every_n_epochs=every_n_epochs,
-            keep_history=keep_history,
-            collate_fn=collate,
-        )
-        self.scorer_kwargs = scorer_kwargs
-
-    @property
-    def tracker(self):
-        return self._scoring.tracker
+    _collate_fn = staticmethod(collate)
+    _items = staticmethod(_DictItems)
 
     def _make_scorer(self, model):
         first = self._scoring.dataset.dataset.dataset[0]

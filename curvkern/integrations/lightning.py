@@ -10,12 +10,8 @@ callback.tracker.baselines()["aum"]       # the training-dynamics baselines
 
 from __future__ import annotations
 
-import os
-
-from torch.utils.data import Dataset
-
 from ..scorer import CurvatureScorer
-from ._scoring import EpochScoring
+from ._scoring import ScoringCallback
 
 try:
     from lightning.pytorch import Callback
@@ -27,7 +23,7 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
 __all__ = ["CurvatureCallback"]
 
 
-class CurvatureCallback(Callback):
+class CurvatureCallback(ScoringCallback, Callback):
     """Scores ``dataset`` with a CurvatureScorer at the end of training epochs.
 
     The module is scored as ``module(x)`` with the loss of ``scorer_kwargs`` (default: cross
@@ -49,30 +45,6 @@ class CurvatureCallback(Callback):
         tracker: the :class:`curvkern.CurvatureTracker`, made at the first scored epoch (None
             before); its epochs are Lightning's 0-based ``current_epoch``.
     """
-
-    def __init__(
-        self,
-        dataset: Dataset,
-        *,
-        batch_size: int = 64,
-        path: str | os.PathLike | None = None,
-        every_n_epochs: int = 1,
-        keep_history: bool = True,
-        **scorer_kwargs,
-    ) -> None:
-        super().__init__()
-        self._scoring = EpochScoring(
-            dataset,
-            batch_size=batch_size,
-            path=path,
-            every_n_epochs=every_n_epochs,
-            keep_history=keep_history,
-        )
-        self.scorer_kwargs = scorer_kwargs
-
-    @property
-    def tracker(self):
-        return self._scoring.tracker
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         epoch = trainer.current_epoch
