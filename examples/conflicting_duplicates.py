@@ -31,12 +31,11 @@ import time
 
 import numpy as np
 import torch
-from data import ImageData, add_data_arguments, batches, load_or_exit
-from models import adam, add_training_arguments, describe, mlp, recipe_for, train_epoch
+from data import ImageData, add_data_arguments, load_or_exit
+from models import add_training_arguments, describe, recipe_for, train_and_track
 from plots import draw_image, line_styles, markdown_table, mean_sd, pyplot, write_csv
 from scores import compared, percentile_ranks
 
-from curvkern import CurvatureScorer, CurvatureTracker
 from curvkern.metrics import auroc, topk
 
 QUICK = {"subset": 500, "epochs": 25}  # --quick, for the tests (explicit flags still win)
@@ -93,15 +92,8 @@ def run(data: ImageData, args: argparse.Namespace, seed: int) -> dict:
     start = time.perf_counter()
 
     # The training loop, with the curvature tracked after every epoch (or every k-th).
-    torch.manual_seed(seed)
-    model = mlp(x[0].numel(), data.num_classes, recipe.hidden)
-    optimizer, schedule = adam(model, recipe, len(x))
-    order = torch.Generator().manual_seed(seed)
-    tracker = CurvatureTracker(CurvatureScorer(model, n_probes=args.probes, seed=seed), len(x))
-    for epoch in range(1, recipe.epochs + 1):
-        train_epoch(model, optimizer, schedule, x, y, recipe.batch_size, order)
-        if epoch % args.track_every == 0 or epoch == recipe.epochs:
-            tracker.score_epoch(batches(x, y), epoch, progress=False)
+    tracker = train_and_track(x, y, data.num_classes, recipe, seed, args.track_every,
+                              n_probes=args.probes)  # fmt: skip
     values, ranking, names = compared(tracker)
 
     # The trained model: the loop scores the last epoch.

@@ -34,21 +34,19 @@ import time
 
 import numpy as np
 import torch
-from data import ImageData, add_data_arguments, batches, flip_labels, load_or_exit
+from data import ImageData, add_data_arguments, flip_labels, load_or_exit
 from models import (
     Recipe,
-    adam,
     add_training_arguments,
     describe,
     mlp,
     recipe_for,
     train,
-    train_epoch,
+    train_and_track,
 )
 from plots import line_styles, markdown_table, mean_sd, pyplot, save_image_grid, write_csv
 from scores import compared
 
-from curvkern import CurvatureScorer, CurvatureTracker
 from curvkern.metrics import auroc, roc_curve, topk
 
 # --quick: a seconds-long run for the tests (flags given explicitly still win).
@@ -132,16 +130,8 @@ def run(data: ImageData, args: argparse.Namespace, seed: int) -> dict:
     start = time.perf_counter()
 
     # The training loop, with the curvature tracked after every epoch (or every k-th).
-    torch.manual_seed(seed)
-    model = mlp(data.x[0].numel(), data.num_classes, recipe.hidden)
-    optimizer, schedule = adam(model, recipe, len(data))
-    order = torch.Generator().manual_seed(seed)
-    scorer = CurvatureScorer(model, h=args.h, n_probes=args.probes, seed=seed)
-    tracker = CurvatureTracker(scorer, len(data))
-    for epoch in range(1, recipe.epochs + 1):
-        train_epoch(model, optimizer, schedule, data.x, noisy, recipe.batch_size, order)
-        if epoch % args.track_every == 0 or epoch == recipe.epochs:
-            tracker.score_epoch(batches(data.x, noisy), epoch, progress=False)
+    tracker = train_and_track(data.x, noisy, data.num_classes, recipe, seed, args.track_every,
+                              h=args.h, n_probes=args.probes)  # fmt: skip
     values, ranking, names = compared(tracker)
 
     # The trained model: the loop scores the last epoch.

@@ -48,7 +48,7 @@ import time
 
 import numpy as np
 import torch
-from data import add_data_arguments, batches, flip_labels, load_or_exit
+from data import add_data_arguments, flip_labels, load_or_exit
 from models import (
     BatchedMLP,
     Recipe,
@@ -58,12 +58,11 @@ from models import (
     mlp,
     recipe_for,
     train,
-    train_epoch,
+    train_and_track,
 )
 from plots import markdown_table, mean_sd, pyplot, save_image_grid, write_csv
 from scores import compared, percentile_ranks
 
-from curvkern import CurvatureScorer, CurvatureTracker
 from curvkern.io import atomic_write
 from curvkern.metrics import auroc, cosine_similarity, spearman, topk
 
@@ -266,15 +265,8 @@ def tracked_run(x: torch.Tensor, labels: torch.Tensor, num_classes: int, args, s
     scores.compared (values, ranking, names)."""
     recipe = args.recipe
     start = time.perf_counter()
-    torch.manual_seed(seed)
-    model = mlp(x[0].numel(), num_classes, recipe.hidden)
-    optimizer, schedule = adam(model, recipe, len(x))
-    order = torch.Generator().manual_seed(seed)
-    tracker = CurvatureTracker(CurvatureScorer(model, n_probes=args.probes, seed=seed), len(x))
-    for epoch in range(1, recipe.epochs + 1):
-        train_epoch(model, optimizer, schedule, x, labels, recipe.batch_size, order)
-        if epoch % args.track_every == 0 or epoch == recipe.epochs:
-            tracker.score_epoch(batches(x, labels), epoch, progress=False)
+    tracker = train_and_track(x, labels, num_classes, recipe, seed, args.track_every,
+                              n_probes=args.probes)  # fmt: skip
     # The trained model: the loop scores the last epoch.
     accuracy = tracker.field_history("correct")[-1].mean()
     print(

@@ -9,7 +9,10 @@ import math
 from dataclasses import dataclass
 
 import torch
+from data import batches
 from torch import nn
+
+from curvkern import CurvatureScorer, CurvatureTracker
 
 
 def mlp(in_features: int, num_classes: int, hidden: int = 256) -> nn.Module:
@@ -136,6 +139,29 @@ def train_epoch(model, optimizer, schedule, x, y, batch_size: int, gen: torch.Ge
         optimizer.step()
         schedule.step()
     model.eval()
+
+
+def train_and_track(
+    x: torch.Tensor, y: torch.Tensor, num_classes: int, recipe: Recipe, seed: int,
+    track_every: int, **scorer_kwargs,
+) -> CurvatureTracker:  # fmt: skip
+    """The examples' training loop: an MLP trained with ``recipe`` on (x, y) (seed: initial
+    weights, batch order and probes), its curvature scored by a CurvatureTracker after every
+    ``track_every``-th epoch and the last. ``scorer_kwargs``: CurvatureScorer's (h, n_probes).
+
+    Returns:
+        the tracker; ``tracker.scorer.model`` is the trained network.
+    """
+    torch.manual_seed(seed)
+    model = mlp(x[0].numel(), num_classes, recipe.hidden)
+    optimizer, schedule = adam(model, recipe, len(x))
+    order = torch.Generator().manual_seed(seed)
+    tracker = CurvatureTracker(CurvatureScorer(model, seed=seed, **scorer_kwargs), len(x))
+    for epoch in range(1, recipe.epochs + 1):
+        train_epoch(model, optimizer, schedule, x, y, recipe.batch_size, order)
+        if epoch % track_every == 0 or epoch == recipe.epochs:
+            tracker.score_epoch(batches(x, y), epoch, progress=False)
+    return tracker
 
 
 def train(model: nn.Module, x, y, recipe: Recipe, seed: int) -> nn.Module:
