@@ -35,6 +35,17 @@ def dtype(request) -> torch.dtype:
     return request.param
 
 
+def counting_passes(model):
+    """``model`` wrapped to record the rows of every pass: (wrapper, list of row counts)."""
+    rows: list[int] = []
+
+    def counted(x):
+        rows.append(x.shape[0])
+        return model(x)
+
+    return counted, rows
+
+
 def smooth_classifier(
     sample_shape=(6,),
     classes: int = 4,

@@ -12,7 +12,7 @@ from torch.autograd.function import once_differentiable
 
 from curvkern import CurvatureScorer, CurvatureScores, losses, torch_ops
 
-from .conftest import labelled_batch, smooth_classifier
+from .conftest import counting_passes, labelled_batch, smooth_classifier
 
 EXACT = dict(rtol=1e-8, atol=1e-12)
 
@@ -423,14 +423,8 @@ def test_batch_dependent_loss_is_refused(method):
 
 
 def test_consistency_check_runs_once_per_signature():
-    model = smooth_classifier()
+    counted, passes = counting_passes(smooth_classifier())
     x, y = labelled_batch(8)
-    passes = []
-
-    def counted(v):
-        passes.append(v.shape[0])
-        return model(v)
-
     scorer = CurvatureScorer(counted, n_probes=3, max_batch=24)
     scorer.score(x, y)
     assert passes == [8, 17, 8, 24]  # the check (8 rows, 8 twice + 1), x, the probes

@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from curvkern import CurvatureScorer, CurvatureTracker, IndexedDataset, reference, score_dataset
 
-from .conftest import labelled_batch, smooth_classifier
+from .conftest import counting_passes, labelled_batch, smooth_classifier
 
 BATCH = 48
 N_PROBES = 64
@@ -75,12 +75,7 @@ def test_zo_needs_no_autograd():
 def test_zo_passes_stay_within_max_batch():
     model = smooth_classifier()
     x, y = labelled_batch(10)
-    rows = []
-
-    def counted(inp):
-        rows.append(inp.shape[0])
-        return model(inp)
-
+    counted, rows = counting_passes(model)
     ref = CurvatureScorer(model, method="zo", n_probes=5, h=1e-3).score(x, y)
     got = CurvatureScorer(counted, method="zo", n_probes=5, h=1e-3, max_batch=12).score(x, y)
     assert max(rows) <= 12
