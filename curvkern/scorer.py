@@ -819,21 +819,20 @@ class CurvatureScorer:
 
     def _warn_zero_differences(self, sums: Tensor, bad: Tensor, batch: Batch, base: Base) -> None:
         """Warns about samples whose differences were exactly zero for every probe: those whose
-        loss is flat at x to the model's precision (gradient exactly 0 with fd, loss exactly 0
-        with zo), and the others (a step lost to rounding, or a loss linear in x)."""
+        loss is flat at x to the model's precision (loss exactly 0, or with fd its gradient),
+        and the others (a step lost to rounding, or a loss linear in x)."""
         zero = (sums[:, 0] == 0) & ~bad
         if batch.mask is not None:
             zero &= batch.mask.sum(1) > 0  # a sample masked out entirely has curvature 0
         if not bool(zero.any()):
             return
-        what = "gradient differences" if self.method == "fd" else "four-point differences"
+        dtype = batch.x.dtype
         # A loss exactly 0 at x (a saturated softmax: its gradient is then 0 or a few bits of a
         # subnormal, which the step does not move) or, with fd, a gradient exactly 0.
         flat_at_x = base.loss == 0
         if self.method == "fd":
+            what = "gradient differences"
             flat_at_x |= base.grad_norm == 0
-        dtype = batch.x.dtype
-        if self.method == "fd":
             flat = (
                 f"their loss or its gradient at x is exactly 0 too: the loss is flat there to "
                 f"{dtype}'s precision (e.g. a cross-entropy whose softmax saturated: the other "
@@ -848,6 +847,7 @@ class CurvatureScorer:
                 )
             )
         else:
+            what = "four-point differences"
             flat = (
                 "their loss at x is exactly 0 too, and so are the losses at the probe points: a "
                 "cross-entropy rounds to 0 once a sample is fitted with a logit margin above "
@@ -856,19 +856,19 @@ class CurvatureScorer:
                 "(it differentiates: a fitted sample's gradient stays nonzero to a margin of "
                 "about 100 in float32)."
             )
-        causes = {
-            "flat": flat,
-            "other": (
-                f"either h = {self.h} is lost to rounding at these inputs (x + h r == x), or the "
-                f"loss is linear in x around them. Check h against the scale of x."
-            ),
-        }
-        for cause, rows in (("flat", zero & flat_at_x), ("other", zero & ~flat_at_x)):
+        other = (
+            f"either h = {self.h} is lost to rounding at these inputs (x + h r == x), or the "
+            f"loss is linear in x around them. Check h against the scale of x."
+        )
+        for cause, rows, text in (
+            ("flat", zero & flat_at_x, flat),
+            ("other", zero & ~flat_at_x, other),
+        ):
             n_rows = int(rows.sum())
             if not n_rows:
                 continue
 
-            def render(count, total, first, _, text=causes[cause]):
+            def render(count, total, first, _, text=text):
                 return (
                     f"{count} of {total} samples (first: id {first}) had {what} exactly zero "
                     f"for every probe, so their curvature is 0: {text}"
