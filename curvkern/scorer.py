@@ -105,21 +105,19 @@ class SampleWarning(UserWarning):
         self.render, self.values = render, values
         super().__init__(render(count, total, first_id, values))
 
-    def merge(self, other: SampleWarning) -> SampleWarning:
-        """This warning and ``other`` (of the same kind, from later samples) as one."""
-        if other.kind != self.kind:
-            raise ValueError(f"cannot merge a {other.kind!r} warning into a {self.kind!r} one")
+    @classmethod
+    def combined(cls, parts: Sequence[SampleWarning], total: int) -> SampleWarning:
+        """``parts`` (of one kind, in the order of their samples) as one warning about
+        ``total`` samples: their counts summed, the first one's first id, their values joined."""
+        kinds = {w.kind for w in parts}
+        if len(kinds) != 1:
+            raise ValueError(f"combined() takes warnings of one kind, got {sorted(kinds)}")
+        first = parts[0]
         values = None
-        if self.values is not None and other.values is not None:
-            values = torch.cat([self.values, other.values])
-        return SampleWarning(
-            self.kind,
-            self.count + other.count,
-            self.total + other.total,
-            self.first_id,
-            self.render,
-            values,
-        )
+        if all(w.values is not None for w in parts):
+            values = torch.cat([w.values for w in parts])
+        count = sum(w.count for w in parts)
+        return cls(first.kind, count, total, first.first_id, first.render, values)
 
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
@@ -144,7 +142,7 @@ class PassWarnings:
 
     def __init__(self) -> None:
         self.scored = 0
-        self.samples: dict[str, SampleWarning] = {}
+        self.samples: dict[str, list[SampleWarning]] = {}
         self.others: dict[tuple, warnings.WarningMessage] = {}
 
     @contextlib.contextmanager
@@ -158,9 +156,7 @@ class PassWarnings:
                 self.scored += size
                 for w in caught:
                     if isinstance(w.message, SampleWarning):
-                        kind = w.message.kind
-                        seen = self.samples.get(kind)
-                        self.samples[kind] = w.message if seen is None else seen.merge(w.message)
+                        self.samples.setdefault(w.message.kind, []).append(w.message)
                     else:
                         key = (w.category, str(w.message), w.filename, w.lineno)
                         self.others.setdefault(key, w)
@@ -171,8 +167,8 @@ class PassWarnings:
     def __exit__(self, *exc) -> None:
         for w in self.others.values():
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
-        for w in self.samples.values():
-            merged = SampleWarning(w.kind, w.count, self.scored, w.first_id, w.render, w.values)
+        for parts in self.samples.values():  # joined once, not once per batch
+            merged = SampleWarning.combined(parts, self.scored)
             warnings.warn(merged, stacklevel=_outside_caller_level())
 
 

@@ -235,9 +235,7 @@ def test_zo_rounding_warning_merged_as_its_batches(data):
             scorer.score(xb, yb, ids)
         per_batch += [w for w in _sample_warnings(caught) if w.kind.startswith("zo rounding")]
     assert len(per_batch) >= 2
-    want = per_batch[0]
-    for w in per_batch[1:]:
-        want = want.merge(w)
+    want = SampleWarning.combined(per_batch, N)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         score_dataset(scorer, indexed_loader(dataset), progress=False)
