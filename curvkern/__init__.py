@@ -9,7 +9,8 @@ Quick use::
 from . import losses, metrics, ops, privacy, reference, text, torch_ops
 from ._extension import has_cuda_kernels, has_kernels, kernels_available
 from .dataset import IndexedDataset, score_dataset
-from .scorer import CurvatureScorer, SampleWarning
+from .diagnostics import SampleWarning
+from .scorer import CurvatureScorer
 from .scores import CurvatureScores
 from .tracker import CurvatureTracker, score_checkpoints
 

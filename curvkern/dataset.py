@@ -12,8 +12,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
 
+from .diagnostics import PassWarnings
 from .distributed import all_gather_rows, is_main_process, widest_dtype
-from .scorer import PassWarnings
 from .scores import SCORE_FIELDS, CurvatureScores
 
 __all__ = ["IndexedDataset", "score_dataset", "scorer_setting"]

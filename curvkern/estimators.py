@@ -26,7 +26,7 @@ from torch import Tensor
 from ._model_state import double_backward_attention, ieee_float32
 from .losses import classification_stats
 
-__all__ = ["Batch", "Base", "Objective", "Estimator", "ESTIMATORS"]
+__all__ = ["Batch", "Base", "Objective", "Estimator", "ESTIMATORS", "METHODS"]
 
 _NO_INPUT_GRADIENT = (
     "loss_fn(model(x), y) does not depend on x through autograd, so it has no input gradient; "
@@ -454,3 +454,5 @@ class ZerothOrder(Estimator):
 ESTIMATORS: dict[str, Estimator] = {
     e.name: e for e in (FiniteDifference(), HessianVector(), ZerothOrder())
 }
+# The methods' names, the one list the scorer and the command line take their choices from.
+METHODS: tuple[str, ...] = tuple(ESTIMATORS)

@@ -39,7 +39,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._model_state import scoring_mode
-from .scorer import CurvatureScorer, PassWarnings
+from .diagnostics import PassWarnings
+from .scorer import CurvatureScorer
 
 __all__ = [
     "likelihood_ratio",

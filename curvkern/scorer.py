@@ -9,33 +9,28 @@ chunks of at most ``max_batch`` rows); what each method computes lives in
 from __future__ import annotations
 
 import contextlib
-import itertools
 import math
-import numbers
-import os
-import sys
 import types
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from . import losses, torch_ops
 from . import ops as kernel_ops
 from ._extension import kernels_available, missing_kernels_message
 from ._model_state import ieee_float32, scoring_mode
-from .estimators import ESTIMATORS, Base, Batch, Objective
+from .checks import ModelCheck, StepCheck, check_inputs, check_settings
+from .diagnostics import SampleWarning
+from .estimators import ESTIMATORS, METHODS, Base, Batch, Objective
 from .scores import CLASSIFICATION_FIELDS, CurvatureScores
 
 __all__ = ["CurvatureScorer", "METHODS", "BACKENDS", "ieee_float32"]
 
-METHODS = ("fd", "hvp", "zo")
 BACKENDS = ("auto", "kernels", "torch")
-MAX_SEED = 1 << 63
-MAX_ID = torch_ops.MAX_ID
 
 # Rows per forward/backward pass on the CPU when max_batch is None: CPU_PASS_ELEMENTS input
 # elements' worth, and at least CPU_MIN_ROWS. Measured (benchmarks/pass_size.py, n = 10, process
@@ -51,22 +46,6 @@ MAX_ID = torch_ops.MAX_ID
 CPU_PASS_ELEMENTS = 1 << 18
 CPU_MIN_ROWS = 8
 
-# Samples the once-per-input-signature consistency check evaluates (in passes of at most 3 * 8
-# + 1 rows): enough to see a batch statistic or a random op, cheap next to one scoring pass.
-CHECK_SAMPLES = 8
-# Two evaluations of the same row by a deterministic model and a per-row loss differ by
-# reduction-order rounding (a few ulps of the loss, also between batch sizes); 1000 ulps
-# separates that from dropout or a batch statistic, which change losses at order one.
-CHECK_ULPS = 1000.0
-
-# Torch's messages for a model called with an input of another dtype or device than its weights.
-_MISMATCH_MESSAGES = ("same dtype", "same device", "should be the same")
-
-# Mean relative rounding of the step x + h - x above which the scorer warns (_check_step), and
-# the elements of x it looks at: enough to estimate a fraction to about 1/sqrt(4096) = 1.6%.
-STEP_WARN = 0.005
-STEP_SAMPLE = 4096
-
 # method="zo": a sample whose curvature (mean |e| over its pairs) is below ZO_NOISE_WARN times
 # the rounding floor eps * max(1, |L|) / (4 h^2) is reported (_warn_rounding). A pair's rounding
 # error was up to 2 floors at the 90th percentile (measured: see ZerothOrder.rounding_floor), so
@@ -77,99 +56,6 @@ ZO_NOISE_WARN = 20.0
 ZO_MAX_H = 3e-2
 
 LossFn = Callable[[Any, Tensor], Tensor]
-
-
-class SampleWarning(UserWarning):
-    """A warning about some of the samples one ``score()`` call scored: ``count`` of ``total``,
-    the first of them ``first_id``. :func:`curvkern.score_dataset` (and so the tracker) merges
-    those of one pass over a data set into one warning per ``kind``, counted over the pass.
-
-    Args:
-        kind: what the warning is about, with the settings its message depends on: warnings
-            of one kind are merged.
-        count, total, first_id: the samples it is about, of how many, the first one's id.
-        render: ``render(count, total, first_id, values)`` -> the message.
-        values: (count,) float64 per-sample quantities the message summarizes, or None.
-    """
-
-    def __init__(
-        self,
-        kind: str,
-        count: int,
-        total: int,
-        first_id: int,
-        render: Callable[[int, int, int, Tensor | None], str],
-        values: Tensor | None = None,
-    ) -> None:
-        self.kind, self.count, self.total, self.first_id = kind, count, total, first_id
-        self.render, self.values = render, values
-        super().__init__(render(count, total, first_id, values))
-
-    @classmethod
-    def combined(cls, parts: Sequence[SampleWarning], total: int) -> SampleWarning:
-        """``parts`` (of one kind, in the order of their samples) as one warning about
-        ``total`` samples: their counts summed, the first one's first id, their values joined."""
-        kinds = {w.kind for w in parts}
-        if len(kinds) != 1:
-            raise ValueError(f"combined() takes warnings of one kind, got {sorted(kinds)}")
-        first = parts[0]
-        values = None
-        if all(w.values is not None for w in parts):
-            values = torch.cat([w.values for w in parts])
-        count = sum(w.count for w in parts)
-        return cls(first.kind, count, total, first.first_id, first.render, values)
-
-
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
-
-
-def _outside_caller_level() -> int:
-    """The ``stacklevel`` that makes a warning raised by this function's caller point at the
-    first frame outside curvkern."""
-    frame, level = sys._getframe(1), 1
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR):
-        frame, level = frame.f_back, level + 1
-    return level
-
-
-class PassWarnings:
-    """The warnings of one pass over a data set, raised when it ends (or fails): each kind of
-    :class:`SampleWarning` once, counted over the pass ("12 of 50000 samples"), not once per
-    batch; any other warning once per distinct message and place. Used as ``with
-    PassWarnings() as caught:`` around the pass and ``with caught.batch(len(ids)):`` around
-    each ``score()`` call; the merged warnings point at the first caller outside curvkern (the
-    user's score_dataset or score_epoch line)."""
-
-    def __init__(self) -> None:
-        self.scored = 0
-        self.samples: dict[str, list[SampleWarning]] = {}
-        self.others: dict[tuple, warnings.WarningMessage] = {}
-
-    @contextlib.contextmanager
-    def batch(self, size: int):
-        """Records the warnings raised inside (the filters still apply: an "error" filter
-        raises there, as without this)."""
-        with warnings.catch_warnings(record=True) as caught:
-            try:
-                yield
-            finally:
-                self.scored += size
-                for w in caught:
-                    if isinstance(w.message, SampleWarning):
-                        self.samples.setdefault(w.message.kind, []).append(w.message)
-                    else:
-                        key = (w.category, str(w.message), w.filename, w.lineno)
-                        self.others.setdefault(key, w)
-
-    def __enter__(self) -> PassWarnings:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for w in self.others.values():
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
-        for parts in self.samples.values():  # joined once, not once per batch
-            merged = SampleWarning.combined(parts, self.scored)
-            warnings.warn(merged, stacklevel=_outside_caller_level())
 
 
 class _OutOfMemoryHalving:
@@ -244,39 +130,10 @@ class CurvatureScorer:
         rtol: float | None = None,
         max_probes: int | None = None,
     ) -> None:
-        if not callable(model):
-            raise TypeError(f"model must be an nn.Module or a callable, got {type(model).__name__}")
-        if loss_fn is not None and not callable(loss_fn):
-            raise TypeError(f"loss_fn must be callable or None, got {type(loss_fn).__name__}")
-        if input_key is not None and (not isinstance(input_key, str) or not input_key):
-            raise TypeError(f"input_key must be a keyword name (str) or None, got {input_key!r}")
-        if isinstance(h, bool) or not isinstance(h, numbers.Real) or not math.isfinite(h) or h <= 0:
-            raise ValueError(f"h must be a positive finite number, got {h!r}")
-        _check_int("n_probes", n_probes, low=1)
-        _check_int("seed", seed, low=0, high=MAX_SEED)
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        if max_batch is not None:
-            _check_int("max_batch", max_batch, low=1)
-        if rtol is not None:
-            if (
-                isinstance(rtol, bool)
-                or not isinstance(rtol, numbers.Real)
-                or not math.isfinite(rtol)
-                or rtol <= 0
-            ):
-                raise ValueError(f"rtol must be a positive finite number or None, got {rtol!r}")
-            if max_probes is None:
-                max_probes = 10 * n_probes
-            _check_int("max_probes", max_probes, low=n_probes)
-        elif max_probes is not None:
-            raise ValueError(
-                "max_probes caps the adaptive rounds and needs rtol; without rtol every sample "
-                "gets exactly n_probes probes"
-            )
-
+        max_probes = check_settings(
+            model, loss_fn, input_key, h, n_probes, seed, method, max_batch, backend, BACKENDS,
+            rtol, max_probes,
+        )  # fmt: skip
         if isinstance(model, DistributedDataParallel):
             # Score the wrapped module: a DDP forward is a collective (it broadcasts buffers and
             # arms the gradient reducer), and ranks run different numbers of scoring passes.
@@ -296,8 +153,8 @@ class CurvatureScorer:
         self._objective = Objective(self.model, self.loss_fn, input_key)
         self._halving = _OutOfMemoryHalving()
         self._warned_fallback: set[str] = set()
-        self._warned_step = False
-        self._checked: set[tuple] = set()  # input signatures whose model and loss were checked
+        self._step_check = StepCheck(self.h)
+        self._model_check = ModelCheck(self.model, self._objective, self._estimator)
 
     def __repr__(self) -> str:
         adaptive = "" if self.rtol is None else f", rtol={self.rtol}, max_probes={self.max_probes}"
@@ -339,7 +196,7 @@ class CurvatureScorer:
         Returns:
             CurvatureScores with (B,) fields, on x's device.
         """
-        x, y, ids = self._check_batch(x, y, ids)
+        x, y, ids = check_inputs(x, y, ids, self._estimator, self.h)
         batch = self._make_batch(x, y, ids, probe_mask, per_position, model_inputs)
         out_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         if x.shape[0] == 0:
@@ -355,10 +212,10 @@ class CurvatureScorer:
             stack.enter_context(scoring_mode(self.model))
             batch = _outside_inference(batch)
             if self._estimator.takes_differences:
-                self._check_step(batch)
+                self._step_check.run(batch)
 
             def run(rows: int):
-                self._check_once(batch, rows)
+                self._model_check.run_once(batch, rows)
                 return self._score_batch(ops, batch, rows, per_position)
 
             result = self._halving.run(
@@ -367,53 +224,7 @@ class CurvatureScorer:
         return self._finalize(*result, batch, out_dtype)
 
     # ------------------------------------------------------------------------------------------
-    # Checks
-
-    def _check_batch(
-        self, x: Tensor, y: Tensor, ids: Tensor | Sequence[int] | None
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        if not isinstance(x, Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() < 1:
-            raise ValueError("x must have shape (B, ...), got a 0-d tensor")
-        if not x.is_floating_point():
-            raise TypeError(
-                f"x must be a floating-point tensor (the model's input after normalization), "
-                f"got dtype {x.dtype}. Curvature is measured in a continuous input space: for "
-                f"token ids, score in embedding space, with curvkern.text.TokenScorer(model) "
-                f"(Hugging Face-style models) or CurvatureScorer(model, "
-                f"input_key='inputs_embeds') on x = model.get_input_embeddings()(input_ids); "
-                f"for quantized signals (e.g. uint8 pixels), convert and normalize x as the "
-                f"model expects."
-            )
-        self._estimator.check_precision(x, self.h)
-        batch = x.shape[0]
-        if not isinstance(y, Tensor):
-            raise TypeError(f"y must be a torch.Tensor, got {type(y).__name__}")
-        if y.dim() < 1 or y.shape[0] != batch:
-            raise ValueError(
-                f"y must have one row per sample of x (B = {batch}), got shape {tuple(y.shape)}"
-            )
-        ids = self._check_ids(ids, batch, x.device)
-        finite = torch.isfinite(x)
-        finite = finite.flatten(1).all(dim=1) if x.dim() > 1 else finite
-        if not bool(finite.all()):
-            first = int((~finite).nonzero()[0, 0])
-            raise ValueError(
-                f"x has non-finite values (NaN or inf) in sample {first} (id {int(ids[first])}); "
-                f"curvature is only defined at finite inputs"
-            )
-        return x, y, ids
-
-    @staticmethod
-    def _check_ids(ids: Tensor | Sequence[int] | None, batch: int, device: torch.device) -> Tensor:
-        ids = torch_ops.as_ids(ids, batch, device)
-        if ids.shape != (batch,):
-            raise ValueError(f"ids must have shape (B,) = ({batch},), got {tuple(ids.shape)}")
-        if batch and not bool(((ids >= 0) & (ids < MAX_ID)).all()):
-            bad = int(((ids < 0) | (ids >= MAX_ID)).nonzero()[0, 0])
-            raise ValueError(f"ids must lie in [0, 2^56), got ids[{bad}] = {int(ids[bad])}")
-        return ids
+    # The batch
 
     def _make_batch(
         self,
@@ -466,155 +277,6 @@ class CurvatureScorer:
                 stacklevel=3,
             )
         return torch_ops
-
-    def _check_step(self, batch: Batch) -> None:
-        """Refuses (or warns about) a step h that x's floating-point resolution cannot carry.
-
-        Per batch, on a strided sample of at most STEP_SAMPLE elements of x (so its cost does
-        not grow with the batch): the step x + h - x as x's dtype rounds it, against h.
-        Thresholds: an error when the step is lost (x + h == x) for most elements; a warning
-        when it rounds by more than STEP_WARN on average. Measured on a small float32 MLP with
-        x ~ N(0, 1): a mean step rounding of 0.6% (h = 3e-6) came with per-sample scores up to
-        3% off the exact ones, 2% (h = 1e-6) with 12%, 18% (h = 1e-7) with 175%, as the
-        gradients' own rounding, divided by h, grows alongside.
-        """
-        x = batch.x
-        flat = x.reshape(-1)
-        if flat.numel() > STEP_SAMPLE:
-            flat = flat[:: flat.numel() // STEP_SAMPLE]
-        step = (flat + self.h) - flat
-        lost = float((step == 0).sum()) / max(1, step.numel())
-        error = float((step - self.h).abs().sum()) / (self.h * max(1, step.numel()))
-        if lost <= 0.5 and (error <= STEP_WARN or self._warned_step):
-            return
-        largest = float(x.abs().max())
-        suggest = 1e3 * torch.finfo(x.dtype).eps * largest
-        if lost > 0.5:
-            raise ValueError(
-                f"h = {self.h} is below the floating-point resolution of x ({x.dtype}, |x| up "
-                f"to {largest:.3g}): x + h == x for {lost:.0%} of its elements, so the scores "
-                f"would be rounding. Use h of at least {suggest:.3g} (1000 ulps of the largest "
-                f"|x|), or float64 inputs and model."
-            )
-        self._warned_step = True
-        warnings.warn(
-            f"h = {self.h} is close to the floating-point resolution of x ({x.dtype}, |x| up to "
-            f"{largest:.3g}): rounding changes the step x + h r - x by {error:.1%} on average, "
-            f"and per-sample scores by several times that (the gradients' own rounding is "
-            f"divided by h too). Use h of at least {suggest:.3g} (1000 ulps of the largest "
-            f"|x|), or float64.",
-            stacklevel=3,
-        )
-
-    def _check_once(self, batch: Batch, rows: int) -> None:
-        """Once per input signature: the model's dtype and device, and that the loss of a
-        row is deterministic and independent of the other rows in its pass.
-
-        Costs one pass over k <= 8 samples and one over those samples twice plus one
-        (2k + 1 rows, fewer when ``rows`` is smaller), without gradients, the first time a
-        signature (shapes and dtypes of x, y and the per-sample inputs, and the other inputs'
-        names) is scored.
-        """
-        x = batch.x
-        key = (
-            tuple(x.shape[1:]),
-            x.dtype,
-            x.device,
-            tuple(batch.y.shape[1:]),
-            batch.y.dtype,
-            tuple((k, tuple(v.shape[1:]), v.dtype) for k, v in batch.inputs.items()),
-            tuple(sorted(batch.shared)),
-        )
-        if key in self._checked:
-            return
-        self._check_model_dtype_device(x)
-        k = min(batch.size, CHECK_SAMPLES, max(1, (rows - 1) // 2))
-        first = torch.arange(k, device=x.device)
-        again = torch.cat([first, first, first[:1]])[:rows]
-        a, b, eps = self._check_losses(batch, first, again)
-        bad = _mismatch(a[again], b, eps)
-        if bad is not None and not self._estimator.takes_differences:
-            # hvp runs in the caller's float32 precision: TF32 rounding differs between pass
-            # sizes by ~1e-3; compare again in IEEE float32 before blaming the model.
-            with ieee_float32(x.device.type):
-                a, b, eps = self._check_losses(batch, first, again)
-            bad = _mismatch(a[again], b, eps)
-        if bad is not None:
-            a2, _, _ = self._check_losses(batch, first, first[:0])
-            row = int(again[bad])
-            i = _mismatch(a, a2, eps)
-            if i is not None:
-                raise RuntimeError(
-                    f"the loss at x is not deterministic: two evaluations of sample {i} gave "
-                    f"{float(a[i]):.9g} and {float(a2[i]):.9g}. The finite differences would "
-                    f"be that noise divided by h. A plain callable around a module in train "
-                    f"mode (e.g. lambda x: model(x)[0] with dropout) keeps it random: the "
-                    f"scorer puts only an nn.Module it is given in eval mode. Pass the module "
-                    f"itself (with a loss_fn that picks its output), or call model.eval()."
-                )
-            raise RuntimeError(
-                f"the loss of a sample depends on the other rows of its pass or on their "
-                f"number: sample {row} has loss {float(a[row]):.9g} in a pass of {k} rows and "
-                f"{float(b[bad]):.9g} in a pass of {again.numel()} rows. The scorer stacks "
-                f"many perturbed copies in one pass, so loss_fn(output, y) must return each "
-                f"row's loss from that row alone (no mean over rows, no division by "
-                f"output.shape[0]), and the model must not use batch statistics (e.g. "
-                f"BatchNorm in train mode inside a plain callable; pass the nn.Module itself "
-                f"so that it is scored in eval mode)."
-            )
-        self._checked.add(key)
-
-    def _check_losses(
-        self, batch: Batch, first: Tensor, again: Tensor
-    ) -> tuple[Tensor, Tensor, float]:
-        """Float64 losses of samples ``first`` in one pass and of rows ``again`` in another,
-        and the machine epsilon of the loss's own dtype."""
-        out, eps = [], torch.finfo(torch.float64).eps
-        with torch.no_grad():
-            for index in (first, again):
-                if index.numel() == 0:
-                    out.append(index.double())
-                    continue
-                part = batch.select(index)
-                try:
-                    loss, _ = self._objective.loss(part.x, part, 1)
-                except RuntimeError as e:
-                    text = str(e)
-                    if any(s in text for s in _MISMATCH_MESSAGES):
-                        raise TypeError(
-                            f"the model could not take x (dtype {batch.x.dtype}, device "
-                            f"{batch.x.device}): {text}. Give x "
-                            f"the dtype and device of the model's parameters, e.g. "
-                            f"x.to(next(model.parameters()))."
-                        ) from e
-                    raise
-                if loss.is_floating_point():
-                    eps = max(eps, torch.finfo(loss.dtype).eps)
-                out.append(loss.detach().double())
-        return out[0], out[1], eps
-
-    def _check_model_dtype_device(self, x: Tensor) -> None:
-        """A clear error where x's dtype or device is unlike every floating parameter's."""
-        if not isinstance(self.model, nn.Module):
-            return
-        tensors = [
-            t
-            for t in itertools.chain(self.model.parameters(), self.model.buffers())
-            if t.is_floating_point()
-        ]
-        if not tensors:
-            return
-        if not any(t.device == x.device for t in tensors):
-            raise ValueError(
-                f"x is on {x.device}, the model's parameters on {tensors[0].device}: move one "
-                f"to the other (x.to({str(tensors[0].device)!r}) or model.to(x.device))"
-            )
-        if not any(t.dtype == x.dtype for t in tensors):
-            raise TypeError(
-                f"x has dtype {x.dtype}, the model's parameters {tensors[0].dtype}: convert x "
-                f"(x.to({tensors[0].dtype})) or the model (model.to({x.dtype})); float32 or "
-                f"float64 for methods 'fd' and 'zo'"
-            )
 
     def _row_budget(self, x: Tensor) -> int:
         if self.max_batch is not None:
@@ -932,20 +594,6 @@ class CurvatureScorer:
         )
 
 
-def _mismatch(expected: Tensor, got: Tensor, eps: float) -> int | None:
-    """Index of the first row where ``got`` differs from ``expected`` by more than CHECK_ULPS
-    ulps (machine epsilon ``eps``) of the largest |loss| (both non-finite counts as equal), or
-    None."""
-    if got.numel() == 0:
-        return None
-    finite = torch.isfinite(expected) & torch.isfinite(got)
-    scale = float(expected[finite].abs().max()) if bool(finite.any()) else 0.0
-    tol = CHECK_ULPS * eps * max(scale, torch.finfo(torch.float32).tiny)
-    differ = ((expected - got).abs() > tol) & finite
-    differ |= torch.isfinite(expected) != torch.isfinite(got)
-    return int(differ.nonzero()[0, 0]) if bool(differ.any()) else None
-
-
 def _outside_inference(batch: Batch) -> Batch:
     """The batch with inference tensors cloned: autograd cannot record them."""
 
@@ -969,11 +617,3 @@ def _mean_and_stderr(total: Tensor, total_sq: Tensor, n: Tensor | float) -> tupl
     var = ((total_sq - total * mean) / (n - 1).clamp(min=1)).clamp(min=0)
     stderr = torch.where(n > 1, torch.sqrt(var / n), torch.zeros_like(var))
     return mean, stderr
-
-
-def _check_int(name: str, value, low: int, high: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < low or (high is not None and value >= high):
-        bound = f"[{low}, {high})" if high is not None else f">= {low}"
-        raise ValueError(f"{name} must be {bound}, got {value}")
