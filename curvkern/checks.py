@@ -158,10 +158,9 @@ class StepCheck:
         Per batch, on a strided sample of at most STEP_SAMPLE elements of x (so its cost does
         not grow with the batch): the step x + h - x as x's dtype rounds it, against h.
         Thresholds: an error when the step is lost (x + h == x) for most elements; a warning
-        when it rounds by more than STEP_WARN on average. Measured on a small float32 MLP with
-        x ~ N(0, 1): a mean step rounding of 0.6% (h = 3e-6) came with per-sample scores up to
-        3% off the exact ones, 2% (h = 1e-6) with 12%, 18% (h = 1e-7) with 175%, as the
-        gradients' own rounding, divided by h, grows alongside.
+        when it rounds by more than STEP_WARN on average: per-sample scores are then off by
+        several times that, as the gradients' own rounding, divided by h, grows alongside
+        (measured: see docs/method.md, section Numerics).
         """
         x = batch.x
         flat = x.reshape(-1)

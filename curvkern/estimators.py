@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import math
 import types
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -24,6 +25,7 @@ import torch
 from torch import Tensor
 
 from ._model_state import double_backward_attention, ieee_float32
+from .diagnostics import SampleWarning
 from .losses import classification_stats
 
 __all__ = ["Batch", "Base", "Objective", "Estimator", "ESTIMATORS", "METHODS"]
@@ -36,8 +38,23 @@ _NO_INPUT_GRADIENT = (
 )
 
 
-# Autograd's messages for an op whose backward cannot be differentiated again.
+# Autograd's messages for an op whose backward cannot be differentiated again ("the derivative
+# for <op> is not implemented", "... double backward ...", "trying to differentiate twice ...").
 _NO_DOUBLE_BACKWARD = ("derivative for", "double backward", "differentiate twice")
+
+# method="zo": a sample whose curvature (mean |e| over its pairs) is below ZO_NOISE_WARN times
+# the rounding floor eps * max(1, |L|) / (4 h^2) is reported (ZerothOrder.warn_rounding): a
+# pair's rounding error is up to about 2 floors, so below 20 floors the curvature can be more
+# than 10% rounding. Measured: see docs/method.md, section Numerics.
+ZO_NOISE_WARN = 20.0
+# The largest h the zo warning suggests: above it, zo's O(h^2) error takes over on unit-scale
+# inputs. Measured: see docs/method.md, section Numerics.
+ZO_MAX_H = 3e-2
+
+
+def no_double_backward(error: BaseException) -> bool:
+    """Whether ``error`` says an op of the model has no second derivative."""
+    return any(s in str(error) for s in _NO_DOUBLE_BACKWARD)
 
 
 def _no_double_backward(cause: str) -> str:
@@ -238,12 +255,18 @@ class Estimator:
         needs_gradient: whether it backpropagates to the input (and so reports grad_norm).
         takes_differences: whether it differences nearby values (fd, zo): it then refuses
             half precision and autocast, and runs in IEEE float32.
+        differences: what its differences are called, in the warning about samples whose
+            differences were all exactly zero (fd, zo).
+        needs_double_backward: whether it differentiates the model's backward pass (hvp):
+            an op without a second derivative then stops it (see :func:`no_double_backward`).
     """
 
     name = ""
     rows_per_probe = 1
     needs_gradient = True
     takes_differences = True
+    differences = ""
+    needs_double_backward = False
 
     def check_precision(self, x: Tensor, h: float) -> None:
         """Refuses inputs whose precision would turn the estimate into rounding noise."""
@@ -299,10 +322,21 @@ class Estimator:
         """One model pass over probes offset .. offset + n - 1 of every sample: (n, B, ...)."""
         raise NotImplementedError
 
-    def rounding_floor(self, base: Base, h: float, dtype: torch.dtype) -> Tensor | None:
-        """Per sample, the curvature that rounding alone would give (B,) float64, or None
-        where the estimator has no such floor to check against (see ZerothOrder)."""
-        return None
+    def flat_at_x(self, base: Base) -> Tensor:
+        """Which samples' loss is flat at x to the model's precision, (B,) bool: where their
+        differences are all exactly zero, :meth:`flat_reason` says why."""
+        # A loss exactly 0 at x (a saturated softmax: its gradient is then 0 or a few bits of a
+        # subnormal, which the step does not move).
+        return base.loss == 0
+
+    def flat_reason(self, dtype: torch.dtype) -> str:
+        """The zero-differences warning's text for samples flat at x (:meth:`flat_at_x`), for
+        a model computing in ``dtype``: why their differences are zero and what resolves them."""
+        raise NotImplementedError
+
+    def warn_rounding(self, curvature: Tensor, base: Base, bad: Tensor, batch: Batch, h: float):
+        """Warns about samples whose curvature (B,) float64 is mostly rounding (``bad``: those
+        already NaN). Nothing by default: only zo has such a floor (see ZerothOrder)."""
 
     def reduce(
         self,
@@ -326,6 +360,26 @@ class FiniteDifference(Estimator):
     """dg_k = g(x + h m r_k) - g(x): one gradient pass per probe."""
 
     name = "fd"
+    differences = "gradient differences"
+
+    def flat_at_x(self, base):
+        # Or a gradient exactly 0 at x: the step does not move it either.
+        return super().flat_at_x(base) | (base.grad_norm == 0)
+
+    def flat_reason(self, dtype):
+        return (
+            f"their loss or its gradient at x is exactly 0 too: the loss is flat there to "
+            f"{dtype}'s precision (e.g. a cross-entropy whose softmax saturated: the other "
+            f"classes' probabilities rounded to 0 or to a subnormal the step does not move). "
+            f"Their true curvature is below what {dtype} resolves, so they rank lowest, as "
+            f"they should"
+            + (
+                "; to resolve it, score with a float64 model and input (model.double(), "
+                "x.double())."
+                if dtype != torch.float64
+                else "."
+            )
+        )
 
     def run(self, ops, objective, batch, base, seed, h, offset, n):
         mask = _cast(batch.mask, batch.x.dtype)
@@ -347,6 +401,7 @@ class HessianVector(Estimator):
 
     name = "hvp"
     takes_differences = False
+    needs_double_backward = True
 
     @contextlib.contextmanager
     def context(self, device_type):
@@ -379,7 +434,7 @@ class HessianVector(Estimator):
             try:
                 (hv,) = torch.autograd.grad(grad, xr, grad_outputs=v, allow_unused=True)
             except RuntimeError as e:
-                if not any(s in str(e) for s in _NO_DOUBLE_BACKWARD):
+                if not no_double_backward(e):
                     raise
                 raise RuntimeError(_no_double_backward(str(e))) from e
         if hv is None:  # the gradient does not depend on x: H = 0
@@ -403,6 +458,17 @@ class ZerothOrder(Estimator):
     name = "zo"
     rows_per_probe = 4
     needs_gradient = False
+    differences = "four-point differences"
+
+    def flat_reason(self, dtype):
+        return (
+            "their loss at x is exactly 0 too, and so are the losses at the probe points: a "
+            "cross-entropy rounds to 0 once a sample is fitted with a logit margin above "
+            "about 17 in float32 (37 in float64). Their true curvature is below what loss "
+            "values resolve, so they rank lowest, as they should; method='fd' resolves it "
+            "(it differentiates: a fitted sample's gradient stays nonzero to a margin of "
+            "about 100 in float32)."
+        )
 
     def base(self, objective, batch):
         with torch.no_grad():
@@ -427,18 +493,72 @@ class ZerothOrder(Estimator):
     def reduce(self, ops, data, batch, base, seed, h, offset, per_position):
         return data.sum(0), None
 
+    def warn_rounding(self, curvature, base, bad, batch, h):
+        """Warns once about samples whose zo curvature is within ZO_NOISE_WARN rounding floors.
+
+        Their value is kept, not made NaN: it still says the curvature is at most about that
+        size (a low-curvature sample stays low in a ranking), but its digits are rounding.
+
+        Args:
+            curvature: (B,) float64 mean |e| per sample.
+            base: the unperturbed pass (its losses set the rounding floor, see rounding_floor).
+            bad: (B,) bool, samples already NaN.
+            batch: the scored samples.
+            h: the step.
+        """
+        floor = self.rounding_floor(base, h, batch.x.dtype)
+        # Exactly 0 is the zero-differences warning's case (a loss linear in x, or a step lost).
+        noisy = (curvature < ZO_NOISE_WARN * floor) & (curvature > 0) & ~bad
+        if batch.mask is not None:
+            noisy &= batch.mask.sum(1) > 0  # a sample masked out entirely has curvature 0
+        n_noisy = int(noisy.sum())
+        if not n_noisy:
+            return
+        first = int(batch.ids[int(noisy.nonzero()[0, 0])])
+        dtype = batch.x.dtype
+        advice = (
+            "score with a float64 model and input (model.double(), x.double())"
+            if dtype != torch.float64
+            else "use a larger h"
+        )
+
+        def render(count, total, first, ratios):
+            # The h at which the median such sample would stand ZO_NOISE_WARN floors clear (the
+            # floor falls as 1 / h^2). Above ZO_MAX_H the O(h^2) error takes over on unit-scale
+            # inputs, so none is suggested.
+            suggest = h * math.sqrt(float(ratios.median()))
+            larger = ""
+            if suggest <= ZO_MAX_H:
+                larger = f", or h = {suggest:.2g} (half of them clear the floor there)"
+            floors = float((ZO_NOISE_WARN / ratios).median())
+            return (
+                f"method='zo': {count} of {total} samples (first: id {first}) have a curvature "
+                f"below {ZO_NOISE_WARN:g} times the rounding floor of their four-point loss "
+                f"differences in {dtype} (eps * max(1, |loss|) / 4h^2 with h = {h}; the median "
+                f"such sample at {floors:.2g} times). One pair's rounding error is 1 to 2 "
+                f"floors, so their values are off by about 10% (at {ZO_NOISE_WARN:g} floors) up "
+                f"to their whole size (near 1 floor): they bound the curvature more than they "
+                f"measure it. To fix: {advice}{larger}."
+            )
+
+        ratios = (ZO_NOISE_WARN * floor[noisy] / curvature[noisy]).double().cpu()
+        warnings.warn(
+            SampleWarning(
+                f"zo rounding: {dtype}, h = {h}", n_noisy, noisy.numel(), first, render, ratios
+            ),
+            stacklevel=4,  # score() -> _finalize -> here: point at the caller
+        )
+
     def rounding_floor(self, base: Base, h: float, dtype: torch.dtype) -> Tensor:
         """The size of one pair's |e| that rounding alone gives, per sample: (B,) float64.
 
         Each loss value carries an absolute rounding error of about eps * max(1, |L|) (eps of
         the model's dtype): a cross-entropy is computed as log(sum exp(z - max z)), whose
         log(1 + small) is rounded to eps of 1 however small the loss, so a float32 loss below
-        eps comes out exactly 0. The four-point combination divides that by 4 h^2. Measured
-        (digits MLP and 8x8 CNN, GELU, trained to 100% accuracy, 16 pairs on 256 samples,
-        float32 against the float64 copy with the same probes, h = 1e-3 .. 1e-1): the pairs'
-        rounding error |e32 - e64| was 1.0 to 2.0 times this floor at the 90th percentile
-        and at most 23 times it. The perturbed losses differ from L(x) by O(h |g|), far below
-        1 where the floor matters, so L(x) stands in for the four.
+        eps comes out exactly 0. The four-point combination divides that by 4 h^2. A pair's
+        rounding error |e32 - e64| is of the order of this floor (measured: see
+        docs/method.md, section Numerics). The perturbed losses differ from L(x) by O(h |g|),
+        far below 1 where the floor matters, so L(x) stands in for the four.
 
         Args:
             base: the unperturbed pass (its float64 losses (B,)).

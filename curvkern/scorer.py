@@ -33,28 +33,11 @@ __all__ = ["CurvatureScorer", "METHODS", "BACKENDS", "ieee_float32"]
 BACKENDS = ("auto", "kernels", "torch")
 
 # Rows per forward/backward pass on the CPU when max_batch is None: CPU_PASS_ELEMENTS input
-# elements' worth, and at least CPU_MIN_ROWS. Measured (benchmarks/pass_size.py, n = 10, process
-# CPU time of one thread against the floor of n + 1 passes of the batch, medians of 3 to 7
-# interleaved cycles on a loaded 2-core machine): a small CNN on 3x32x32, B = 64, costs 1.02x
-# the floor at 64 to 128 rows per pass, 1.36x at 8 and 1.9x with all 640 rows in one pass (its
-# activations fall out of cache); torchvision's ResNet-18 on 3x224x224, B = 8, costs 1.25x at one
-# row per pass (what the element budget alone gives), 1.11x at 2, 1.00x at 4 and 8, 1.09x at 16:
-# every pass re-reads the 47 MB of weights, which one row does not amortize (a second run: 1.00x
-# with this rule, 1.32x with one row; the published algorithm 1.84x). An MLP on 64 features
-# costs 1.3 to 1.4x its floor from 256 rows up (fixed per-call costs, not the pass size), 2x at
-# 64. The rule gives 85, 8 and 4,096 rows.
+# elements' worth (a pass that fits in cache), and at least CPU_MIN_ROWS (so a large model's
+# weights, re-read by every pass, serve several rows). Measured: see docs/method.md, section
+# Numerics.
 CPU_PASS_ELEMENTS = 1 << 18
 CPU_MIN_ROWS = 8
-
-# method="zo": a sample whose curvature (mean |e| over its pairs) is below ZO_NOISE_WARN times
-# the rounding floor eps * max(1, |L|) / (4 h^2) is reported (_warn_rounding). A pair's rounding
-# error was up to 2 floors at the 90th percentile (measured: see ZerothOrder.rounding_floor), so
-# below 20 floors the curvature can be more than 10% rounding.
-ZO_NOISE_WARN = 20.0
-# The largest h the zo warning suggests: on standardized digits (MLP and CNN, GELU) the O(h^2)
-# error of float64 zo against the exact r^T H s was 4.6% (median) at h = 3e-2 and 66% at 1e-1.
-ZO_MAX_H = 3e-2
-
 LossFn = Callable[[Any, Tensor], Tensor]
 
 
@@ -463,9 +446,7 @@ class CurvatureScorer:
             )
         if self._estimator.takes_differences:
             self._warn_zero_differences(sums, bad, batch, base)
-        floor = self._estimator.rounding_floor(base, self.h, batch.x.dtype)
-        if floor is not None:
-            self._warn_rounding(curvature, floor, bad, batch)
+        self._estimator.warn_rounding(curvature, base, bad, batch, self.h)
         return CurvatureScores(
             **{k: v.to(dtype) for k, v in fields.items()},
             ids=batch.ids,
@@ -485,35 +466,8 @@ class CurvatureScorer:
         if not bool(zero.any()):
             return
         dtype = batch.x.dtype
-        # A loss exactly 0 at x (a saturated softmax: its gradient is then 0 or a few bits of a
-        # subnormal, which the step does not move) or, with fd, a gradient exactly 0.
-        flat_at_x = base.loss == 0
-        if self.method == "fd":
-            what = "gradient differences"
-            flat_at_x |= base.grad_norm == 0
-            flat = (
-                f"their loss or its gradient at x is exactly 0 too: the loss is flat there to "
-                f"{dtype}'s precision (e.g. a cross-entropy whose softmax saturated: the other "
-                f"classes' probabilities rounded to 0 or to a subnormal the step does not move). "
-                f"Their true curvature is below what {dtype} resolves, so they rank lowest, as "
-                f"they should"
-                + (
-                    "; to resolve it, score with a float64 model and input (model.double(), "
-                    "x.double())."
-                    if dtype != torch.float64
-                    else "."
-                )
-            )
-        else:
-            what = "four-point differences"
-            flat = (
-                "their loss at x is exactly 0 too, and so are the losses at the probe points: a "
-                "cross-entropy rounds to 0 once a sample is fitted with a logit margin above "
-                "about 17 in float32 (37 in float64). Their true curvature is below what loss "
-                "values resolve, so they rank lowest, as they should; method='fd' resolves it "
-                "(it differentiates: a fitted sample's gradient stays nonzero to a margin of "
-                "about 100 in float32)."
-            )
+        est = self._estimator
+        flat_at_x, what, flat = est.flat_at_x(base), est.differences, est.flat_reason(dtype)
         other = (
             f"either h = {self.h} is lost to rounding at these inputs (x + h r == x), or the "
             f"loss is linear in x around them. Check h against the scale of x."
@@ -538,60 +492,6 @@ class CurvatureScorer:
                 SampleWarning(kind, n_rows, rows.numel(), first, render),
                 stacklevel=4,  # score() -> _finalize -> here: point at the caller
             )
-
-    def _warn_rounding(self, curvature: Tensor, floor: Tensor, bad: Tensor, batch: Batch) -> None:
-        """Warns once about samples whose zo curvature is within ZO_NOISE_WARN rounding floors.
-
-        Their value is kept, not made NaN: it still says the curvature is at most about that
-        size (a low-curvature sample stays low in a ranking), but its digits are rounding.
-
-        Args:
-            curvature: (B,) float64 mean |e| per sample.
-            floor: (B,) float64 rounding floor per sample (ZerothOrder.rounding_floor).
-            bad: (B,) bool, samples already NaN.
-            batch: the scored samples.
-        """
-        # Exactly 0 is _warn_zero_differences' case (a loss linear in x, or a step lost to x).
-        noisy = (curvature < ZO_NOISE_WARN * floor) & (curvature > 0) & ~bad
-        if batch.mask is not None:
-            noisy &= batch.mask.sum(1) > 0  # a sample masked out entirely has curvature 0
-        n_noisy = int(noisy.sum())
-        if not n_noisy:
-            return
-        first = int(batch.ids[int(noisy.nonzero()[0, 0])])
-        dtype, h = batch.x.dtype, self.h
-        advice = (
-            "score with a float64 model and input (model.double(), x.double())"
-            if dtype != torch.float64
-            else "use a larger h"
-        )
-
-        def render(count, total, first, ratios):
-            # The h at which the median such sample would stand ZO_NOISE_WARN floors clear (the
-            # floor falls as 1 / h^2). Above ZO_MAX_H the O(h^2) error takes over on unit-scale
-            # inputs, so none is suggested.
-            suggest = h * math.sqrt(float(ratios.median()))
-            larger = ""
-            if suggest <= ZO_MAX_H:
-                larger = f", or h = {suggest:.2g} (half of them clear the floor there)"
-            floors = float((ZO_NOISE_WARN / ratios).median())
-            return (
-                f"method='zo': {count} of {total} samples (first: id {first}) have a curvature "
-                f"below {ZO_NOISE_WARN:g} times the rounding floor of their four-point loss "
-                f"differences in {dtype} (eps * max(1, |loss|) / 4h^2 with h = {h}; the median "
-                f"such sample at {floors:.2g} times). One pair's rounding error is 1 to 2 "
-                f"floors, so their values are off by about 10% (at {ZO_NOISE_WARN:g} floors) up "
-                f"to their whole size (near 1 floor): they bound the curvature more than they "
-                f"measure it. To fix: {advice}{larger}."
-            )
-
-        ratios = (ZO_NOISE_WARN * floor[noisy] / curvature[noisy]).double().cpu()
-        warnings.warn(
-            SampleWarning(
-                f"zo rounding: {dtype}, h = {h}", n_noisy, noisy.numel(), first, render, ratios
-            ),
-            stacklevel=4,  # score() -> _finalize -> here: point at the caller
-        )
 
 
 def _outside_inference(batch: Batch) -> Batch:

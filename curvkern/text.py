@@ -19,14 +19,11 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from .estimators import ESTIMATORS, no_double_backward
 from .scorer import CurvatureScorer
 from .scores import CurvatureScores
 
 __all__ = ["TokenScorer"]
-
-# What the autograd error says when an op of the forward has no second derivative, e.g. a fused
-# attention kernel's backward (flash attention, memory-efficient attention, flex attention).
-_NO_DOUBLE_BACKWARD = ("derivative for", "not implemented")
 
 
 def _left_aligned(mask: Tensor) -> Tensor | None:
@@ -198,7 +195,9 @@ class TokenScorer:
                 attention_mask=attention_mask, **model_inputs,
             )  # fmt: skip
         except RuntimeError as error:
-            if self.method == "hvp" and all(s in str(error) for s in _NO_DOUBLE_BACKWARD):
+            # An op without a second derivative, e.g. a fused attention kernel's backward (flash
+            # attention, memory-efficient attention, flex attention).
+            if ESTIMATORS[self.method].needs_double_backward and no_double_backward(error):
                 raise RuntimeError(
                     f"method='hvp' needs the second derivative of every op of the model, and "
                     f"one has none ({error}). Attention kernels outside torch's "
@@ -257,7 +256,9 @@ class TokenScorer:
             )
 
     def _check_dtype(self, embeds: Tensor) -> None:
-        if embeds.dtype in (torch.float32, torch.float64) or self.method == "hvp":
+        if embeds.dtype in (torch.float32, torch.float64):
+            return
+        if not ESTIMATORS[self.method].takes_differences:
             return
         raise TypeError(
             f"method={self.method!r} needs a float32 or float64 model; its input embeddings "

@@ -9,7 +9,7 @@ from torch import nn
 
 from curvkern import CurvatureScorer
 from curvkern.losses import cross_entropy
-from curvkern.scorer import ZO_NOISE_WARN
+from curvkern.estimators import ZO_NOISE_WARN
 
 from .conftest import smooth_classifier
 
