@@ -23,7 +23,15 @@ from . import torch_ops
 from ._model_state import ieee_float32
 from .estimators import METHODS, Batch, Estimator, Objective
 
-__all__ = ["check_settings", "check_inputs", "check_ids", "check_int", "StepCheck", "ModelCheck"]
+__all__ = [
+    "check_settings",
+    "check_inputs",
+    "check_ids",
+    "check_batch_options",
+    "check_int",
+    "StepCheck",
+    "ModelCheck",
+]
 
 MAX_SEED = 1 << 63
 MAX_ID = torch_ops.MAX_ID
@@ -39,7 +47,7 @@ CHECK_ULPS = 1000.0
 # Torch's messages for a model called with an input of another dtype or device than its weights.
 _MISMATCH_MESSAGES = ("same dtype", "same device", "should be the same")
 
-# Mean relative rounding of the step x + h - x above which the scorer warns (_check_step), and
+# Mean relative rounding of the step x + h - x above which the scorer warns (StepCheck), and
 # the elements of x it looks at: enough to estimate a fraction to about 1/sqrt(4096) = 1.6%.
 STEP_WARN = 0.005
 STEP_SAMPLE = 4096
@@ -143,6 +151,34 @@ def check_ids(ids: Tensor | Sequence[int] | None, batch: int, device: torch.devi
         bad = int(((ids < 0) | (ids >= MAX_ID)).nonzero()[0, 0])
         raise ValueError(f"ids must lie in [0, 2^56), got ids[{bad}] = {int(ids[bad])}")
     return ids
+
+
+def check_batch_options(
+    x: Tensor,
+    model_inputs: dict[str, Any],
+    input_key: str | None,
+    per_position: bool,
+    estimator: Estimator,
+) -> None:
+    """Refuses a score() call's other inputs where they contradict the settings: a model input
+    under ``input_key`` (x's keyword), or ``per_position`` with a method without gradients or
+    an x without positions."""
+    if input_key is not None and input_key in model_inputs:
+        raise ValueError(
+            f"model_inputs has the key {input_key!r}, which is input_key: x is passed "
+            f"under that keyword; pass the input being scored as x only"
+        )
+    if per_position:
+        if not estimator.needs_gradient:
+            raise ValueError(
+                "per_position=True needs gradient differences per position; method='zo' "
+                "has loss values only. Use method='fd' or 'hvp'."
+            )
+        if x.dim() < 2:
+            raise ValueError(
+                f"per_position=True needs x of shape (B, T, ...) with positions T, got "
+                f"shape {tuple(x.shape)}"
+            )
 
 
 class StepCheck:

@@ -1,7 +1,8 @@
 """CurvatureScorer: per-sample input-curvature scores for any PyTorch model.
 
-The scorer checks its inputs, picks the backend, and schedules the probes (adaptive rounds,
-chunks of at most ``max_batch`` rows); what each method computes lives in
+The scorer picks the backend and schedules the probes (groups of samples, adaptive rounds,
+chunks of at most ``max_batch`` rows); its checks of settings, inputs, step and model live in
+:mod:`curvkern.checks`, what each method computes (and warns about) in
 :mod:`curvkern.estimators`, the model-state and precision contexts in
 :mod:`curvkern._model_state`.
 """
@@ -23,7 +24,7 @@ from . import losses, torch_ops
 from . import ops as kernel_ops
 from ._extension import kernels_available, missing_kernels_message
 from ._model_state import ieee_float32, scoring_mode
-from .checks import ModelCheck, StepCheck, check_inputs, check_settings
+from .checks import ModelCheck, StepCheck, check_batch_options, check_inputs, check_settings
 from .diagnostics import SampleWarning
 from .estimators import ESTIMATORS, METHODS, Base, Batch, Objective
 from .scores import CLASSIFICATION_FIELDS, CurvatureScores
@@ -38,6 +39,7 @@ BACKENDS = ("auto", "kernels", "torch")
 # Numerics.
 CPU_PASS_ELEMENTS = 1 << 18
 CPU_MIN_ROWS = 8
+
 LossFn = Callable[[Any, Tensor], Tensor]
 
 
@@ -219,22 +221,7 @@ class CurvatureScorer:
         model_inputs: dict[str, Any],
     ) -> Batch:
         """The Batch: x, y, ids, the mask in the ops' (B, P) form, and the split model inputs."""
-        if self.input_key is not None and self.input_key in model_inputs:
-            raise ValueError(
-                f"model_inputs has the key {self.input_key!r}, which is input_key: x is passed "
-                f"under that keyword; pass the input being scored as x only"
-            )
-        if per_position:
-            if not self._estimator.needs_gradient:
-                raise ValueError(
-                    "per_position=True needs gradient differences per position; method='zo' "
-                    "has loss values only. Use method='fd' or 'hvp'."
-                )
-            if x.dim() < 2:
-                raise ValueError(
-                    f"per_position=True needs x of shape (B, T, ...) with positions T, got "
-                    f"shape {tuple(x.shape)}"
-                )
+        check_batch_options(x, model_inputs, self.input_key, per_position, self._estimator)
         batch = x.shape[0]
         inputs, shared = {}, {}
         for key, value in model_inputs.items():

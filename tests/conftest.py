@@ -4,6 +4,7 @@ import math
 import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -133,3 +134,28 @@ def examples():
 def csv_rows(path: Path) -> list[dict[str, str]]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
+
+
+class Conditioned(nn.Module):
+    """A smooth classifier of x (B, 6) conditioned on a per-sample vector and a shared scale."""
+
+    def __init__(self, output="tensor"):
+        super().__init__()
+        gen = torch.Generator().manual_seed(3)
+        self.w1 = nn.Parameter(torch.randn(6, 12, generator=gen, dtype=torch.float64) / 2)
+        self.wc = nn.Parameter(torch.randn(3, 12, generator=gen, dtype=torch.float64) / 2)
+        self.w2 = nn.Parameter(torch.randn(12, 4, generator=gen, dtype=torch.float64) / 2)
+        self.out = output
+
+    def logits(self, x, cond, scale):
+        return torch.tanh(x @ self.w1 + cond @ self.wc) @ self.w2 * scale
+
+    def forward(self, x=None, cond=None, scale=1.0, inputs_embeds=None):
+        z = self.logits(x if inputs_embeds is None else inputs_embeds, cond, scale)
+        if self.out == "tuple":
+            return z, cond.sum()
+        if self.out == "dict":
+            return {"logits": z, "aux": None}
+        if self.out == "object":
+            return SimpleNamespace(logits=z, hidden_states=None)
+        return z

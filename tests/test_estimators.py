@@ -1,4 +1,5 @@
-"""The scorer's estimates against exact Hessians of small smooth models.
+"""The estimators: their estimates against exact Hessians of small smooth models, and the
+wording of each method's warning about differences that were all exactly zero.
 
 Every bound below is derived from the estimator's distribution: for n independent probes the
 estimate of E[f(r)] is a mean with standard error sqrt(Var f(r) / n), and the variances are known
@@ -9,6 +10,7 @@ standard normals, and the tests check their maximum (Bonferroni) and their sprea
 """
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -96,3 +98,75 @@ def test_fd_converges_to_hvp_at_first_order(problem):
     # and at the default step the difference is small against the scores themselves
     err = error(1e-3)
     assert err["curvature"] < 1e-2 * exact.curvature.abs().sum().item()
+
+
+# --- the zero-differences warning's wording, each method's own -------------------------------
+
+
+def _fitted_with_margins(scale, low, high):
+    """A float32 classifier with its logits scaled by ``scale``, and 4 inputs labelled with
+    its predictions whose logit margins lie in (low, high)."""
+    model = smooth_classifier(dtype=torch.float32)
+    with torch.no_grad():
+        model[-1].weight.mul_(scale)
+        model[-1].bias.mul_(scale)
+        x, _ = labelled_batch(64, dtype=torch.float32)
+        top = model(x).topk(2, dim=1).values
+        margin = top[:, 0] - top[:, 1]
+        x = x[(margin > low) & (margin < high)][:4]
+        assert len(x) == 4
+        return model, x, model(x).argmax(1)
+
+
+def _zero_difference_warning(model, x, y, method):
+    with pytest.warns(UserWarning, match="4 of 4 samples .* exactly zero for every probe") as rec:
+        s = CurvatureScorer(model, method=method, n_probes=2).score(x, y)
+    assert torch.equal(s.curvature, torch.zeros(4))
+    (message,) = [str(w.message) for w in rec if "exactly zero" in str(w.message)]
+    assert "lost to rounding" not in message
+    return message
+
+
+def test_saturated_softmax_is_named_as_the_cause_fd():
+    # Logit margins of 120 to 300: every other class's probability is below float32's smallest
+    # subnormal (exp(-103.3)), so the loss and its gradient are exactly 0 at x and at every probe
+    # point; in float64 (down to exp(-745)) they are not.
+    model, x, y = _fitted_with_margins(1e3, 120, 300)
+    message = _zero_difference_warning(model, x, y, "fd")
+    assert "their loss or its gradient at x is exactly 0 too" in message
+    assert "model.double(), x.double()" in message
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s64 = CurvatureScorer(model.double(), n_probes=2).score(x.double(), y)
+    assert (s64.curvature > 0).all()
+
+
+def test_a_zero_loss_with_a_gradient_is_flat_too():
+    # A softmax saturated to a subnormal probability leaves the loss exactly 0 and a gradient of
+    # a few bits that the step does not move (measured: a ReLU MLP at a logit margin of 103 in
+    # float32, gradient norm 6e-43). Its stand-in: a loss of value exactly 0 whose gradient is
+    # constant in x. It is named as flat, not as a step lost to rounding.
+    model = nn.Linear(6, 4, dtype=torch.float32)
+    x, y = labelled_batch(4, dtype=torch.float32)
+
+    def zero_valued(output, target):
+        s = output.sum(1)
+        return s - s.detach()  # 0, with gradient model.weight.sum(0)
+
+    with pytest.warns(UserWarning, match="4 of 4 samples .* exactly zero") as rec:
+        s = CurvatureScorer(model, zero_valued, n_probes=2).score(x, y)
+    assert (s.loss == 0).all() and (s.grad_norm > 0).all()
+    (message,) = [str(w.message) for w in rec if "exactly zero" in str(w.message)]
+    assert "their loss or its gradient at x is exactly 0 too" in message
+
+
+def test_saturated_softmax_is_named_as_the_cause_zo():
+    # Logit margins of 20 to 35: the float32 cross-entropy log(1 + exp(-margin)) rounds to 0
+    # (above a margin of 16.6), and zo sees only loss values; the gradient is far from 0.
+    model, x, y = _fitted_with_margins(1e2, 20, 35)
+    message = _zero_difference_warning(model, x, y, "zo")
+    assert "their loss at x is exactly 0 too" in message and "method='fd'" in message
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fd = CurvatureScorer(model, n_probes=2).score(x, y)
+    assert (fd.curvature > 0).all()

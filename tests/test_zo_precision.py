@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from curvkern import CurvatureScorer
-from curvkern.losses import cross_entropy
 from curvkern.estimators import ZO_NOISE_WARN
+from curvkern.losses import cross_entropy
 
 from .conftest import smooth_classifier
 
