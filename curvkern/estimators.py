@@ -3,8 +3,9 @@
 An estimator knows how many model rows one probe costs, whether it needs input gradients,
 whether it takes finite differences (and so refuses half precision and autocast and runs in IEEE
 float32), and two functions: :meth:`Estimator.run`, one model pass over a chunk of probes, and
-:meth:`Estimator.reduce`, the per-sample probe sums of (part of) that chunk. The loop over chunks
-and adaptive rounds is written once, in :class:`curvkern.CurvatureScorer`.
+:meth:`Estimator.reduce`, the per-sample probe sums of (part of) that chunk; and its warnings'
+facts (what its differences are called, when a sample is flat at x, zo's rounding floor). The loop
+over chunks and adaptive rounds is written once, in :class:`curvkern.CurvatureScorer`.
 
 A :class:`Batch` holds the samples (x, y, ids, probe mask and the model's other inputs) and
 repeats their per-sample inputs exactly as the probe rows repeat x; an :class:`Objective` calls
@@ -333,6 +334,52 @@ class Estimator:
         """The zero-differences warning's text for samples flat at x (:meth:`flat_at_x`), for
         a model computing in ``dtype``: why their differences are zero and what resolves them."""
         raise NotImplementedError
+
+    def warn_zero_differences(
+        self, sums: Tensor, bad: Tensor, batch: Batch, base: Base, h: float
+    ) -> None:
+        """Warns about samples whose differences were exactly zero for every probe: those whose
+        loss is flat at x to the model's precision (:meth:`flat_at_x`), and the others (a step
+        lost to rounding, or a loss linear in x). For the estimators that take differences.
+
+        Args:
+            sums: (B, 4) float64 probe sums (the curvature's first).
+            bad: (B,) bool, samples already NaN.
+            batch: the scored samples.
+            base: the unperturbed pass.
+            h: the step.
+        """
+        zero = (sums[:, 0] == 0) & ~bad
+        if batch.mask is not None:
+            zero &= batch.mask.sum(1) > 0  # a sample masked out entirely has curvature 0
+        if not bool(zero.any()):
+            return
+        dtype = batch.x.dtype
+        flat_at_x, what, flat = self.flat_at_x(base), self.differences, self.flat_reason(dtype)
+        other = (
+            f"either h = {h} is lost to rounding at these inputs (x + h r == x), or the "
+            f"loss is linear in x around them. Check h against the scale of x."
+        )
+        for cause, rows, text in (
+            ("flat", zero & flat_at_x, flat),
+            ("other", zero & ~flat_at_x, other),
+        ):
+            n_rows = int(rows.sum())
+            if not n_rows:
+                continue
+
+            def render(count, total, first, _, text=text):
+                return (
+                    f"{count} of {total} samples (first: id {first}) had {what} exactly zero "
+                    f"for every probe, so their curvature is 0: {text}"
+                )
+
+            first = int(batch.ids[int(rows.nonzero()[0, 0])])
+            kind = f"zero differences, {cause}: {self.name}, {dtype}, h = {h}"
+            warnings.warn(
+                SampleWarning(kind, n_rows, rows.numel(), first, render),
+                stacklevel=4,  # score() -> _finalize -> here: point at the caller
+            )
 
     def warn_rounding(self, curvature: Tensor, base: Base, bad: Tensor, batch: Batch, h: float):
         """Warns about samples whose curvature (B,) float64 is mostly rounding (``bad``: those

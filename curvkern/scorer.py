@@ -432,7 +432,7 @@ class CurvatureScorer:
                 stacklevel=3,
             )
         if self._estimator.takes_differences:
-            self._warn_zero_differences(sums, bad, batch, base)
+            self._estimator.warn_zero_differences(sums, bad, batch, base, self.h)
         self._estimator.warn_rounding(curvature, base, bad, batch, self.h)
         return CurvatureScores(
             **{k: v.to(dtype) for k, v in fields.items()},
@@ -442,43 +442,6 @@ class CurvatureScorer:
             method=self.method,
             curvature_map=None if cmap is None else cmap.to(dtype),
         )
-
-    def _warn_zero_differences(self, sums: Tensor, bad: Tensor, batch: Batch, base: Base) -> None:
-        """Warns about samples whose differences were exactly zero for every probe: those whose
-        loss is flat at x to the model's precision (loss exactly 0, or with fd its gradient),
-        and the others (a step lost to rounding, or a loss linear in x)."""
-        zero = (sums[:, 0] == 0) & ~bad
-        if batch.mask is not None:
-            zero &= batch.mask.sum(1) > 0  # a sample masked out entirely has curvature 0
-        if not bool(zero.any()):
-            return
-        dtype = batch.x.dtype
-        est = self._estimator
-        flat_at_x, what, flat = est.flat_at_x(base), est.differences, est.flat_reason(dtype)
-        other = (
-            f"either h = {self.h} is lost to rounding at these inputs (x + h r == x), or the "
-            f"loss is linear in x around them. Check h against the scale of x."
-        )
-        for cause, rows, text in (
-            ("flat", zero & flat_at_x, flat),
-            ("other", zero & ~flat_at_x, other),
-        ):
-            n_rows = int(rows.sum())
-            if not n_rows:
-                continue
-
-            def render(count, total, first, _, text=text):
-                return (
-                    f"{count} of {total} samples (first: id {first}) had {what} exactly zero "
-                    f"for every probe, so their curvature is 0: {text}"
-                )
-
-            first = int(batch.ids[int(rows.nonzero()[0, 0])])
-            kind = f"zero differences, {cause}: {self.method}, {dtype}, h = {self.h}"
-            warnings.warn(
-                SampleWarning(kind, n_rows, rows.numel(), first, render),
-                stacklevel=4,  # score() -> _finalize -> here: point at the caller
-            )
 
 
 def _outside_inference(batch: Batch) -> Batch:
