@@ -144,6 +144,7 @@ def check_inputs(
 
 
 def check_ids(ids: Tensor | Sequence[int] | None, batch: int, device: torch.device) -> Tensor:
+    """ids as a (batch,) int64 tensor on ``device`` (None: 0 .. batch - 1), each in [0, 2^56)."""
     ids = torch_ops.as_ids(ids, batch, device)
     if ids.shape != (batch,):
         raise ValueError(f"ids must have shape (B,) = ({batch},), got {tuple(ids.shape)}")
