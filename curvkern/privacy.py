@@ -530,8 +530,9 @@ def export_lira(
     A queries); it stacks them into scores (M, N, A) and keep (M, N) in the order it met them,
     and ``do_plot`` attacks the last ``ntest`` = 1 of that stack with the others as shadows.
     That order is not the order of the names: ``os.walk`` lists a folder's subfolders in the
-    file system's order (on ext4, by a hash of the name), so a model written last among
-    siblings is not read last (on ext4, of 20 sibling folders the 13th was read last).
+    file system's order, so a model written last among siblings is not read last (ext4 orders
+    them by a hash of the name, seeded per file system: on one, of the folders of models 0-19,
+    model 13's was read last).
 
     So the target goes one level down, where the walk's order is defined: ``os.walk`` runs
     top-down, and ``load_data`` takes every "experiment" folder of a level before the walk
