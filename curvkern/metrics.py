@@ -132,8 +132,11 @@ def tpr_at_fpr(scores, positives, fpr: float) -> float:
     (Carlini et al. 2022, research/mi_lira_2021/plot.py in tensorflow/privacy) takes the last
     point of scikit-learn's ROC with FPR < ``fpr`` (strictly): the same number unless some
     threshold has FPR exactly ``fpr``. The Curvature Clues notebooks (Ravikumar et al. 2024)
-    interpolate the ROC linearly (``np.interp``), which gives a larger TPR wherever the curve
-    jumps between thresholds, as it does at low FPR with few negatives.
+    interpolate the ROC linearly (``np.interp``). Between two thresholds without ties the ROC
+    runs flat (one more negative flagged, no positive), so interpolating there gives the same
+    TPR as the step convention; it gives a larger TPR only on a diagonal segment, which tied
+    scores make (a positive and a negative with one score are flagged together), and by at
+    most the TPR that tied group adds.
 
     Resolution: with n negatives the attainable FPRs are 0, 1/n, 2/n, ...; for ``fpr`` < 1/n
     (e.g. 0.1% with fewer than 1,000 negatives) only thresholds with no false positive at all

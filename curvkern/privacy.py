@@ -520,35 +520,105 @@ def _scores_3d(shadow_scores, shadow_keep) -> tuple[np.ndarray, np.ndarray]:
     return s, keep
 
 
-def export_lira(folder: str | os.PathLike, shadow_scores, shadow_keep) -> list[str]:
-    """Writes shadow models' scores in the folder layout LiRA's reference code reads.
+def export_lira(
+    folder: str | os.PathLike, shadow_scores, shadow_keep, target_scores=None, target_keep=None
+) -> list[str]:
+    """Writes shadow and target models' scores in the folder layout LiRA's reference code reads.
 
-    LiRA's plot.py (``load_data``) walks ``folder`` for subfolders whose name starts with
-    "experiment", and loads from each ``keep.npy`` ((N,) bool) and the last file (sorted by
-    name) of ``scores/`` ((N, A) float, A queries); it stacks them into scores (M, N, A) and
-    keep (M, N), and takes its target models from the end of that stack. This writes
-    ``folder/experiment-<m>_<M>/keep.npy`` and ``.../scores/0000000000.npy`` for each model m
-    (2-D scores become A = 1). Put the target model(s) last (e.g. concatenate them to
-    the shadow arrays) to be attacked by plot.py's leave-the-last-out split.
+    LiRA's plot.py (``load_data``, research/mi_lira_2021 in tensorflow/privacy) walks ``folder``
+    with ``os.walk`` and, for every subfolder whose name starts with "experiment", loads
+    ``keep.npy`` ((N,) bool) and the last file (sorted by name) of ``scores/`` ((N, A) float,
+    A queries); it stacks them into scores (M, N, A) and keep (M, N) in the order it met them,
+    and ``do_plot`` attacks the last ``ntest`` = 1 of that stack with the others as shadows.
+    That order is not the order of the names: ``os.walk`` lists a folder's subfolders in the
+    file system's order, so a model written last among siblings is not read last (ext4 orders
+    them by a hash of the name, seeded per file system: on one, of the folders of models 0-19,
+    model 13's was read last).
+
+    So the target goes one level down, where the walk's order is defined: ``os.walk`` runs
+    top-down, and ``load_data`` takes every "experiment" folder of a level before the walk
+    descends. This writes each shadow model m to ``folder/experiment-<m>_<M>/`` and each target
+    t to ``folder/target/experiment-target-<t>/`` (each with ``keep.npy`` and
+    ``scores/0000000000.npy``; 2-D scores become A = 1), so plot.py reads every shadow model
+    before the targets and attacks the target. With T targets, call its ``do_plot`` with
+    ``ntest=T``. Without a target, plot.py would attack whichever shadow model it read last.
+
+    The order of the shadow models among themselves stays the file system's. It matters to
+    plot.py only through its truncation: it keeps, for every sample, as many in (and out)
+    models as the sample with the fewest has, the first ones read. Give every sample the same
+    number of in models (as LiRA's train.py does: each sample in exactly half the models) and
+    the order does not change plot.py's result; ``likelihood_ratio`` uses all models.
 
     Sign: LiRA's likelihood tests do not depend on which side members are on, but its "global
     threshold" baseline flags high scores; export the negated loss or log curvature for it.
 
     Args:
-        folder: created if missing.
+        folder: created if missing; it must not already hold "experiment" folders or a
+            "target" folder (plot.py would read them too).
         shadow_scores: (M, N) or (M, N, A) finite scores.
         shadow_keep: (M, N) bool.
+        target_scores: optional target scores, (N,) or (N, A) for one target (then
+            ``target_keep`` is (N,)), or (T, N) or (T, N, A) for T targets (``target_keep``
+            (T, N)); the per-model shape must be shadow_scores'.
+        target_keep: the target's membership, (N,) or (T, N) bool; with target_scores only.
     Returns:
-        The paths of the M experiment folders.
+        The paths of the M shadow experiment folders, then those of the T target folders.
     """
     s, keep = _scores_3d(shadow_scores, shadow_keep)
-    paths = []
-    for m in range(s.shape[0]):
-        path = os.path.join(os.fspath(folder), f"experiment-{m}_{s.shape[0]}")
+    if (target_scores is None) != (target_keep is None):
+        raise ValueError("target_scores and target_keep go together: give both or neither")
+    targets: list[tuple[np.ndarray, np.ndarray]] = []
+    if target_scores is not None:
+        t = _as_array(target_scores, "target_scores")
+        t_keep = np.asarray(
+            target_keep.detach().cpu().numpy() if isinstance(target_keep, Tensor) else target_keep
+        )
+        if t_keep.ndim == 1:
+            t, t_keep = t[None], t_keep[None]
+        per_model = np.shape(shadow_scores)[1:]
+        if (
+            t_keep.ndim != 2
+            or t_keep.shape[1] != s.shape[1]
+            or t.shape != t_keep.shape[:1] + per_model
+        ):
+            raise ValueError(
+                f"target_scores and target_keep must be {per_model} and ({s.shape[1]},) for one "
+                f"target, or (T, *{per_model}) and (T, {s.shape[1]}) for T targets, like "
+                f"shadow_scores {np.shape(shadow_scores)}; got {np.shape(target_scores)} and "
+                f"{np.shape(target_keep)}"
+            )
+        if t_keep.dtype != np.bool_:
+            if t_keep.dtype.kind not in "biuf" or not np.isin(t_keep, (0, 1)).all():
+                raise ValueError(
+                    "target_keep must be boolean or 0/1 (sample n in the target's training set)"
+                )
+            t_keep = t_keep.astype(bool)
+        t = t.reshape(t.shape[:2] + (-1,))
+        _check_finite(t, "target_scores", "(target, sample, query)")
+        targets = list(zip(t, t_keep, strict=True))
+    root = os.fspath(folder)
+    if os.path.isdir(root):
+        stale = sorted(e for e in os.listdir(root) if e.startswith("experiment") or e == "target")
+        if stale:
+            raise ValueError(
+                f"folder {root!r} already holds {stale[:3]}{' ...' if len(stale) > 3 else ''}: "
+                f"LiRA's plot.py would read them with the new models; export into an empty folder"
+            )
+
+    def write(path: str, scores: np.ndarray, kept: np.ndarray) -> str:
         os.makedirs(os.path.join(path, "scores"), exist_ok=True)
-        np.save(os.path.join(path, "keep.npy"), keep[m])
-        np.save(os.path.join(path, "scores", "0000000000.npy"), s[m])
-        paths.append(path)
+        np.save(os.path.join(path, "keep.npy"), kept)
+        np.save(os.path.join(path, "scores", "0000000000.npy"), scores)
+        return path
+
+    paths = [
+        write(os.path.join(root, f"experiment-{m}_{s.shape[0]}"), s[m], keep[m])
+        for m in range(s.shape[0])
+    ]
+    paths += [
+        write(os.path.join(root, "target", f"experiment-target-{i}"), scores, kept)
+        for i, (scores, kept) in enumerate(targets)
+    ]
     return paths
 
 
@@ -567,7 +637,10 @@ def privacy_meter_arrays(
     of non-member samples: pass ``torch.softmax(logits, -1)[range(N), y]`` as the scores, and
     build the population matrix with this function too (its keep all False). For other signals
     (curvature, loss, LiRA's confidence) run_mia asks for attack scores of one's own; the
-    matrices still serve such analyses.
+    matrices still serve such analyses. Pass RMIA's ``offline_a`` explicitly: left to tune it,
+    ML Privacy Meter's ``tune_offline_a`` attacks the target's "paired" model, index M + 1 for
+    an even target index M, which does not exist here, and fails with an IndexError whenever
+    the number of reference models M is even.
 
     Args:
         shadow_scores: (M, N) finite scores (one query; average or pick queries first).

@@ -364,27 +364,94 @@ def test_shadow_signals_layout():
 # Exports
 
 
+def _lira_load_data(folder, listing_order):
+    """LiRA's plot.py load_data, restated, with the file system's listing order as a parameter.
+
+    ``os.walk`` lists a folder's subfolders in the order the file system returns them (on
+    ext4, by a hash of the name); ``listing_order`` reorders each level's list in place, as
+    such a file system would, and the walk then descends in that order too.
+    """
+    scores, keep = [], []
+    for root, dirs, _ in os.walk(folder):
+        listing_order(dirs)
+        for d in dirs:
+            if not d.startswith("experiment"):
+                continue
+            if not os.path.exists(os.path.join(root, d, "scores")):
+                continue
+            last = sorted(os.listdir(os.path.join(root, d, "scores")))[-1]
+            scores.append(np.load(os.path.join(root, d, "scores", last)))
+            keep.append(np.load(os.path.join(root, d, "keep.npy")))
+    return np.array(scores), np.array(keep)
+
+
+def _listing_orders():
+    rngs = [np.random.default_rng(seed) for seed in range(6)]
+    shuffles = [lambda dirs, rng=rng: rng.shuffle(dirs) for rng in rngs]
+    return [lambda dirs: dirs.sort(), lambda dirs: dirs.sort(reverse=True), *shuffles]
+
+
 def test_export_lira_is_read_back_by_liras_loader(tmp_path):
     rng = np.random.default_rng(5)
     scores, keep = rng.normal(size=(4, 7, 2)), rng.random((4, 7)) < 0.5
     paths = privacy.export_lira(tmp_path, scores, keep)
     assert len(paths) == 4
-    # LiRA's plot.py load_data, restated: experiment folders, keep.npy, the last scores file
-    loaded_scores, loaded_keep = [], []
-    for root, dirs, _ in os.walk(tmp_path):
-        for d in sorted(dirs):
-            if not d.startswith("experiment"):
-                continue
-            last = sorted(os.listdir(os.path.join(root, d, "scores")))[-1]
-            loaded_scores.append(np.load(os.path.join(root, d, "scores", last)))
-            loaded_keep.append(np.load(os.path.join(root, d, "keep.npy")))
+    loaded_scores, loaded_keep = _lira_load_data(tmp_path, lambda dirs: dirs.sort())
     order = np.argsort([int(os.path.basename(p).split("-")[1].split("_")[0]) for p in paths])
-    np.testing.assert_array_equal(np.array(loaded_scores), scores[order])
-    np.testing.assert_array_equal(np.array(loaded_keep), keep[order])
-    assert np.array(loaded_keep).dtype == bool
+    np.testing.assert_array_equal(loaded_scores, scores[order])
+    np.testing.assert_array_equal(loaded_keep, keep[order])
+    assert loaded_keep.dtype == bool
     privacy.export_lira(tmp_path / "flat", scores[..., 0], keep)  # (M, N) -> A = 1
     first = np.load(tmp_path / "flat" / "experiment-0_4" / "scores" / "0000000000.npy")
     assert first.shape == (7, 1)
+
+
+@pytest.mark.parametrize("queries", [None, 2])
+def test_export_lira_target_is_read_last_whatever_the_listing_order(tmp_path, queries):
+    # plot.py attacks the last model its walk read; with 20 sibling folders the file system
+    # decides which one that is, so the target must be read last in every listing order.
+    rng = np.random.default_rng(7)
+    shape = (20, 9) if queries is None else (20, 9, queries)
+    scores, keep = rng.normal(size=shape), rng.random((20, 9)) < 0.5
+    target, target_keep = rng.normal(size=shape[1:]) + 100.0, rng.random(9) < 0.5
+    paths = privacy.export_lira(tmp_path, scores, keep, target, target_keep)
+    assert len(paths) == 21
+    want = scores.reshape(20, 9, -1)
+    for listing_order in _listing_orders():
+        loaded_scores, loaded_keep = _lira_load_data(tmp_path, listing_order)
+        assert loaded_scores.shape == (21, 9, want.shape[2])
+        np.testing.assert_array_equal(loaded_scores[-1], target.reshape(9, -1))
+        np.testing.assert_array_equal(loaded_keep[-1], target_keep)
+        # the shadows are all the others, each once, with its own membership
+        shadow_rows = sorted(tuple(r.ravel()) for r in loaded_scores[:-1])
+        assert shadow_rows == sorted(tuple(r.ravel()) for r in want)
+        for row, kept in zip(loaded_scores[:-1], loaded_keep[:-1], strict=True):
+            m = next(i for i in range(20) if np.array_equal(want[i], row))
+            np.testing.assert_array_equal(kept, keep[m])
+
+
+def test_export_lira_several_targets_and_errors(tmp_path):
+    rng = np.random.default_rng(8)
+    scores, keep = rng.normal(size=(6, 5)), rng.random((6, 5)) < 0.5
+    targets, targets_keep = rng.normal(size=(2, 5)) + 100.0, rng.random((2, 5)) < 0.5
+    privacy.export_lira(tmp_path / "two", scores, keep, targets, targets_keep)
+    for listing_order in _listing_orders():
+        loaded_scores, loaded_keep = _lira_load_data(tmp_path / "two", listing_order)
+        assert sorted(loaded_scores[-2:, :, 0].tolist()) == sorted(targets.tolist())
+        assert (loaded_scores[:-2] < 50).all()  # every shadow read before both targets
+    with pytest.raises(ValueError, match="already holds"):
+        privacy.export_lira(tmp_path / "two", scores, keep)  # stale folders would be read too
+    with pytest.raises(ValueError, match="give both or neither"):
+        privacy.export_lira(tmp_path / "a", scores, keep, targets[0])
+    with pytest.raises(ValueError, match=r"target_scores and target_keep must be \(5,\)"):
+        privacy.export_lira(tmp_path / "b", scores, keep, targets[0, :4], targets_keep[0])
+    with pytest.raises(ValueError, match="target_keep must be boolean or 0/1"):
+        privacy.export_lira(tmp_path / "c", scores, keep, targets[0], np.full(5, 2))
+    with pytest.raises(ValueError, match="target_scores has 1 NaN"):
+        privacy.export_lira(
+            tmp_path / "d", scores, keep, np.r_[np.nan, targets[0, 1:]], targets_keep[0]
+        )
+    assert not (tmp_path / "a").exists()  # nothing written before the checks pass
 
 
 def test_privacy_meter_arrays():
