@@ -197,7 +197,7 @@ class StepCheck:
         Thresholds: an error when the step is lost (x + h == x) for most elements; a warning
         when it rounds by more than STEP_WARN on average: per-sample scores are then off by
         several times that, as the gradients' own rounding, divided by h, grows alongside
-        (measured: see docs/method.md, section Numerics).
+        (measured: see docs/method.md, "Measurements behind the constants").
         """
         x = batch.x
         flat = x.reshape(-1)

@@ -46,10 +46,10 @@ _NO_DOUBLE_BACKWARD = ("derivative for", "double backward", "differentiate twice
 # method="zo": a sample whose curvature (mean |e| over its pairs) is below ZO_NOISE_WARN times
 # the rounding floor eps * max(1, |L|) / (4 h^2) is reported (ZerothOrder.warn_rounding): a
 # pair's rounding error is up to about 2 floors, so below 20 floors the curvature can be more
-# than 10% rounding. Measured: see docs/method.md, section Numerics.
+# than 10% rounding. Measured: see docs/method.md, "Measurements behind the constants".
 ZO_NOISE_WARN = 20.0
 # The largest h the zo warning suggests: above it, zo's O(h^2) error takes over on unit-scale
-# inputs. Measured: see docs/method.md, section Numerics.
+# inputs. Measured: see docs/method.md, "Measurements behind the constants".
 ZO_MAX_H = 3e-2
 
 
@@ -603,9 +603,9 @@ class ZerothOrder(Estimator):
         the model's dtype): a cross-entropy is computed as log(sum exp(z - max z)), whose
         log(1 + small) is rounded to eps of 1 however small the loss, so a float32 loss below
         eps comes out exactly 0. The four-point combination divides that by 4 h^2. A pair's
-        rounding error |e32 - e64| is of the order of this floor (measured: see
-        docs/method.md, section Numerics). The perturbed losses differ from L(x) by O(h |g|),
-        far below 1 where the floor matters, so L(x) stands in for the four.
+        rounding error |e32 - e64| is of the order of this floor (measured: see docs/method.md,
+        "Measurements behind the constants"). The perturbed losses differ from L(x) by
+        O(h |g|), far below 1 where the floor matters, so L(x) stands in for the four.
 
         Args:
             base: the unperturbed pass (its float64 losses (B,)).
