@@ -152,9 +152,8 @@ ERRORS = {
         "does not fit the model from user_models:make_model: size mismatch for 1.weight",
     ),
     "not a checkpoint": (["--checkpoints", "ckpt/garbage_09.pt"], "garbage_09.pt does not fit"),
+    # (the other mistakes in DATA, load_data's own: tests/test_data.py)
     "no data file": (["--data", "missing.npz"], "missing.npz does not exist"),
-    "npz without y": (["--data", "no_y.npz"], "missing 'y'"),
-    "integer x": (["--data", "uint8.npz"], "has dtype uint8"),
     "data the model cannot take": (["--data", "wide.npz"], "cannot take x of shape (5,)"),
     "labels past the model's classes": (["--data", "many_labels.npz"], "labels up to 7"),
     "zero probes": (["--n-probes", "0"], "--n-probes must be at least 1, got 0"),
@@ -187,8 +186,6 @@ def _error_setup(workdir):
     torch.save(_model().state_dict(), "ckpt/final.pt")
     torch.save(_model(9).state_dict(), "ckpt/wider_07.pt")
     _write("ckpt/garbage_09.pt", "not a checkpoint")
-    np.savez("no_y.npz", x=np.zeros((4, 16), np.float32))
-    np.savez("uint8.npz", x=np.zeros((4, 16), np.uint8), y=np.zeros(4, np.int64))
     np.savez("wide.npz", x=np.zeros((10, 5), np.float32), y=np.zeros(10, np.int64))
     np.savez("many_labels.npz", x=np.zeros((8, 16), np.float32), y=np.arange(8))
 
@@ -270,7 +267,7 @@ def _big_scores(n, classes, seed=0):
 def test_report_size_stays_small_for_100k_samples(tmp_path):
     """100,000 samples of 28x28 grey: the page is capped (K pictures per class, MAX_ROWS rows,
     MAX_POINTS points per plot), so its size hardly grows with N."""
-    from curvkern.cli import Data
+    from curvkern.data import Data
 
     n = 100_000
     scores, labels = _big_scores(n, 10)
