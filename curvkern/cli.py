@@ -32,7 +32,10 @@ import torch
 from .checkpoints import epoch_in_name, load_checkpoint, load_error_line, restored_state
 from .data import Data, DataError, load_data
 from .data import one_line as _one_line
-from .scorer import METHODS
+from .dataset import IndexedDataset
+from .report import build_report, format_ranges, load_scores
+from .scorer import METHODS, CurvatureScorer
+from .tracker import CurvatureTracker
 
 __all__ = ["main", "load_data", "Data", "CliError"]
 
@@ -192,9 +195,6 @@ def _check_fit(model: torch.nn.Module, data: Data, device: torch.device, spec: s
 def cmd_score(args) -> int:
     from tqdm.auto import tqdm
 
-    from curvkern import CurvatureScorer, CurvatureTracker, IndexedDataset
-    from curvkern.report import format_ranges
-
     if args.n_probes < 1:
         raise CliError(f"--n-probes must be at least 1, got {args.n_probes}")
     if not args.h > 0:
@@ -277,15 +277,13 @@ def cmd_score(args) -> int:
                     tracker.score_epoch(loader, epoch, progress=show, device=device)
                     bar.update()
                     tqdm.write(f"epoch {epoch} ({file}): {time.perf_counter() - begin:.1f} s")
-    except ValueError as error:  # e.g. an --out file written with other settings
+    except ValueError as error:  # e.g. scores the tracker's file refuses
         raise CliError(f"--out: {_one_line(error)}") from None
     print(f"done in {time.perf_counter() - start:.1f} s: {out} ({len(done) + len(pending)} epochs)")
     return 0
 
 
 def cmd_report(args) -> int:
-    from curvkern.report import build_report, load_scores
-
     if args.top < 1:
         raise CliError(f"--top must be at least 1, got {args.top}")
     path = Path(args.path)

@@ -45,6 +45,8 @@ __all__ = [
     "SETTINGS",
     "TrackerFile",
     "read_tracker",
+    "settings_in",
+    "tracker_metadata",
     "write_history",
     "write_running",
 ]

@@ -353,7 +353,8 @@ class CurvatureTracker:
         return self.field_mean("curvature")
 
     def baselines(self) -> dict[str, Tensor]:
-        """The training-dynamics scores of every sample, from the recorded epochs.
+        """The training-dynamics scores of every sample, from the recorded epochs (each one
+        defined in curvkern.baselines.BASELINES).
 
         They are measured at x in eval mode at the recorded epochs (the scoring pass), while
         the papers record them on the training minibatches in train mode (augmentation,

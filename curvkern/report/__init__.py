@@ -24,8 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import io
 from ..baselines import BASELINES
 from ..data import Data
+from ..metrics import spearman
+from ..tracker import CurvatureTracker
 from .pictures import thumbnails
 from .svg import MAX_POINTS, histogram_svg, scatter_svg
 
@@ -68,8 +71,6 @@ def load_scores(path: str | os.PathLike) -> ReportScores:
     Returns:
         ReportScores with the curvature mean and every baseline the file has values for.
     """
-    from curvkern import CurvatureTracker, io
-
     tracker = CurvatureTracker.load(path)
     metadata, _ = io.read_arrays(path)
     baselines = {k: v.double().numpy() for k, v in tracker.baselines().items()}
@@ -199,8 +200,6 @@ def _top_per_class(curvature, labels, order, num_classes: int, top: int) -> tupl
 def _plots(scores: ReportScores, pictured: list[int], threshold) -> tuple[list, list]:
     """The histograms (SVG), and per baseline (label, SVG, points drawn, Spearman text, note)
     of curvature against it, the pictured samples highlighted."""
-    from curvkern.metrics import spearman
-
     curvature = scores.curvature
     top_mask = np.zeros(scores.num_samples, dtype=bool)
     top_mask[pictured] = True
