@@ -33,8 +33,9 @@ from .checkpoints import epoch_in_name, load_checkpoint, load_error_line, restor
 from .data import Data, DataError, load_data
 from .data import one_line as _one_line
 from .dataset import IndexedDataset
+from .estimators import METHODS
 from .report import build_report, format_ranges, load_scores
-from .scorer import METHODS, CurvatureScorer
+from .scorer import CurvatureScorer
 from .tracker import CurvatureTracker
 
 __all__ = ["main", "load_data", "Data", "CliError"]
