@@ -12,7 +12,8 @@ from .dataset import IndexedDataset, score_dataset
 from .diagnostics import SampleWarning
 from .scorer import CurvatureScorer
 from .scores import CurvatureScores
-from .tracker import CurvatureTracker, score_checkpoints
+from .checkpoints import score_checkpoints
+from .tracker import CurvatureTracker
 
 __version__ = "0.1.0"
 

@@ -414,13 +414,3 @@ class CurvatureTracker:
 def _check_epoch(epoch) -> None:
     if isinstance(epoch, bool) or not isinstance(epoch, int):
         raise TypeError(f"epoch must be an int, got {epoch!r}")
-
-
-def __getattr__(name: str):
-    # score_checkpoints lives in curvkern.checkpoints (which imports this module); it stays
-    # importable from here, where it used to be.
-    if name == "score_checkpoints":
-        from .checkpoints import score_checkpoints
-
-        return score_checkpoints
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
