@@ -87,7 +87,7 @@ class TokenScorer:
             :func:`curvkern.losses.sequence_cross_entropy` with y = the labels (the input ids,
             -100 at padding).
         **scorer_kwargs: h, n_probes, seed, method, max_batch, backend, rtol, max_probes of
-            :class:`curvkern.CurvatureScorer`. h is in embedding units: see the README on
+            :class:`curvkern.CurvatureScorer`. h is in embedding units: see docs/guide.md on
             choosing it relative to the scale of the embedding entries.
     """
 
