@@ -98,6 +98,7 @@ def has_precision() -> bool:
 def _model(name: str, x: Tensor) -> torch.nn.Module:
     import torchvision
 
+    torch.manual_seed(0)  # the random weights, so that a rerun scores the same model
     model = getattr(torchvision.models, name)(weights=None, num_classes=CLASSES).to(x.device)
     calibrate_batchnorm(model, x)
     return model
@@ -118,101 +119,111 @@ def time_model(
         if (curvkern.has_cuda_kernels() if on_gpu else curvkern.has_kernels())
         else "torch"
     )
-    rows: list[dict[str, Any]] = []
-    results: dict[str, Any] = {}
-
-    def run(row: str, fn: Callable[[], Any], check: Callable[[Any], dict[str, Any]]) -> None:
-        entry: dict[str, Any] = {"row": row}
-        try:
-            out = fn()
-            _sync(device)
-            results[row] = out
-            entry["check"] = check(out)
-            if entry["check"].get("passed", True):
-                times = _times(fn, repeats, device)
-                entry.update(status="passed", median_s=statistics.median(times), times_s=times)
-            else:
-                entry["status"] = "failed"
-                entry["why"] = "check failed before timing"
-        except Exception as exc:  # a row's error (out of memory, say) is its result
-            entry.update(status="failed", why=f"{type(exc).__name__}: {exc}"[:500])
-        if on_gpu:
-            torch.cuda.empty_cache()
-        rows.append(entry)
-        print(json.dumps(entry), flush=True)
-
     probes = torch_ops.rademacher(SEED, ids, n, x.shape[1:])  # (n, B, 3, 224, 224)
-    fd = CurvatureScorer(model, h=H, n_probes=n, seed=SEED, method="fd", backend=backend)
-    run("fd fp32", lambda: fd.score(x, y, ids), lambda out: {})
-
-    def check_paper(out: Any) -> dict[str, Any]:
-        if "fd fp32" not in results:
-            return {"passed": False, "why": "no fd fp32 result to compare with"}
-        curv = out[0].double().cpu() * batch / H  # paper = h / B * curvature
-        want = results["fd fp32"].curvature.detach().double().cpu()
-        error = float((curv - want).abs().max() / want.abs().max())
-        return {
-            "max_error_of_scale": error,
-            "tolerance": FLOAT32_SCALE_TOLERANCE,
-            "spearman": spearman(curv, want),
-            "passed": error <= FLOAT32_SCALE_TOLERANCE,
-        }
-
-    run(
-        "paper",
-        lambda: reference.paper_curvature(model, x, y, H, n, probes=probes),
-        check_paper,
-    )
-
-    def check_floor(out: Any) -> dict[str, Any]:
-        if "fd fp32" not in results:
-            return {"passed": False, "why": "no fd fp32 result to compare with"}
-        norms = out.flatten(1).double().norm(dim=1).cpu()
-        want = results["fd fp32"].grad_norm.detach().double().cpu()
-        error = float(((norms - want).abs() / want.abs().max()).max())
-        return {
-            "max_error_of_scale": error,
-            "tolerance": FLOAT32_SCALE_TOLERANCE,
-            "passed": error <= FLOAT32_SCALE_TOLERANCE,
-        }
-
     passes = [(x, y)] * (n + 1)
-    run("floor", lambda: input_gradients(model, passes), check_floor)
 
-    def against_fp32(out: Any) -> dict[str, Any]:
-        curv = out.curvature.detach().double().cpu()
-        check = {}
-        for ref in ("fd fp32", "hvp fp32"):
-            if ref in results and results[ref] is not out:
-                ref_curv = results[ref].curvature.detach().double().cpu()
-                check[f"spearman_vs_{ref.replace(' ', '_')}"] = spearman(curv, ref_curv)
-        check["finite"] = bool(torch.isfinite(curv).all())
-        check["passed"] = check["finite"]
-        return check
+    def scorer(method: str, precision: str | None = None) -> Callable[[], Any]:
+        extra = {} if precision is None else {"precision": precision}
+        s = CurvatureScorer(
+            model, h=H, n_probes=n, seed=SEED, method=method, backend=backend, **extra
+        )
+        return lambda: s.score(x, y, ids)
 
-    hvp = CurvatureScorer(model, h=H, n_probes=n, seed=SEED, method="hvp", backend=backend)
-    run("hvp fp32", lambda: hvp.score(x, y, ids), against_fp32)
+    fns: dict[str, Callable[[], Any]] = {
+        "fd fp32": scorer("fd"),
+        "paper": lambda: reference.paper_curvature(model, x, y, H, n, probes=probes),
+        "floor": lambda: input_gradients(model, passes),
+        "hvp fp32": scorer("hvp"),
+    }
+    rows: dict[str, dict[str, Any]] = {row: {"row": row} for row in fns}
     for precision in ("tf32", "bf16"):
         row = f"hvp {precision}"
-        if not has_precision():
-            rows.append({"row": row, "status": "not available in this build"})
-            print(json.dumps(rows[-1]), flush=True)
+        rows[row] = {"row": row}
+        if has_precision():
+            fns[row] = scorer("hvp", precision)
+        else:
+            rows[row]["status"] = "not available in this build"
+
+    # Phase 1: every row's result, then the checks (which compare rows), before any timing.
+    results: dict[str, Any] = {}
+    for row, fn in fns.items():
+        try:
+            results[row] = fn()
+            _sync(device)
+        except Exception as exc:  # a row's error (out of memory, say) is its result
+            rows[row].update(status="failed", why=f"{type(exc).__name__}: {exc}"[:500])
+        if on_gpu:
+            torch.cuda.empty_cache()
+
+    def curvature(row: str) -> Tensor:
+        if row == "paper":  # (curv, eig), curv = h / B * curvkern's curvature
+            return results[row][0].double().cpu() * batch / H
+        return results[row].curvature.detach().double().cpu()
+
+    if "fd fp32" in results and "paper" in results:
+        got, want = curvature("paper"), curvature("fd fp32")
+        error = float((got - want).abs().max() / want.abs().max())
+        check = {
+            "paper_vs_fd_max_error_of_scale": error,
+            "tolerance": FLOAT32_SCALE_TOLERANCE,
+            "spearman": spearman(got, want),
+            "passed": error <= FLOAT32_SCALE_TOLERANCE,
+        }
+        rows["paper"]["check"] = rows["fd fp32"]["check"] = check
+    if "fd fp32" in results and "floor" in results:
+        norms = results["floor"].flatten(1).double().norm(dim=1).cpu()
+        want = results["fd fp32"].grad_norm.detach().double().cpu()
+        error = float(((norms - want).abs() / want.abs().max()).max())
+        rows["floor"]["check"] = {
+            "grad_norm_vs_fd_max_error_of_scale": error,
+            "tolerance": FLOAT32_SCALE_TOLERANCE,
+            "passed": error <= FLOAT32_SCALE_TOLERANCE,
+        }
+    for row in ("hvp fp32", "hvp tf32", "hvp bf16"):
+        if row not in results:
             continue
-        fast = CurvatureScorer(
-            model, h=H, n_probes=n, seed=SEED, method="hvp", backend=backend, precision=precision
-        )
-        run(row, lambda fast=fast: fast.score(x, y, ids), against_fp32)
-        if precision == "bf16" and "spearman_vs_fd_fp32" in rows[-1].get("check", {}):
-            rows[-1]["check"]["meets_goal"] = (
-                rows[-1]["check"]["spearman_vs_fd_fp32"] >= FAST_MODE_GOAL
-            )
-    by_row = {r["row"]: r for r in rows}
-    fd_s = by_row["fd fp32"].get("median_s")
-    for r in rows:
+        got = curvature(row)
+        check: dict[str, Any] = {"finite": bool(torch.isfinite(got).all())}
+        for ref in ("fd fp32", "hvp fp32"):
+            if ref in results and ref != row:
+                check[f"spearman_vs_{ref.replace(' ', '_')}"] = spearman(got, curvature(ref))
+        if row == "hvp bf16" and "spearman_vs_fd_fp32" in check:
+            check["meets_goal"] = check["spearman_vs_fd_fp32"] >= FAST_MODE_GOAL
+        check["passed"] = check["finite"]
+        rows[row]["check"] = check
+    results.clear()  # the floor's gradients, the scores: not held while timing
+
+    # Phase 2: time the rows whose check passed.
+    for row, fn in fns.items():
+        entry = rows[row]
+        if "status" in entry:
+            pass
+        elif "check" not in entry:
+            entry.update(status="failed", why="not checked: a row it is compared with failed")
+        elif not entry["check"]["passed"]:
+            entry.update(status="failed", why="check failed before timing")
+        else:
+            try:
+                times = _times(fn, repeats, device)
+                entry.update(status="passed", median_s=statistics.median(times), times_s=times)
+            except Exception as exc:
+                entry.update(status="failed", why=f"{type(exc).__name__}: {exc}"[:500])
+        if on_gpu:
+            torch.cuda.empty_cache()
+        print(json.dumps(entry), flush=True)
+    for row in rows.values():
+        if row["row"] not in fns:
+            print(json.dumps(row), flush=True)
+    fd_s = rows["fd fp32"].get("median_s")
+    for r in rows.values():
         if fd_s and "median_s" in r:
             r["speedup_vs_fd_fp32"] = fd_s / r["median_s"]
-    failed = [r["row"] for r in rows if r["status"] == "failed"]
-    return {"status": "failed" if failed else "passed", "failed_rows": failed, "rows": rows}
+    failed = [r["row"] for r in rows.values() if r["status"] == "failed"]
+    return {
+        "status": "failed" if failed else "passed",
+        "failed_rows": failed,
+        "rows": list(rows.values()),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
