@@ -10,7 +10,7 @@ Switches (environment variables):
                           the folder above `nvcc` that holds include/cuda_runtime.h).
   DEBUG=1                 -O0 -g, and device-side assertions.
   CURVKERN_LINEINFO=1     nvcc -lineinfo: source lines in compute-sanitizer and profiler reports
-                          (no change to the machine code; benchmarks/gpu_check.sh sets it).
+                          (line tables only, the optimization is unchanged; gpu_check.sh sets it).
 """
 
 import glob
