@@ -172,22 +172,23 @@ def adaptive_by_hand(a, n_probes, max_probes, rtol):
     return probes, torch.stack(curvature), torch.stack(error)
 
 
+# (n_probes, max_probes, rtol): rtol between the samples' relative errors, so that they stop at
+# different rounds (with n_probes = 1 the first round gives no error estimate and never stops).
+ADAPTIVE = [(2, 12, 0.12), (1, 8, 0.25)]
+
+
 @pytest.mark.parametrize("max_batch", [None, 10])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_adaptive_stopping_rule(backend, max_batch):
+@pytest.mark.parametrize("n_probes, max_probes, rtol", ADAPTIVE)
+def test_adaptive_stopping_rule(n_probes, max_probes, rtol, backend, max_batch):
     model, x, y, ids = model_and_batch()
-    h, n_probes, max_probes = 1e-3, 2, 12
+    h = 1e-3
     a, t, f = per_probe("fd", model, x, y, ids, max_probes, h)
-    # rtol between the samples' relative errors, so that they stop at different rounds; no
-    # ratio within 1e-6 of it, so the decisions do not hang on rounding.
-    rtol = 0.12
-    ratios = torch.stack(
-        [stderr(a[:n]) / a[:n].mean(0) for n in range(n_probes, max_probes + 1, n_probes)]
-    )
+    # No ratio within 1e-6 of rtol, so that the decisions do not hang on rounding.
+    ratios = torch.stack([stderr(a[:n]) / a[:n].mean(0) for n in range(2, max_probes + 1)])
     assert bool(((ratios - rtol).abs() > 1e-6 * rtol).all())
     probes, curvature, error = adaptive_by_hand(a, n_probes, max_probes, rtol)
     assert len(set(probes)) >= 3, f"rtol should split the samples over rounds, got {probes}"
-    assert max_probes in probes, "one sample should reach max_probes"
     scorer = CurvatureScorer(
         model, h=h, n_probes=n_probes, seed=SEED, rtol=rtol, max_probes=max_probes,
         max_batch=max_batch, backend=backend,
@@ -205,3 +206,30 @@ def test_adaptive_stopping_rule(backend, max_batch):
         }
         for name, value in want.items():
             torch.testing.assert_close(getattr(out, name)[b], value, **EXACT, msg=f"{name}[{b}]")
+
+
+@pytest.mark.parametrize("method", ["fd", "hvp", "zo"])
+def test_classification_fields(method):
+    """margin, p_label, correct and el2n of the unperturbed logits (DESIGN section 9)."""
+    model, x, y, ids = model_and_batch()
+    y = y.clone()
+    with torch.no_grad():
+        logits = model(x)  # (B, C)
+    y[:2] = logits[:2].argmax(1)  # rows 0, 1 right; the rest as drawn, and row 2 made wrong
+    y[2] = (logits[2].argmax() + 1) % logits.shape[1]
+    out = CurvatureScorer(model, n_probes=2, seed=SEED, method=method).score(x, y, ids)
+    for b in range(len(y)):
+        row, label = logits[b].tolist(), int(y[b])
+        others = max(v for j, v in enumerate(row) if j != label)
+        p = [math.exp(v) / sum(math.exp(u) for u in row) for v in row]
+        want = {
+            "margin": row[label] - others,
+            "p_label": p[label],
+            "correct": float(max(range(len(row)), key=row.__getitem__) == label),
+            "el2n": math.sqrt(sum((pj - (j == label)) ** 2 for j, pj in enumerate(p))),
+        }
+        for name, value in want.items():
+            got = getattr(out, name)[b]
+            torch.testing.assert_close(got, torch.tensor(value, dtype=got.dtype), **EXACT,
+                                       msg=f"{name}[{b}]")  # fmt: skip
+    assert set(out.correct.tolist()) == {0.0, 1.0}
