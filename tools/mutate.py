@@ -31,10 +31,18 @@ import subprocess
 import sys
 import tempfile
 import time
-import tomllib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser as a package
+    try:
+        import tomli as tomllib
+    except ModuleNotFoundError:
+        message = "tools/mutate.py reads TOML: use Python >= 3.11 or pip install tomli"
+        raise SystemExit(message) from None
 
 ROOT = Path(__file__).resolve().parent.parent
 SEARCHED = ("curvkern/", "csrc/")
