@@ -17,6 +17,7 @@ and each rebuild recompiles only what changed.
     python tools/mutate.py --only NAME ...  # some mutants
     python tools/mutate.py --python-only    # no C++ rebuilds
     python tools/mutate.py --list           # where each mutant applies, without running
+    python tools/mutate.py --mutmut         # mutmut's generated mutants ([tool.mutmut])
 
 The exit status is 0 when every mutant was found and killed (or is marked equivalent).
 """
@@ -206,8 +207,15 @@ def main() -> int:
     parser.add_argument("--build-timeout", type=float, default=1800)
     parser.add_argument("--keep", action="store_true", help="keep the scratch copies")
     parser.add_argument("-v", "--verbose", action="store_true", help="print the test output")
+    parser.add_argument(
+        "--mutmut",
+        action="store_true",
+        help="run mutmut (its configuration: pyproject.toml [tool.mutmut]) in a scratch copy",
+    )
     args = parser.parse_args()
     os.environ["CURVKERN_CPU_ONLY"] = "1"
+    if args.mutmut:
+        return run_mutmut(args)
 
     mutants = load(Path(args.mutants))
     if args.only:
@@ -263,6 +271,46 @@ def main() -> int:
             for s in scratches:
                 shutil.rmtree(s, ignore_errors=True)
     return table(mutants, time.monotonic() - began)
+
+
+def run_mutmut(args) -> int:
+    """mutmut in a scratch copy (its mutants/ folder stays out of the checkout); its summary."""
+    if shutil.which("mutmut") is None:
+        raise SystemExit("--mutmut needs mutmut: pip install mutmut")
+    scratch = make_scratch(tree_files(ROOT))
+    began = time.monotonic()
+    try:
+        subprocess.run(["git", "init", "-q", "."], cwd=scratch, check=True)
+        jobs = ["--max-children", str(max(1, args.jobs))]
+        # mutmut puts its mutants/ copy on the path itself; the checkout must not shadow it.
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        subprocess.run(["mutmut", "run", *jobs], cwd=scratch, env=env)
+        results = subprocess.run(
+            ["mutmut", "results", "--all", "true"],
+            cwd=scratch,
+            env=env,
+            capture_output=True,
+            text=True,
+        ).stdout
+    finally:
+        if args.keep:
+            print("scratch copy kept:", scratch)
+        else:
+            shutil.rmtree(scratch, ignore_errors=True)
+    counts: dict[str, int] = {}
+    for line in results.splitlines():
+        if ":" in line:
+            status = line.rsplit(":", 1)[1].strip()
+            counts[status] = counts.get(status, 0) + 1
+    print()
+    print(", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
+    checked = sum(n for status, n in counts.items() if status != "not checked")
+    killed = counts.get("killed", 0) + counts.get("timeout", 0)
+    if checked:
+        minutes = (time.monotonic() - began) / 60
+        print(f"mutmut score: {killed}/{checked} ({100.0 * killed / checked:.1f}%, survivors "
+              f"include equivalent mutants), wall time {minutes:.1f} min")  # fmt: skip
+    return 0
 
 
 def report(m: Mutant, verbose: bool) -> None:
