@@ -8,10 +8,12 @@ offset .. offset + n - 1) and dg_k = g(x + h r_k) - g(x) (fd) or h H r_k (hvp):
   frobenius_sq     = mean_k a_k^2
 and for zo, per probe pair (r_k, s_k) the four-point values of section 1. The adaptive rule:
 rounds of n_probes, probe indices continuing, until curvature_stderr <= rtol * curvature or
-max_probes. The references below are plain autograd in float64 on a smooth model; they and
-the scorer compute the same float64 numbers batched differently. Rounding in g (~1e-16
-relative) becomes ~1e-16 / h relative in dg, ~1e-13 at h = 1e-3, so rtol 1e-9 leaves room for
-summation order and nothing else (zo: loss differences of order h^2 L, so h = 1e-2 there).
+max_probes (a sample needs two probes for an error estimate). DESIGN section 9: margin,
+p_label, correct and el2n of the unperturbed logits. The references below are plain autograd
+in float64 on a smooth model; they and the scorer compute the same float64 numbers batched
+differently. Rounding in g (~1e-16 relative) becomes ~1e-16 / h relative in dg, ~1e-13 at
+h = 1e-3, so rtol 1e-9 leaves room for summation order and nothing else (zo: loss
+differences of order h^2 L, so h = 1e-2 there).
 """
 
 import math
