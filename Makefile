@@ -12,7 +12,7 @@ SOURCES := setup.py pyproject.toml $(wildcard csrc/*.* csrc/cpu/*.* csrc/cuda/*.
 # machines); otherwise named, and the tests that need them skip.
 DEBIAN_PACKAGES := chromium chromium-driver fortunes
 
-.PHONY: install system demo test lint format bench
+.PHONY: install system demo test lint format bench mutants
 
 install: system .install.stamp
 
@@ -49,3 +49,7 @@ format:
 
 bench: install
 	$(PYTHON) -m pytest benchmarks
+
+# Mutation testing: the curated mutants of tools/mutants.toml (see docs/DEV.md).
+mutants: install
+	$(PYTHON) tools/mutate.py
