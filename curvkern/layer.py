@@ -180,6 +180,11 @@ class LayerTap:
         calls: list[Call] = []
 
         def record(module, args, kwargs, output):
+            # The activation copied now: the model may modify its output in place afterwards
+            # (a ResNet's `out += identity`).
+            found = _first_floating(output)
+            if found is not None:
+                output = _replaced(output, found[0], found[1].detach().clone())
             calls.append(Call(args, kwargs, output))
 
         with self._hook(record), torch.no_grad():

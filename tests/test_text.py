@@ -302,8 +302,8 @@ class FusedAttentionLM(torch.nn.Module):
     def get_input_embeddings(self):
         return self.embed
 
-    def forward(self, inputs_embeds, attention_mask=None):
-        q = inputs_embeds.unsqueeze(1)  # (B, 1, T, E): one head
+    def forward(self, input_ids, attention_mask=None):
+        q = self.embed(input_ids).unsqueeze(1)  # (B, 1, T, E): one head
         out = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, q, q, is_causal=True)[0]
         return self.head(out.squeeze(1))
 
