@@ -61,10 +61,24 @@ def _roll_rows(t: Tensor, shift: Tensor) -> Tensor:
 _DECODER_INPUTS = ("decoder_", "labels")
 
 
+def _input_embedding(model: nn.Module, encoder_decoder: bool) -> nn.Module:
+    """The module that embeds input_ids: an encoder-decoder's encoder's input embedding (in
+    recent transformers a module of its own, tied to ``model.get_input_embeddings()``'s
+    weights, which the model itself then never calls), else ``model.get_input_embeddings()``."""
+    get_encoder = getattr(model, "get_encoder", None)
+    if encoder_decoder and callable(get_encoder):
+        get = getattr(get_encoder(), "get_input_embeddings", None)
+        if callable(get) and isinstance(get(), nn.Module):
+            return get()
+    return model.get_input_embeddings()
+
+
 def _call_on_input_ids(calls: list[Call], input_ids: Tensor) -> int:
-    """The first call of the input embedding whose input is ``input_ids`` (the encoder's, for an
-    encoder-decoder sharing its embedding with the decoder: the encoder runs first on
-    input_ids, the decoder on decoder_input_ids)."""
+    """Which call of the input embedding TokenScorer scores: the only one, or the first whose
+    input is ``input_ids`` (the encoder's, where an encoder-decoder calls one shared embedding
+    on its decoder's ids too; checked, not assumed to be the first)."""
+    if len(calls) == 1:
+        return 0
     for k, call in enumerate(calls):
         for arg in (*call.args, *call.kwargs.values()):
             if isinstance(arg, Tensor) and arg.shape == input_ids.shape:
@@ -145,13 +159,14 @@ class TokenScorer:
                     f"another layer)"
                 )
         self.model = model
-        self.scorer = CurvatureScorer(
-            model, loss_fn, input_key="input_ids", at=get(), **scorer_kwargs
-        )
-        # The embedding's call on input_ids (an encoder-decoder may call a shared one twice).
-        self.scorer._layer.choose = _call_on_input_ids
         config = getattr(model, "config", None)
         self.encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
+        self.embedding = _input_embedding(model, self.encoder_decoder)
+        self.scorer = CurvatureScorer(
+            model, loss_fn, input_key="input_ids", at=self.embedding, **scorer_kwargs
+        )
+        # Its call on input_ids (a model may call a shared embedding on other ids too).
+        self.scorer._layer.choose = _call_on_input_ids
 
     def __repr__(self) -> str:
         return f"TokenScorer({type(self.model).__name__}, {self.scorer!r})"
@@ -176,7 +191,7 @@ class TokenScorer:
     def embed(self, input_ids: Tensor) -> Tensor:
         """The model's input embeddings of ``input_ids`` (B, T) -> (B, T, E), detached."""
         with torch.no_grad():
-            return self.model.get_input_embeddings()(input_ids).detach()
+            return self.embedding(input_ids).detach()
 
     def score(
         self,
