@@ -429,3 +429,8 @@ def test_activation_without_batch_rows_is_refused():
 
     with pytest.raises(ValueError, match=r"first dimension is not the batch's B = 2"):
         CurvatureScorer(Outer(), at="pool").score(torch.randn(2, 1, 4), torch.tensor([0, 1]))
+
+
+def test_integer_input_error_points_to_at():
+    with pytest.raises(TypeError, match=r"at=<its embedding module>\) on the ids themselves"):
+        CurvatureScorer(mlp()).score(torch.randint(0, 9, (2, 6)), torch.tensor([0, 1]))
