@@ -99,7 +99,8 @@ class TokenScorer:
     ``score(input_ids, y)`` calls ``model(input_ids=..., attention_mask=..., **model_inputs)``
     and scores ``loss_fn(output, y)`` as a function of e (B, T, E), the output of the model's
     input embedding module (``model.get_input_embeddings()``; an encoder-decoder's encoder's)
-    where the model calls it on ``input_ids``, as :class:`curvkern.CurvatureScorer` does at any layer (``at``):
+    where the model calls it on ``input_ids``, as :class:`curvkern.CurvatureScorer` does at any
+    layer (``at``):
     ``curvature`` = mean_k ||m * (g(e + h m*r_k) - g(e))|| / h, where g is the gradient in e and
     the 0/1 token mask m (attention_mask times ``probe_mask``) keeps padding (and whatever
     ``probe_mask`` leaves out) unperturbed and uncounted. What the model does after the lookup
