@@ -434,3 +434,16 @@ def test_activation_without_batch_rows_is_refused():
 def test_integer_input_error_points_to_at():
     with pytest.raises(TypeError, match=r"at=<its embedding module>\) on the ids themselves"):
         CurvatureScorer(mlp()).score(torch.randint(0, 9, (2, 6)), torch.tensor([0, 1]))
+
+
+def test_inference_mode_and_empty_batches():
+    model = tiny_lm()
+    input_ids, y = token_batch(seed=4)
+    scorer = CurvatureScorer(model, at="blocks.0", h=1e-3, n_probes=2, backend="torch")
+    want = scorer.score(input_ids, y, per_position=True)
+    with torch.inference_mode():
+        got = scorer.score(input_ids, y, per_position=True)
+    torch.testing.assert_close(got.curvature, want.curvature, rtol=0, atol=0)
+    torch.testing.assert_close(got.curvature_map, want.curvature_map, rtol=0, atol=0)
+    empty = scorer.score(input_ids[:0], y[:0], per_position=True)
+    assert empty.curvature.shape == (0,) and empty.curvature_map.shape == (0, 7)
