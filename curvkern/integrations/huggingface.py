@@ -17,7 +17,8 @@ for token models, scored in embedding space by :class:`curvkern.text.TokenScorer
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -94,6 +95,29 @@ def collate(items: Sequence[tuple]) -> tuple[Tensor, Tensor, Tensor, dict[str, T
     return x, y, ids, columns
 
 
+@contextlib.contextmanager
+def _float32_forward(model) -> Iterator[None]:
+    """The model's own forward while inside, without the Trainer's mixed precision.
+
+    With ``bf16=True`` or ``fp16=True`` accelerate replaces ``model.forward`` by an autocast
+    wrapper (an instance attribute) and keeps the forward it replaced as
+    ``model._original_forward``. Scored through the wrapper, the curvature is that of a
+    bf16 function (measured: 7% off for a BERT, 5.6x for a ViT, median); scored through the
+    kept forward, it is the float32 model's, as for a model trained in float32. The wrapper is
+    put back on the way out, so training goes on in mixed precision.
+    """
+    wrapped = model.__dict__.get("forward")
+    original = model.__dict__.get("_original_forward")
+    if wrapped is None or original is None:
+        yield
+        return
+    model.forward = original
+    try:
+        yield
+    finally:
+        model.forward = wrapped
+
+
 class _DictItems(Dataset):
     """Dict items as (item, 0) pairs, which IndexedDataset takes; collate unpacks them."""
 
@@ -147,4 +171,5 @@ class CurvatureCallback(ScoringCallback, TrainerCallback):
         epoch = round(state.epoch) - 1
         if model is None or not self._scoring.due(epoch):
             return
-        self._scoring.score(lambda: self._make_scorer(model), epoch)
+        with _float32_forward(model):
+            self._scoring.score(lambda: self._make_scorer(model), epoch)
