@@ -294,6 +294,85 @@ def test_huggingface_callback_image_items(tmp_path):
     torch.testing.assert_close(callback.tracker.history[-1], direct.curvature, **EQUAL)
 
 
+def _seq2seq(kind):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if kind == "t5":
+        config = transformers.T5Config(
+            vocab_size=40, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+            decoder_start_token_id=0, pad_token_id=0, dropout_rate=0.0,
+        )  # fmt: skip
+        return transformers.T5ForConditionalGeneration(config).double()
+    config = transformers.BartConfig(
+        vocab_size=40, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
+        max_position_embeddings=32, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+        decoder_start_token_id=2, dropout=0.0,
+    )  # fmt: skip
+    return transformers.BartForConditionalGeneration(config).double()
+
+
+@pytest.mark.parametrize("kind", ["t5", "bart"])
+def test_huggingface_callback_scores_encoder_decoder_models(kind):
+    transformers = pytest.importorskip("transformers")
+    from curvkern.integrations.huggingface import CurvatureCallback
+
+    model = _seq2seq(kind)
+    # targets of their own lengths (not the inputs'), padded with -100 by the callback
+    items = [
+        {"input_ids": i["input_ids"], "labels": i["input_ids"][: 2 + n % 3][::-1]}
+        for n, i in enumerate(_token_items(n=6))
+    ]
+    callback = CurvatureCallback(items, batch_size=4, n_probes=2)
+    callback.on_epoch_end(None, transformers.TrainerState(epoch=1.0), None, model=model)
+    tracked = callback.tracker.history[-1]
+    assert torch.isfinite(tracked).all() and (tracked > 0).all()
+    # The loss the callback scored is the model's own teacher-forced loss, item by item.
+    model.eval()
+    with torch.no_grad():
+        own = [
+            model(
+                input_ids=torch.tensor([i["input_ids"]]), labels=torch.tensor([i["labels"]])
+            ).loss.item()
+            for i in items
+        ]
+    torch.testing.assert_close(
+        callback.tracker.field_history("loss")[-1], torch.tensor(own, dtype=torch.float64)
+    )
+    # sequence_cross_entropy's causal shift would compare each logit with the next label
+    shifted = CurvatureCallback(items, batch_size=4, n_probes=2, loss_fn=sequence_cross_entropy)
+    with pytest.raises(ValueError, match="encoder-decoder model.*shift=False"):
+        shifted.on_epoch_end(None, transformers.TrainerState(epoch=1.0), None, model=model)
+
+
+def test_huggingface_callback_refuses_unclear_items_with_one_sentence():
+    transformers = pytest.importorskip("transformers")
+    from curvkern.integrations.huggingface import CurvatureCallback
+
+    def epoch_end(items, model, **kwargs):
+        callback = CurvatureCallback(items, batch_size=4, n_probes=2, **kwargs)
+        callback.on_epoch_end(None, transformers.TrainerState(epoch=1.0), None, model=model)
+
+    items, bert = _token_items(n=4), _bert()
+    with pytest.raises(TypeError, match=r"column 'text' holds str values.*remove_columns"):
+        epoch_end([dict(i, text="a review") for i in items], bert)
+    # a class label stored as a list of one
+    with pytest.raises(ValueError, match=r"labels of shape \(1,\) but 4 input_ids.*not \[3\]"):
+        epoch_end([dict(i, labels=[i["labels"]]) for i in items], bert)
+    with pytest.raises(ValueError, match=r"labels of shape \(1,\) but 4 input_ids"):
+        epoch_end([dict(i, labels=[i["labels"]]) for i in items], bert, loss_fn=lambda o, y: y)
+    config = transformers.ViTConfig(
+        image_size=8, patch_size=4, num_channels=1, hidden_size=16, num_hidden_layers=1,
+        num_attention_heads=2, intermediate_size=32, num_labels=3,
+    )  # fmt: skip
+    vit = transformers.ViTForImageClassification(config).double()
+    pixels = torch.randn(4, 1, 8, 8, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"labels of shape \(1,\).*label=3, not \[3\]"):
+        epoch_end([{"pixel_values": p, "labels": [1]} for p in pixels], vit)
+    with pytest.raises(ValueError, match="encoder-decoder model.*needs input_ids"):
+        epoch_end([{"pixel_values": p, "labels": [1]} for p in pixels], _seq2seq("t5"))
+
+
 def test_huggingface_callback_rejects_items_it_cannot_score():
     pytest.importorskip("transformers")
     from curvkern.integrations.huggingface import collate
