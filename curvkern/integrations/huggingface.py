@@ -188,9 +188,8 @@ class CurvatureCallback(ScoringCallback, TrainerCallback):
 
     def _make_scorer(self, model):
         first = self.dataset[0]
-        if not isinstance(first, Mapping):
-            collate([(first, 0, 0)])  # raises the error that names the expected items
-        collate([(first, 0, 0)])  # a column that cannot be a tensor fails here, named
+        # Items that are not dicts, or a column that cannot be a tensor, fail here, named.
+        collate([(first, 0, 0)])
         labels = first.get("labels", first.get("label"))
         labels = None if labels is None else _as_tensor(labels)
         if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
