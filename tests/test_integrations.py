@@ -110,6 +110,25 @@ def test_lightning_callback_scores_the_float32_module_in_bf16_mixed_training():
     assert out.dtype == torch.bfloat16  # what scoring inside training's autocast would see
 
 
+def test_lightning_callback_on_a_random_split_part_ranks_its_own_ids(recwarn):
+    from torch.utils.data import random_split
+
+    from curvkern.integrations.lightning import CurvatureCallback
+
+    torch.manual_seed(2)
+    x, y = _classification_data()
+    pl, module = _lightning_module()
+    part, _ = random_split(TensorDataset(x, y), [16, 32], torch.Generator().manual_seed(0))
+    callback = CurvatureCallback(part, batch_size=8, n_probes=2)
+    _fit_lightning(pl, module, callback, x, y, epochs=3)
+    # ids are the full data set's indices: 32 of the 48 rows are never scored, said once
+    unscored = [w for w in recwarn if "without a curvature" in str(w.message)]
+    assert len(unscored) == 1 and "left 32 of 48 ids" in str(unscored[0].message)
+    top = callback.tracker.top(10).indices
+    assert set(top.tolist()) <= set(part.indices)
+    assert torch.isnan(callback.tracker.mean[callback.tracker.mean.topk(10).indices]).all()
+
+
 def test_lightning_callback_every_n_epochs_and_no_history():
     from curvkern.integrations.lightning import CurvatureCallback
 
