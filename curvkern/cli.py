@@ -21,7 +21,9 @@ import argparse
 import glob
 import importlib
 import importlib.util
+import math
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -29,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from . import losses
 from .checkpoints import epoch_in_name, load_checkpoint, load_error_line, restored_state
 from .data import Data, DataError, load_data
 from .data import one_line as _one_line
@@ -78,6 +81,11 @@ def load_factory(spec: str) -> Callable[[], torch.nn.Module]:
             module = importlib.import_module(module_name)
     except CliError:
         raise
+    except SystemExit as error:  # the user's module ended the program while importing
+        raise CliError(
+            f"--model: importing {module_name!r} called sys.exit({error.code!r}); a model "
+            "module must only define the factory when imported"
+        ) from None
     except ModuleNotFoundError as error:
         raise CliError(
             f"--model: cannot import {module_name!r} ({_one_line(error)}); run from the folder "
@@ -99,6 +107,11 @@ def _make_model(spec: str) -> torch.nn.Module:
     factory = load_factory(spec)
     try:
         model = factory()
+    except SystemExit as error:  # not an Exception: it would end curvkern without a word
+        raise CliError(
+            f"--model: calling {spec}() called sys.exit({error.code!r}) instead of returning "
+            "an nn.Module"
+        ) from None
     except Exception as error:
         raise CliError(
             f"--model: calling {spec}() failed: {type(error).__name__}: {_one_line(error)}"
@@ -179,12 +192,23 @@ def _check_fit(model: torch.nn.Module, data: Data, device: torch.device, spec: s
     try:
         with torch.no_grad():
             out = model(x.to(device))
-            torch.nn.functional.cross_entropy(out, y.to(device), reduction="none")
     except Exception as error:
         raise CliError(
             f"--data: the model from {spec} cannot take x of shape {tuple(x.shape[1:])} per "
             f"sample: {type(error).__name__}: {_one_line(error)}"
         ) from None
+    # The loss the scorer uses (cross entropy of the logits: a tensor, the first element of a
+    # tuple such as (logits, aux), or .logits), so that what it accepts is accepted here.
+    try:
+        logits = losses.logits_of(out)
+        losses.cross_entropy(out, y.to(device))
+    except Exception as error:
+        raise CliError(
+            f"--model: the model from {spec} returned {_describe(out)}, and the command line "
+            f"scores the cross entropy of (N, C) class scores (a tensor, or the first element "
+            f"of a tuple) with the labels: {type(error).__name__}: {_one_line(error)}"
+        ) from None
+    out = logits
     top = int(data.labels.max())
     if out.ndim == 2 and top >= out.shape[1]:
         raise CliError(
@@ -193,15 +217,48 @@ def _check_fit(model: torch.nn.Module, data: Data, device: torch.device, spec: s
         )
 
 
+def _describe(output) -> str:
+    """A model output in a few words: a tensor's shape, a tuple's length and first element."""
+    if isinstance(output, torch.Tensor):
+        return f"a tensor of shape {tuple(output.shape)}"
+    if isinstance(output, (tuple, list)):
+        first = _describe(output[0]) if output else "nothing"
+        return f"a {type(output).__name__} of {len(output)} whose first element is {first}"
+    return f"a {type(output).__name__}"
+
+
+def _scoring_error(error: Exception, epoch: int, file: str) -> CliError:
+    """A scoring pass's error as one line naming the argument that caused it."""
+    text = _one_line(error)
+    if text.startswith("h = "):  # the step is below x's resolution
+        return CliError(f"--h: {text}")
+    if text.startswith("x has non-finite values"):
+        return CliError(f"--data: {text}")
+    return CliError(f"scoring epoch {epoch} ({file}) failed: {type(error).__name__}: {text}")
+
+
+def _worker_message(error: DataError) -> str:
+    """A DataError's own message, also when a DataLoader worker raised it (torch then puts the
+    worker's traceback in the message, the original error on its last line)."""
+    lines = str(error).strip().splitlines()
+    last = re.match(r"(?:[\w.]+\.)?DataError: (.*)", lines[-1].strip())
+    return last.group(1) if len(lines) > 1 and last else str(error)
+
+
 def cmd_score(args) -> int:
     from tqdm.auto import tqdm
 
     if args.n_probes < 1:
         raise CliError(f"--n-probes must be at least 1, got {args.n_probes}")
-    if not args.h > 0:
-        raise CliError(f"--h must be positive, got {args.h}")
+    if not (args.h > 0 and math.isfinite(args.h)):
+        raise CliError(f"--h must be a positive finite number, got {args.h}")
     if args.batch_size < 1:
         raise CliError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.workers < 0:
+        raise CliError(
+            f"--workers must be at least 0 (0 reads the data in the main process), got "
+            f"{args.workers}"
+        )
     try:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         torch.empty(0, device=device)
@@ -269,17 +326,19 @@ def cmd_score(args) -> int:
     start = time.perf_counter()
     # One scorer and one tracker (read once, above) for every checkpoint; the tracker saves
     # after each epoch, so that an interrupted run resumes.
-    try:
-        with tqdm(total=len(pending), unit="checkpoint", disable=not show) as bar:
-            with restored_state(model):
-                for epoch, file in pending.items():
-                    begin = time.perf_counter()
-                    load_checkpoint(model, file, device)
+    with tqdm(total=len(pending), unit="checkpoint", disable=not show) as bar:
+        with restored_state(model):
+            for epoch, file in pending.items():
+                begin = time.perf_counter()
+                load_checkpoint(model, file, device)
+                try:
                     tracker.score_epoch(loader, epoch, progress=show, device=device)
-                    bar.update()
-                    tqdm.write(f"epoch {epoch} ({file}): {time.perf_counter() - begin:.1f} s")
-    except ValueError as error:  # e.g. scores the tracker's file refuses
-        raise CliError(f"--out: {_one_line(error)}") from None
+                except DataError as error:
+                    raise DataError(_worker_message(error)) from None
+                except (ValueError, TypeError) as error:
+                    raise _scoring_error(error, epoch, file) from None
+                bar.update()
+                tqdm.write(f"epoch {epoch} ({file}): {time.perf_counter() - begin:.1f} s")
     print(f"done in {time.perf_counter() - start:.1f} s: {out} ({len(done) + len(pending)} epochs)")
     return 0
 

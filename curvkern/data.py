@@ -8,6 +8,7 @@ ImageFolder (one sub-folder of images per class).
 from __future__ import annotations
 
 import os
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,11 +70,7 @@ def load_data(source: str | os.PathLike, transform: Callable | None = None) -> D
         return _image_folder(path, transform)
     if path.suffix != ".npz":
         raise DataError(f"--data: expected an .npz file or an image folder, got {source}")
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-    except (OSError, ValueError) as error:
-        raise DataError(f"--data: cannot read {source} as .npz ({one_line(error)})") from None
+    arrays = _read_npz(path, str(source))
     missing = [k for k in ("x", "y") if k not in arrays]
     if missing:
         raise DataError(
@@ -93,6 +90,14 @@ def load_data(source: str | os.PathLike, transform: Callable | None = None) -> D
         )
     if x.ndim < 2:
         raise DataError(f"--data: x in {source} must have shape (N, ...), got {x.shape}")
+    finite = np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+    if not finite.all():
+        first = int(np.flatnonzero(~finite)[0])
+        raise DataError(
+            f"--data: x in {source} has non-finite values (NaN or inf) in "
+            f"{int((~finite).sum())} samples, the first sample {first}; curvature is only "
+            "defined at finite inputs: fix or drop those samples"
+        )
     labels = y.astype(np.int64)
     if "classes" in arrays:
         classes = [str(c) for c in arrays["classes"].tolist()]
@@ -107,6 +112,59 @@ def load_data(source: str | os.PathLike, transform: Callable | None = None) -> D
     return Data(dataset, labels, classes, str(source), images=x)
 
 
+_NPZ_ADVICE = "write it with numpy.savez(path, x=x, y=y)"
+
+
+def _read_npz(path: Path, source: str) -> dict[str, np.ndarray]:
+    """The arrays of an .npz file, or a DataError saying what the file is instead."""
+    size = path.stat().st_size
+    if size == 0:
+        raise DataError(f"--data: {source} is empty (0 bytes); {_NPZ_ADVICE}")
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as f:
+            head = f.read(6)
+        kind = (
+            "a single .npy array, not an .npz archive of x and y"
+            if head == b"\x93NUMPY"
+            else "a pickle, which curvkern does not load (it can run code)"
+            if head[:1] == b"\x80"
+            else "not a complete .npz archive (truncated or another format)"
+        )
+        raise DataError(f"--data: {source} ({size:,} bytes) is {kind}; {_NPZ_ADVICE}")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except ValueError as error:
+        if "pickle" in str(error):  # an object array inside the archive
+            raise DataError(
+                f"--data: {source} holds an array of Python objects, which curvkern does not "
+                "load (it can run code); save x and y as numeric arrays"
+            ) from None
+        raise DataError(f"--data: cannot read {source} as .npz ({one_line(error)})") from None
+    except (OSError, EOFError, zipfile.BadZipFile) as error:
+        raise DataError(
+            f"--data: {source} is a damaged .npz archive ({type(error).__name__}: "
+            f"{one_line(error)}); {_NPZ_ADVICE}"
+        ) from None
+    return arrays
+
+
+class _ImageLoader:
+    """torchvision's image loader, with the file named when an image cannot be read (a class,
+    not a closure, so that DataLoader workers can pickle it)."""
+
+    def __call__(self, file: str):
+        from torchvision.datasets.folder import default_loader
+
+        try:
+            return default_loader(file)
+        except Exception as error:
+            raise DataError(
+                f"--data: cannot read the image {file} ({type(error).__name__}: "
+                f"{one_line(error)}); remove or replace it"
+            ) from None
+
+
 def _image_folder(path: Path, transform: Callable | None) -> Data:
     try:
         from torchvision import datasets, transforms
@@ -115,7 +173,9 @@ def _image_folder(path: Path, transform: Callable | None) -> Data:
             "--data: an image folder needs torchvision (pip install torchvision)"
         ) from None
     try:
-        folder = datasets.ImageFolder(str(path), transform=transform or transforms.ToTensor())
+        folder = datasets.ImageFolder(
+            str(path), transform=transform or transforms.ToTensor(), loader=_ImageLoader()
+        )
     except (FileNotFoundError, OSError) as error:
         raise DataError(f"--data: {path} is not an image folder ({one_line(error)})") from None
     files = [file for file, _ in folder.samples]

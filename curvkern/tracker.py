@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -16,7 +17,9 @@ from torch import Tensor
 from . import io
 from .baselines import BASELINES
 from .dataset import score_dataset, scorer_setting
+from .diagnostics import _outside_caller_level
 from .distributed import is_main_process
+from .metrics import TopK, topk
 from .scores import SCORE_FIELDS, CurvatureScores
 
 __all__ = ["CurvatureTracker"]
@@ -133,7 +136,8 @@ class CurvatureTracker:
     Attributes:
         epochs: the recorded epochs, ascending.
         history: (E, N) curvature per recorded epoch (keep_history=True only).
-        mean: (N,) curvature averaged over the recorded epochs (NaN where never scored).
+        mean: (N,) curvature averaged over the recorded epochs (NaN where never scored; rank
+            with ``top(k)``, which puts never-scored ids last).
     """
 
     def __init__(
@@ -187,6 +191,7 @@ class CurvatureTracker:
         self._folded = None if keep_history else _Running(SCORE_FIELDS, num_samples)
         self._folded_epochs: list[int] = []
         self._last: tuple[int, dict[str, Tensor]] | None = None
+        self._unscored_counts_warned: set[int] = set()
         if self.path is not None and self.path.exists():
             self._load(self.path)
 
@@ -229,6 +234,7 @@ class CurvatureTracker:
         _check_epoch(epoch)
         values = self._checked_values(scores)
         self._check_order(epoch)
+        self._warn_unscored(epoch, values["curvature"])
         if any(v.dtype == torch.float64 for v in values.values()):
             self._dtype = torch.float64
         if self.keep_history:
@@ -241,6 +247,26 @@ class CurvatureTracker:
             self._last = (epoch, values)
         if self.path is not None and is_main_process():
             self.save()
+
+    def _warn_unscored(self, epoch: int, curvature: Tensor) -> None:
+        """Warns when an epoch leaves ids without a curvature, once per distinct count: a
+        loader over part of the data (a Subset, a random_split part, drop_last) does so at every
+        epoch, and one warning says it; a change in the count is news and warns again."""
+        missing = int((~torch.isfinite(curvature)).sum())
+        if missing == 0 or missing in self._unscored_counts_warned:
+            return
+        self._unscored_counts_warned.add(missing)
+        first = int((~torch.isfinite(curvature)).nonzero()[0])
+        warnings.warn(
+            f"epoch {epoch} left {missing} of {self.num_samples} ids without a curvature (NaN; "
+            f"the first is id {first}): the loader did not yield them (a Subset, a random_split "
+            "part, drop_last=True) or their scores were refused with a SampleWarning. Means "
+            "skip them and tracker.top(k) ranks them last; torch's mean.topk(k) would rank "
+            "NaN first. Score every id to average all of them (this warning repeats only when "
+            "the count changes).",
+            UserWarning,
+            stacklevel=_outside_caller_level(),
+        )
 
     def _check_writable(self) -> None:
         if self._read_only:
@@ -351,6 +377,20 @@ class CurvatureTracker:
     @property
     def mean(self) -> Tensor:
         return self.field_mean("curvature")
+
+    def top(self, k: int, field: str = "curvature") -> TopK:
+        """The k ids of highest mean ``field`` (one of SCORE_FIELDS), highest first.
+
+        Ids never scored (NaN mean: outside the loader's Subset, random_split part or
+        drop_last remainder) rank after every scored id and are never returned, unlike
+        ``tracker.mean.topk(k)``, where torch ranks NaN first.
+
+        Returns:
+            ``(values, indices)``: (k,) means and the ids they belong to.
+        Raises:
+            ValueError: k outside [0, the number of scored ids].
+        """
+        return topk(self.field_mean(field), k)
 
     def baselines(self) -> dict[str, Tensor]:
         """The training-dynamics scores of every sample, from the recorded epochs (each one
