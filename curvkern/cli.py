@@ -6,6 +6,7 @@
     curvkern score --model MODULE:FACTORY --checkpoints GLOB --data DATA --out PATH
                    [--n-probes N] [--h H] [--method M] [--batch-size B] [--device DEV]
     curvkern report PATH --data DATA --out REPORT.html [--top K]
+    curvkern merge A.npz B.npz ... --out ALL.npz
 
 DATA is an .npz file with ``x`` (N, ...) and ``y`` (N,) (and optionally ``classes``, the class
 names), or an image folder laid out for torchvision's ImageFolder (one sub-folder per class).
@@ -30,7 +31,7 @@ from pathlib import Path
 import torch
 
 from .checkpoints import epoch_in_name, load_checkpoint, load_error_line, restored_state
-from .data import Data, DataError, load_data
+from .data import Data, DataError, fingerprint, load_data
 from .data import one_line as _one_line
 from .dataset import IndexedDataset
 from .estimators import METHODS
@@ -211,6 +212,7 @@ def cmd_score(args) -> int:
     checkpoints = checkpoint_epochs(args.checkpoints)
     transform = load_factory(args.transform) if args.transform else None
     data = load_data(args.data, transform)
+    data_fingerprint = fingerprint(data)  # of the data as stored, before any cast below
     model = _make_model(args.model).to(device)
     dtype = next(model.parameters(), torch.empty(0)).dtype
     if data.images is not None and data.images.dtype != dtype and dtype.is_floating_point:
@@ -222,8 +224,14 @@ def cmd_score(args) -> int:
     scorer_kwargs = {"h": args.h, "n_probes": args.n_probes, "method": args.method}
     # The tracker checks an existing --out file (its settings and N) before any long work.
     try:
-        tracker = CurvatureTracker(CurvatureScorer(model, **scorer_kwargs), len(data), out)
-    except ValueError as error:
+        tracker = CurvatureTracker(
+            CurvatureScorer(model, **scorer_kwargs),
+            len(data),
+            out,
+            model_factory=args.model,
+            data_fingerprint=data_fingerprint,
+        )
+    except (ValueError, TimeoutError) as error:
         raise CliError(f"--out: {_one_line(error)}") from None
     except (OSError, KeyError) as error:
         raise CliError(
@@ -278,9 +286,10 @@ def cmd_score(args) -> int:
                     tracker.score_epoch(loader, epoch, progress=show, device=device)
                     bar.update()
                     tqdm.write(f"epoch {epoch} ({file}): {time.perf_counter() - begin:.1f} s")
-    except ValueError as error:  # e.g. scores the tracker's file refuses
+    except (ValueError, TimeoutError) as error:  # e.g. scores the tracker's file refuses
         raise CliError(f"--out: {_one_line(error)}") from None
-    print(f"done in {time.perf_counter() - start:.1f} s: {out} ({len(done) + len(pending)} epochs)")
+    # Other writers' epochs count too: the tracker took them in when it saved.
+    print(f"done in {time.perf_counter() - start:.1f} s: {out} ({len(tracker.epochs)} epochs)")
     return 0
 
 
@@ -302,11 +311,50 @@ def cmd_report(args) -> int:
             f"--data: {args.data} has {len(data):,} samples but {path} scored "
             f"{scores.num_samples:,}; give the data the scores were made on"
         )
+    _check_report_data(path, data)
     start = time.perf_counter()
     size = build_report(scores, data, args.out, top=args.top, title=args.title)
     print(
         f"wrote {args.out} ({size / 1e6:.2f} MB, {time.perf_counter() - start:.1f} s): "
         f"{len(data):,} samples, {len(scores.epochs)} epochs"
+    )
+    return 0
+
+
+def _check_report_data(path: Path, data: Data) -> None:
+    """Other data of the same N than the tracker file was scored on is refused, naming what
+    differs; a file that recorded no fingerprint (older, or written from Python without one)
+    gets a warning that it cannot be checked."""
+    from . import io
+
+    metadata = io.read_metadata(path)
+    if (metadata.get("origin") or {}).get("data") is None:
+        print(
+            f"curvkern: warning: {path} does not record which data it was scored on, so --data "
+            "cannot be checked against it: make sure it is the data that was scored",
+            file=sys.stderr,
+        )
+        return
+    try:
+        io.check_origin(path, metadata, {"data": fingerprint(data)}, what=f"--data {data.source}")
+    except ValueError as error:
+        raise CliError(f"--data: {_one_line(error)}") from None
+
+
+def cmd_merge(args) -> int:
+    from . import io
+
+    out = Path(args.out)
+    for file in args.paths:
+        if not Path(file).is_file():
+            raise CliError(f"PATHS: tracker file {file} does not exist")
+    try:
+        epochs = io.merge_trackers(args.paths, out)
+    except (ValueError, KeyError, TimeoutError) as error:
+        raise CliError(f"merge: {_one_line(error)}") from None
+    print(
+        f"merged {len(args.paths)} files into {out}: {len(epochs)} epochs "
+        f"({format_ranges(epochs) if epochs else 'none'})"
     )
     return 0
 
@@ -393,12 +441,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--top", type=int, default=12, metavar="K", help="samples shown per class (default 12)"
     )
     report.add_argument("--title", default=None, help="page title (default: the tracker file)")
+    _add_merge_parser(sub)
     return parser
+
+
+def _add_merge_parser(sub) -> None:
+    merge = sub.add_parser(
+        "merge",
+        help="merge tracker files of one data set and the same settings (a job array's parts)",
+        description="Merges tracker files written with the same settings, model and data (e.g. "
+        "one per job of a job array) into one; an epoch in several files must have the same "
+        "scores in each. --out may be one of the inputs (the others are added to it).",
+    )
+    merge.add_argument("paths", nargs="+", metavar="PATHS", help="tracker files to merge")
+    merge.add_argument("--out", required=True, metavar="ALL.npz", help="the merged tracker file")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``curvkern`` console script; returns the exit status."""
-    commands = {"info": cmd_info, "score": cmd_score, "report": cmd_report}
+    commands = {"info": cmd_info, "score": cmd_score, "report": cmd_report, "merge": cmd_merge}
     try:
         args = build_parser().parse_args(argv)
         return commands[args.command](args)

@@ -14,7 +14,7 @@ from torch.utils.data import Dataset, Subset
 
 from .diagnostics import PassWarnings
 from .distributed import all_gather_rows, is_main_process, widest_dtype
-from .scores import SCORE_FIELDS, CurvatureScores
+from .scores import SCORE_FIELDS, CurvatureScores, qualified_name
 
 __all__ = ["IndexedDataset", "score_dataset", "scorer_setting"]
 
@@ -227,12 +227,14 @@ def score_dataset(
     if parts:
         local = CurvatureScores.cat(parts)
         ids, values = local.to_rows()
-        dtype, h, method = local.curvature.dtype, local.h, local.method
+        dtype, h, method, loss_fn = local.curvature.dtype, local.h, local.method, local.loss_fn
     else:
         ids = torch.empty(0, dtype=torch.int64)
         values = torch.empty(0, len(SCORE_FIELDS) + 1, dtype=torch.float64)
         dtype = torch.float32
         h, method = scorer_setting(scorer, "h"), scorer_setting(scorer, "method")
+        loss_fn = scorer_setting(scorer, "loss_fn")
+        loss_fn = None if loss_fn is None else qualified_name(loss_fn)
     ids, values = all_gather_rows(ids, values)
     dtype = widest_dtype(dtype)  # ranks agree on the dtype: the widest of theirs
 
@@ -245,4 +247,6 @@ def score_dataset(
             "IndexedDataset(Subset(ds, idx)) yields ds's indices: num_samples is len(ds)."
         )
     _check_duplicate_ids(ids, values, dtype)
-    return CurvatureScores.from_rows(ids, values, size=num_samples, h=h, method=method, dtype=dtype)
+    return CurvatureScores.from_rows(
+        ids, values, size=num_samples, h=h, method=method, dtype=dtype, loss_fn=loss_fn
+    )

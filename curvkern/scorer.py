@@ -27,7 +27,7 @@ from ._model_state import ieee_float32, scoring_mode
 from .checks import ModelCheck, StepCheck, check_batch_options, check_inputs, check_settings
 from .diagnostics import SampleWarning
 from .estimators import ESTIMATORS, METHODS, Base, Batch, Objective
-from .scores import CLASSIFICATION_FIELDS, CurvatureScores
+from .scores import CLASSIFICATION_FIELDS, CurvatureScores, qualified_name
 
 __all__ = ["CurvatureScorer", "METHODS", "BACKENDS", "ieee_float32"]
 
@@ -185,7 +185,9 @@ class CurvatureScorer:
         batch = self._make_batch(x, y, ids, probe_mask, per_position, model_inputs)
         out_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         if x.shape[0] == 0:
-            empty = CurvatureScores.empty(self.h, self.method, out_dtype, x.device)
+            empty = CurvatureScores.empty(
+                self.h, self.method, out_dtype, x.device, loss_fn=qualified_name(self.loss_fn)
+            )
             if per_position:
                 empty.curvature_map = x.new_zeros((0, x.shape[1]), dtype=out_dtype)
             return empty
@@ -441,6 +443,7 @@ class CurvatureScorer:
             h=self.h,
             method=self.method,
             curvature_map=None if cmap is None else cmap.to(dtype),
+            loss_fn=qualified_name(self.loss_fn),
         )
 
 
