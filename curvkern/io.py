@@ -368,8 +368,8 @@ def check_origin(path: Path, metadata: dict, ours: Mapping, what: str = "this ru
     model factory, say, is not refused for lacking one).
 
     Returns:
-        The entries of ``ours`` that the file cannot be checked against because it predates
-        them (written by a curvkern that did not record them): the caller warns.
+        The entries of ``ours`` that the file does not record (written by an older curvkern,
+        or from Python without them), so that they cannot be checked: the caller warns.
     Raises:
         ValueError: an entry that differs (the message names it and both values).
     """
@@ -383,7 +383,10 @@ def check_origin(path: Path, metadata: dict, ours: Mapping, what: str = "this ru
             unchecked.append(key)
             continue
         theirs = stored[key]
-        if theirs is None or theirs == mine:
+        if theirs is None:
+            unchecked.append(key)
+            continue
+        if theirs == mine:
             continue
         if key == "loss_fn":
             raise ValueError(
@@ -405,12 +408,12 @@ def check_origin(path: Path, metadata: dict, ours: Mapping, what: str = "this ru
 
 
 def warn_unchecked(path: Path, unchecked: Sequence[str], stacklevel: int = 3) -> None:
-    """The warning for a file that predates the origin fields in ``unchecked``."""
+    """The warning for a file that does not record the origin entries in ``unchecked``."""
     if unchecked:
         warnings.warn(
-            f"{path} was written by an older curvkern that did not record "
-            f"{', '.join(unchecked)}; they cannot be checked against this run: make sure they "
-            "are the ones the file was scored with",
+            f"{path} does not record {', '.join(unchecked)} (written by an older curvkern, or "
+            "from Python without them), so they cannot be checked against this run: make sure "
+            "they are the ones the file was scored with",
             UserWarning,
             stacklevel=stacklevel,
         )
