@@ -25,6 +25,7 @@ import importlib.util
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -194,6 +195,23 @@ def _check_fit(model: torch.nn.Module, data: Data, device: torch.device, spec: s
         )
 
 
+def _open_tracker(scorer, num_samples, out, model_factory, data_fingerprint) -> CurvatureTracker:
+    """The tracker of `score`, recording the model factory and data; its warning that an
+    existing file cannot be checked (it does not record them) is printed as one line."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        tracker = CurvatureTracker(
+            scorer,
+            num_samples,
+            out,
+            model_factory=model_factory,
+            data_fingerprint=data_fingerprint,
+        )
+    for warning in caught:
+        print(f"curvkern: warning: {_one_line(warning.message)}", file=sys.stderr)
+    return tracker
+
+
 def cmd_score(args) -> int:
     from tqdm.auto import tqdm
 
@@ -224,12 +242,8 @@ def cmd_score(args) -> int:
     scorer_kwargs = {"h": args.h, "n_probes": args.n_probes, "method": args.method}
     # The tracker checks an existing --out file (its settings and N) before any long work.
     try:
-        tracker = CurvatureTracker(
-            CurvatureScorer(model, **scorer_kwargs),
-            len(data),
-            out,
-            model_factory=args.model,
-            data_fingerprint=data_fingerprint,
+        tracker = _open_tracker(
+            CurvatureScorer(model, **scorer_kwargs), len(data), out, args.model, data_fingerprint
         )
     except (ValueError, TimeoutError) as error:
         raise CliError(f"--out: {_one_line(error)}") from None

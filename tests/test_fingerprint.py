@@ -171,6 +171,16 @@ def test_score_refuses_other_data_or_model_into_an_existing_file(workdir, capsys
     # The same data under another name is the same data.
     _other_data("copy.npz")
     assert _score("--data", "copy.npz") == 0
+    # A file that does not record them: scored into, with a one-line warning.
+    _strip_origin("scores.npz")
+    capsys.readouterr()
+    assert _score("--data", "relabelled.npz") == 0
+    err = capsys.readouterr().err
+    assert err == (
+        "curvkern: warning: scores.npz does not record loss_fn, model, data (written by an "
+        "older curvkern, or from Python without them), so they cannot be checked against this "
+        "run: make sure they are the ones the file was scored with\n"
+    )
 
 
 def test_report_refuses_other_data_of_the_same_size(workdir, capsys):  # noqa: F811
