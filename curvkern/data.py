@@ -7,6 +7,7 @@ ImageFolder (one sub-folder of images per class).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import zipfile
 from collections.abc import Callable
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["Data", "DataError", "load_data"]
+__all__ = ["Data", "DataError", "fingerprint", "load_data"]
 
 
 class DataError(ValueError):
@@ -181,6 +182,50 @@ def _image_folder(path: Path, transform: Callable | None) -> Data:
     files = [file for file, _ in folder.samples]
     labels = np.asarray(folder.targets, dtype=np.int64)
     return Data(folder, labels, list(folder.classes), str(path), files=files)
+
+
+# How many samples of x the fingerprint hashes: evenly spaced ids, so the cost does not grow with
+# N (a few kB of an .npz's x, a few image files of a folder).
+FINGERPRINT_SAMPLES = 64
+
+
+def fingerprint(data: Data) -> dict:
+    """A cheap fingerprint of DATA, which a tracker file records so that scores of other data
+    are refused: N, the sample shape and dtype (.npz) and SHA-256 hashes of all labels and of
+    x at a fixed set of ids (FINGERPRINT_SAMPLES ids spread evenly over 0 .. N-1; for an image
+    folder, the bytes and relative names of those files, not the decoded pictures, so that a
+    random transform does not change it).
+
+    Another data file of the same N with other labels, or other values at one of the hashed ids,
+    is told apart; a change confined to ids that are not hashed is not.
+
+    Returns:
+        {"num_samples", "sample_shape", "dtype", "labels_sha256", "x_sha256"}, JSON-able
+        (sample_shape and dtype None for an image folder).
+    """
+    n = len(data)
+    ids = sorted(set(np.linspace(0, n - 1, FINGERPRINT_SAMPLES).round().astype(int).tolist()))
+    ids = ids if n else []
+    labels = hashlib.sha256(np.ascontiguousarray(data.labels, dtype="<i8").tobytes()).hexdigest()
+    x = hashlib.sha256()
+    if data.images is not None:
+        shape, dtype = list(data.images.shape[1:]), str(data.images.dtype)
+        x.update(np.ascontiguousarray(data.images[ids]).tobytes())
+    else:
+        shape = dtype = None
+        root = Path(data.source)
+        for i in ids:
+            file = Path(data.files[i])
+            name = file.relative_to(root) if file.is_relative_to(root) else file.name
+            x.update(str(name).encode() + b"\0")
+            x.update(file.read_bytes())
+    return {
+        "num_samples": n,
+        "sample_shape": shape,
+        "dtype": dtype,
+        "labels_sha256": labels,
+        "x_sha256": x.hexdigest(),
+    }
 
 
 def one_line(error: BaseException) -> str:

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset, Subset
 
 from .diagnostics import PassWarnings, _outside_caller_level
 from .distributed import all_gather_rows, is_distributed, is_main_process, widest_dtype
-from .scores import SCORE_FIELDS, CurvatureScores
+from .scores import SCORE_FIELDS, CurvatureScores, qualified_name
 
 __all__ = ["IndexedDataset", "score_dataset", "scorer_setting"]
 
@@ -307,12 +307,14 @@ def score_dataset(
     if parts:
         local = CurvatureScores.cat(parts)
         ids, values = local.to_rows()
-        dtype, h, method = local.curvature.dtype, local.h, local.method
+        dtype, h, method, loss_fn = local.curvature.dtype, local.h, local.method, local.loss_fn
     else:
         ids = torch.empty(0, dtype=torch.int64)
         values = torch.empty(0, len(SCORE_FIELDS) + 1, dtype=torch.float64)
         dtype = torch.float32
         h, method = scorer_setting(scorer, "h"), scorer_setting(scorer, "method")
+        loss_fn = scorer_setting(scorer, "loss_fn")
+        loss_fn = None if loss_fn is None else qualified_name(loss_fn)
     columns = values.shape[1]
     fingerprint = torch.cat(
         [torch.empty(0, _FINGERPRINT_COLUMNS, dtype=torch.float64), *fingerprints]
@@ -331,4 +333,6 @@ def score_dataset(
         )
     world = dist.get_world_size() if is_distributed() else 1
     _check_duplicate_ids(ids, values, dtype, fingerprint, num_samples, padding=world - 1)
-    return CurvatureScores.from_rows(ids, values, size=num_samples, h=h, method=method, dtype=dtype)
+    return CurvatureScores.from_rows(
+        ids, values, size=num_samples, h=h, method=method, dtype=dtype, loss_fn=loss_fn
+    )
