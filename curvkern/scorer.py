@@ -23,13 +23,13 @@ from torch.nn.parallel import DistributedDataParallel
 from . import losses, torch_ops
 from . import ops as kernel_ops
 from ._extension import kernels_available, missing_kernels_message
-from ._model_state import ieee_float32, scoring_mode
+from ._model_state import PRECISIONS, ieee_float32, reduced_precision_passes, scoring_mode
 from .checks import ModelCheck, StepCheck, check_batch_options, check_inputs, check_settings
 from .diagnostics import SampleWarning
 from .estimators import ESTIMATORS, METHODS, Base, Batch, Objective
 from .scores import CLASSIFICATION_FIELDS, CurvatureScores
 
-__all__ = ["CurvatureScorer", "METHODS", "BACKENDS", "ieee_float32"]
+__all__ = ["CurvatureScorer", "METHODS", "BACKENDS", "PRECISIONS", "ieee_float32"]
 
 BACKENDS = ("auto", "kernels", "torch")
 
@@ -98,6 +98,12 @@ class CurvatureScorer:
         rtol: if set, probes are drawn in rounds of ``n_probes`` until each sample's
             curvature_stderr <= rtol * curvature, or it has had ``max_probes``.
         max_probes: cap on probes per sample with ``rtol`` (default 10 * n_probes).
+        precision: "fp32" (default: IEEE float32, no TF32), or for ``method="hvp"`` only
+            "tf32" (CUDA float32 convolutions and matrix products on TF32 tensor cores; on the
+            CPU the same as "fp32") or "bf16" (the probe passes under bfloat16 autocast; the
+            pass at x, the losses and the reductions stay float32). hvp's H r differences
+            nothing, so these cost about their relative rounding (5e-4, 4e-3); fd and zo
+            refuse them. Accuracy: docs/results.md, "Fast mode accuracy".
     """
 
     def __init__(
@@ -114,11 +120,13 @@ class CurvatureScorer:
         backend: str = "auto",
         rtol: float | None = None,
         max_probes: int | None = None,
+        precision: str = "fp32",
     ) -> None:
         max_probes = check_settings(
             model, loss_fn, input_key, h, n_probes, seed, method, max_batch, backend, BACKENDS,
             rtol, max_probes,
         )  # fmt: skip
+        ESTIMATORS[method].check_scoring_precision(precision)
         if isinstance(model, DistributedDataParallel):
             # Score the wrapped module: a DDP forward is a collective (it broadcasts buffers and
             # arms the gradient reducer), and ranks run different numbers of scoring passes.
@@ -134,6 +142,7 @@ class CurvatureScorer:
         self.backend = backend
         self.rtol = None if rtol is None else float(rtol)
         self.max_probes = self.n_probes if max_probes is None else int(max_probes)
+        self.precision = precision
         self._estimator = ESTIMATORS[method]
         self._objective = Objective(self.model, self.loss_fn, input_key)
         self._halving = _OutOfMemoryHalving()
@@ -144,10 +153,11 @@ class CurvatureScorer:
     def __repr__(self) -> str:
         adaptive = "" if self.rtol is None else f", rtol={self.rtol}, max_probes={self.max_probes}"
         key = "" if self.input_key is None else f", input_key={self.input_key!r}"
+        precision = "" if self.precision == "fp32" else f", precision={self.precision!r}"
         return (
             f"CurvatureScorer(method={self.method!r}, h={self.h}, n_probes={self.n_probes}, "
             f"seed={self.seed}, max_batch={self.max_batch}, backend={self.backend!r}"
-            f"{key}{adaptive})"
+            f"{key}{adaptive}{precision})"
         )
 
     # ------------------------------------------------------------------------------------------
@@ -193,7 +203,7 @@ class CurvatureScorer:
         with contextlib.ExitStack() as stack:
             if torch.is_inference_mode_enabled():
                 stack.enter_context(torch.inference_mode(False))
-            stack.enter_context(self._estimator.context(x.device.type))
+            stack.enter_context(self._estimator.context(x.device.type, self.precision))
             stack.enter_context(scoring_mode(self.model))
             batch = _outside_inference(batch)
             if self._estimator.takes_differences:
@@ -307,9 +317,10 @@ class CurvatureScorer:
             stats = torch.zeros(len(sizes), sub.size, 4, dtype=torch.float64, device=device)
             maps = torch.zeros(len(sizes), sub.size, width, dtype=torch.float64, device=device)
             for k0, kk in self._probe_chunks(sum(sizes), sub.size, rows, est.rows_per_probe):
-                data = est.run(
-                    ops, self._objective, sub, sub_base, self.seed, self.h, offset + k0, kk
-                )
+                with reduced_precision_passes(device.type, self.precision):
+                    data = est.run(
+                        ops, self._objective, sub, sub_base, self.seed, self.h, offset + k0, kk
+                    )
                 for r, a, b in self._rounds_in_chunk(sizes, k0, kk):
                     part, part_map = est.reduce(
                         ops,

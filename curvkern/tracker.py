@@ -19,7 +19,7 @@ from .scores import SCORE_FIELDS, CurvatureScores
 __all__ = ["CurvatureTracker", "score_checkpoints", "BASELINES"]
 
 # The settings a tracker's epochs must share to be averaged (stored in its file).
-_SETTINGS = ("method", "h", "n_probes", "seed", "rtol", "max_probes")
+_SETTINGS = ("method", "h", "n_probes", "seed", "rtol", "max_probes", "precision")
 
 # baselines() -> the score field each is computed from.
 BASELINES = {
