@@ -154,3 +154,37 @@ def test_tracker_refuses_mixing_precisions(data, tmp_path):
     fast = CurvatureScorer(smooth_classifier(), method="hvp", n_probes=2, precision="bf16")
     with pytest.raises(ValueError, match="precision: file 'fp32', scorer 'bf16'"):
         CurvatureTracker(fast, N, path)
+
+
+def test_precision_accuracy_script_quick(tmp_path):
+    # The accuracy table's script, at its smoke size: it trains and scores every model it can
+    # and reports what the table shows.
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("sklearn")
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "rows.json"
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    subprocess.run(
+        [sys.executable, "-m", "benchmarks.precision_accuracy", "--quick", "--json", str(out)],
+        cwd=root,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    rows = {r["model"]: r for r in json.loads(out.read_text())}
+    assert {"digits CNN 1x8x8, ReLU", "digits CNN 1x8x8, GELU"} <= set(rows)
+    for r in rows.values():
+        # On the CPU "tf32" is IEEE float32: the same scores bit for bit.
+        assert r["tf32_equals_fp32_on_cpu"], r["model"]
+        # bf16 ran (its rounding shows) and measured the same quantity: a rank correlation with
+        # fp32 hvp far from chance (a bf16 path computing something else would be near 0).
+        assert 0 < r["rel_err_bf16_median"] <= r["rel_err_bf16_p90"], r["model"]
+        assert r["spearman_bf16_vs_hvp_fp32"] > 0.5, r["model"]
+        for key in ("spearman_bf16_vs_fd_fp32", "spearman_hvp_fp32_vs_fd_fp32"):
+            assert -1 <= r[key] <= 1, (r["model"], key)
