@@ -22,15 +22,21 @@ import glob
 import importlib
 import importlib.util
 import os
-import re
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
+
+from .checkpoints import epoch_in_name, load_checkpoint, load_error_line, restored_state
+from .data import Data, DataError, load_data
+from .data import one_line as _one_line
+from .dataset import IndexedDataset
+from .estimators import METHODS
+from .report import build_report, format_ranges, load_scores
+from .scorer import CurvatureScorer
+from .tracker import CurvatureTracker
 
 __all__ = ["main", "load_data", "Data", "CliError"]
 
@@ -46,104 +52,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         raise CliError(f"{message} (see `{self.prog} --help`)")
-
-
-# -- data ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class Data:
-    """A data set as the command line reads it.
-
-    Attributes:
-        dataset: map-style dataset of (x, y) items, x a float tensor (what the model takes).
-        labels: (N,) int64 labels.
-        classes: class names, indexed by label.
-        source: the DATA argument.
-        images: for an .npz, the (N, ...) array x (pictures for the report); None for a folder.
-        files: for an image folder, the N image files; None for an .npz.
-    """
-
-    dataset: torch.utils.data.Dataset
-    labels: np.ndarray
-    classes: list[str]
-    source: str
-    images: np.ndarray | None = None
-    files: list[str] | None = None
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-
-def load_data(source: str | os.PathLike, transform: Callable | None = None) -> Data:
-    """Reads DATA: an .npz with ``x`` and ``y`` (optionally ``classes``), or an image folder.
-
-    Args:
-        source: the .npz file or the folder (one sub-folder of images per class).
-        transform: for a folder, PIL image -> tensor (default: torchvision's ToTensor, floats in
-            [0, 1] of shape (C, H, W)).
-    Returns:
-        Data. Raises CliError when the file or folder is missing or not as expected.
-    """
-    path = Path(source)
-    if not path.exists():
-        raise CliError(f"--data: {source} does not exist (expected an .npz file or image folder)")
-    if path.is_dir():
-        return _image_folder(path, transform)
-    if path.suffix != ".npz":
-        raise CliError(f"--data: expected an .npz file or an image folder, got {source}")
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-    except (OSError, ValueError) as error:
-        raise CliError(f"--data: cannot read {source} as .npz ({_one_line(error)})") from None
-    missing = [k for k in ("x", "y") if k not in arrays]
-    if missing:
-        raise CliError(
-            f"--data: {source} must hold arrays 'x' (N, ...) and 'y' (N,); missing "
-            f"{', '.join(repr(k) for k in missing)} (found {sorted(arrays)})"
-        )
-    x, y = arrays["x"], arrays["y"]
-    if not np.issubdtype(x.dtype, np.floating):
-        raise CliError(
-            f"--data: x in {source} has dtype {x.dtype}; save it as floats exactly as the model "
-            "takes them (e.g. scaled and normalized as in training)"
-        )
-    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer) or len(y) != len(x):
-        raise CliError(
-            f"--data: y in {source} must be integer class labels of shape ({len(x)},), "
-            f"got {y.dtype} of shape {y.shape}"
-        )
-    if x.ndim < 2:
-        raise CliError(f"--data: x in {source} must have shape (N, ...), got {x.shape}")
-    labels = y.astype(np.int64)
-    if "classes" in arrays:
-        classes = [str(c) for c in arrays["classes"].tolist()]
-    else:
-        classes = [str(c) for c in range(int(labels.max()) + 1 if len(labels) else 0)]
-    if len(labels) and (labels.min() < 0 or labels.max() >= len(classes)):
-        raise CliError(
-            f"--data: labels in {source} must lie in [0, {len(classes)}), got "
-            f"{labels.min()} .. {labels.max()}"
-        )
-    dataset = torch.utils.data.TensorDataset(torch.from_numpy(x), torch.from_numpy(labels))
-    return Data(dataset, labels, classes, str(source), images=x)
-
-
-def _image_folder(path: Path, transform: Callable | None) -> Data:
-    try:
-        from torchvision import datasets, transforms
-    except ImportError:
-        raise CliError(
-            "--data: an image folder needs torchvision (pip install torchvision)"
-        ) from None
-    try:
-        folder = datasets.ImageFolder(str(path), transform=transform or transforms.ToTensor())
-    except (FileNotFoundError, OSError) as error:
-        raise CliError(f"--data: {path} is not an image folder ({_one_line(error)})") from None
-    files = [file for file, _ in folder.samples]
-    labels = np.asarray(folder.targets, dtype=np.int64)
-    return Data(folder, labels, list(folder.classes), str(path), files=files)
 
 
 # -- model and checkpoints ----------------------------------------------------------------------
@@ -203,9 +111,9 @@ def _make_model(spec: str) -> torch.nn.Module:
 def checkpoint_epochs(pattern: str) -> dict[int, str]:
     """The files a glob matches, by epoch: the last number in each file name (ckpt_012.pt -> 12).
 
-    Unlike score_checkpoints, which falls back to positions in the list, the command line
-    requires a distinct number in every name: positions shift when a later run's glob matches
-    more files, and resuming would then skip the wrong epochs.
+    Unlike curvkern.checkpoints.checkpoint_epochs, which falls back to positions in the list,
+    the command line requires a distinct number in every name: positions shift when a later
+    run's glob matches more files, and resuming would then skip the wrong epochs.
     """
     files = sorted(glob.glob(pattern, recursive=True))
     files = [f for f in files if os.path.isfile(f)]
@@ -213,13 +121,12 @@ def checkpoint_epochs(pattern: str) -> dict[int, str]:
         raise CliError(f"--checkpoints: {pattern!r} matches no file")
     epochs: dict[int, str] = {}
     for file in files:
-        numbers = re.findall(r"\d+", Path(file).stem)
-        if not numbers:
+        epoch = epoch_in_name(file)
+        if epoch is None:
             raise CliError(
                 f"--checkpoints: {file} has no number in its name to take its epoch from "
                 "(name checkpoints like epoch_007.pt)"
             )
-        epoch = int(numbers[-1])
         if epoch in epochs:
             raise CliError(
                 f"--checkpoints: {epochs[epoch]} and {file} both give epoch {epoch} (the last "
@@ -289,9 +196,6 @@ def _check_fit(model: torch.nn.Module, data: Data, device: torch.device, spec: s
 def cmd_score(args) -> int:
     from tqdm.auto import tqdm
 
-    from curvkern import CurvatureScorer, CurvatureTracker, IndexedDataset, score_checkpoints
-    from curvkern.report import format_ranges
-
     if args.n_probes < 1:
         raise CliError(f"--n-probes must be at least 1, got {args.n_probes}")
     if not args.h > 0:
@@ -338,16 +242,17 @@ def cmd_score(args) -> int:
         print(f"nothing to score: {out} has every epoch the checkpoints give")
         return 0
 
-    # Load every pending checkpoint once before scoring any, through score_checkpoints itself
-    # with nothing to score: a checkpoint that does not fit fails in seconds, not after hours.
-    for epoch, file in pending.items():
-        try:
-            score_checkpoints(model, {epoch: file}, [], num_samples=len(data), progress=False)
-        except Exception as error:
-            raise CliError(
-                f"--checkpoints: {file} does not fit the model from {args.model}: "
-                f"{_state_dict_error(error)}"
-            ) from None
+    # Load every pending checkpoint once before scoring any: a checkpoint that does not fit
+    # fails in seconds, not after hours.
+    with restored_state(model):
+        for file in pending.values():
+            try:
+                load_checkpoint(model, file, device)
+            except Exception as error:
+                raise CliError(
+                    f"--checkpoints: {file} does not fit the model from {args.model}: "
+                    f"{load_error_line(error)}"
+                ) from None
     _check_fit(model, data, device, args.model)
 
     loader = torch.utils.data.DataLoader(
@@ -362,31 +267,24 @@ def cmd_score(args) -> int:
     )
     show = sys.stderr.isatty()
     start = time.perf_counter()
+    # One scorer and one tracker (read once, above) for every checkpoint; the tracker saves
+    # after each epoch, so that an interrupted run resumes.
     try:
         with tqdm(total=len(pending), unit="checkpoint", disable=not show) as bar:
-            for epoch, file in pending.items():
-                begin = time.perf_counter()
-                score_checkpoints(
-                    model,
-                    {epoch: file},
-                    loader,
-                    num_samples=len(data),
-                    path=out,
-                    progress=show,
-                    device=device,
-                    **scorer_kwargs,
-                )
-                bar.update()
-                tqdm.write(f"epoch {epoch} ({file}): {time.perf_counter() - begin:.1f} s")
-    except ValueError as error:  # e.g. an --out file written with other settings
+            with restored_state(model):
+                for epoch, file in pending.items():
+                    begin = time.perf_counter()
+                    load_checkpoint(model, file, device)
+                    tracker.score_epoch(loader, epoch, progress=show, device=device)
+                    bar.update()
+                    tqdm.write(f"epoch {epoch} ({file}): {time.perf_counter() - begin:.1f} s")
+    except ValueError as error:  # e.g. scores the tracker's file refuses
         raise CliError(f"--out: {_one_line(error)}") from None
     print(f"done in {time.perf_counter() - start:.1f} s: {out} ({len(done) + len(pending)} epochs)")
     return 0
 
 
 def cmd_report(args) -> int:
-    from curvkern.report import build_report, load_scores
-
     if args.top < 1:
         raise CliError(f"--top must be at least 1, got {args.top}")
     path = Path(args.path)
@@ -413,21 +311,7 @@ def cmd_report(args) -> int:
     return 0
 
 
-# -- helpers ------------------------------------------------------------------------------------
-
-
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return text if len(text) <= 400 else text[:397] + "..."
-
-
-def _state_dict_error(error: BaseException) -> str:
-    """load_state_dict's multi-line report (missing, unexpected, size mismatch) as one line."""
-    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
-    if lines and lines[0].startswith("Error(s) in loading state_dict"):
-        lines = lines[1:]
-    text = "; ".join(lines) if lines else type(error).__name__
-    return text if len(text) <= 400 else text[:397] + "..."
+# -- parser -------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -474,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="H",
         help="finite-difference step, in the model's input units",
     )
-    score.add_argument("--method", choices=("fd", "hvp", "zo"), default="fd")
+    score.add_argument("--method", choices=METHODS, default="fd")
     score.add_argument("--batch-size", type=int, default=256, metavar="B")
     score.add_argument(
         "--device",
@@ -518,7 +402,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         return commands[args.command](args)
-    except CliError as error:
+    except (CliError, DataError) as error:
         print(f"curvkern: error: {error}", file=sys.stderr)
         return USAGE_EXIT
     except KeyboardInterrupt:

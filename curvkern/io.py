@@ -20,16 +20,20 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import secrets
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from .scores import SCORE_FIELDS
 
 __all__ = [
     "atomic_write",
@@ -38,9 +42,19 @@ __all__ = [
     "read_metadata",
     "epochs_folder",
     "FORMAT_VERSION",
+    "SETTINGS",
+    "TrackerFile",
+    "read_tracker",
+    "settings_in",
+    "tracker_metadata",
+    "write_history",
+    "write_running",
 ]
 
 FORMAT_VERSION = 2
+
+# The scorer settings a tracker's epochs must share to be averaged (stored in its file).
+SETTINGS = ("method", "h", "n_probes", "seed", "rtol", "max_probes", "precision")
 
 
 @contextlib.contextmanager
@@ -124,3 +138,165 @@ def epochs_folder(path: str | os.PathLike) -> Path:
 def epoch_file_name(epoch: int) -> str:
     """The name of one epoch's file inside epochs_folder (sortable; negative epochs too)."""
     return f"epoch_{epoch:+09d}.npz"
+
+
+# -- the tracker's files ------------------------------------------------------------------------
+
+
+def tracker_metadata(num_samples: int, keep_history: bool, settings: dict, dtype) -> dict:
+    """The metadata of a tracker's file (the index, with keep_history=True)."""
+    return {
+        "format": FORMAT_VERSION,
+        "layout": "history" if keep_history else "running",
+        "num_samples": num_samples,
+        "settings": settings,
+        "fields": list(SCORE_FIELDS),
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def write_history(
+    path: Path, metadata: dict, epochs: Sequence[int], new: Mapping[int, Mapping[str, Tensor]]
+) -> None:
+    """keep_history=True: the files of the ``new`` epochs ({epoch: {field: (N,)}}), then the
+    index at ``path`` listing ``epochs`` (written last, so that a crash leaves a loadable state)."""
+    folder = epochs_folder(path)
+    for epoch in sorted(new):
+        write_arrays(
+            folder / epoch_file_name(epoch),
+            {"format": FORMAT_VERSION, "epoch": epoch, "num_samples": metadata["num_samples"]},
+            new[epoch],
+        )
+    write_arrays(path, metadata, {"epochs": torch.tensor(list(epochs), dtype=torch.int64)})
+
+
+def write_running(
+    path: Path,
+    metadata: dict,
+    epochs: Sequence[int],
+    state: Mapping[str, Tensor],
+    last: Mapping[str, Tensor] | None,
+) -> None:
+    """keep_history=False: the running statistics ``state``, the epochs and the last epoch's
+    fields, in one file."""
+    arrays = {f"state.{k}": v for k, v in state.items()}
+    arrays["epochs"] = torch.tensor(list(epochs), dtype=torch.int64)
+    if last is not None:
+        arrays.update({f"last.{k}": v for k, v in last.items()})
+    write_arrays(path, metadata, arrays)
+
+
+def settings_in(metadata: dict) -> dict:
+    """The scorer settings stored in a file's metadata (format 1 kept them at the top)."""
+    stored = metadata.get("settings", metadata)
+    return {k: stored[k] for k in SETTINGS if k in stored}
+
+
+@dataclass
+class TrackerFile:
+    """What a tracker file holds, checked against the tracker that reads it.
+
+    Attributes:
+        format: the file's format (1 or FORMAT_VERSION).
+        dtype: the scores' dtype (float64 once any stored epoch is).
+        epochs: the recorded epochs, in the file's order.
+        history: keep_history=True: {epoch: {field: (N,)}} with every current field.
+        state: keep_history=False: the running statistics' arrays (as Running.arrays() names).
+        last: keep_history=False: the last epoch's {field: (N,)}, if any epoch.
+    """
+
+    format: int
+    dtype: torch.dtype
+    epochs: list[int]
+    history: dict[int, dict[str, Tensor]] = field(default_factory=dict)
+    state: dict[str, Tensor] = field(default_factory=dict)
+    last: dict[str, Tensor] | None = None
+
+
+def read_tracker(
+    path: Path, num_samples: int, keep_history: bool, settings: dict | None
+) -> TrackerFile:
+    """Reads a tracker's file after checking it against the tracker: the format, the layout
+    (keep_history), the number of samples and (unless ``settings`` is None, for a read-only
+    tracker) the scorer settings.
+
+    Raises:
+        ValueError: a file of another format, layout, N or settings, a missing epoch file, or a
+            field of the wrong shape (the message says which).
+    """
+    metadata, arrays = read_arrays(path)
+    fmt = metadata.get("format")
+    if fmt not in (1, FORMAT_VERSION):
+        raise ValueError(
+            f"{path}: tracker file format {fmt!r}, this curvkern reads formats 1 and "
+            f"{FORMAT_VERSION}; it was written by another version of curvkern"
+        )
+    layout = metadata.get("layout", "history")  # format 1 kept the history
+    if (layout == "history") != keep_history:
+        raise ValueError(
+            f"{path} was written with keep_history={layout == 'history'}, this tracker has "
+            f"keep_history={keep_history}; use the same setting or another path"
+        )
+    if metadata["num_samples"] != num_samples:
+        raise ValueError(
+            f"{path} holds {metadata['num_samples']} samples, this tracker has "
+            f"num_samples = {num_samples}"
+        )
+    if settings is not None:
+        _check_settings(path, settings_in(metadata), settings)
+    dtype = torch.float64 if metadata.get("dtype") == "float64" else torch.float32
+    epochs = arrays["epochs"].tolist()
+    out = TrackerFile(fmt, dtype, epochs)
+    if fmt == 1:  # (E, N) arrays in the one file; rewritten as format 2 at the next save
+        for i, epoch in enumerate(epochs):
+            out.history[epoch] = _complete({k: v[i] for k, v in arrays.items()}, path, num_samples)
+            if out.history[epoch]["curvature"].dtype == torch.float64:
+                out.dtype = torch.float64
+    elif keep_history:
+        folder = epochs_folder(path)
+        for epoch in epochs:
+            file = folder / epoch_file_name(epoch)
+            if not file.exists():
+                raise ValueError(
+                    f"{path} lists epoch {epoch}, whose file {file} is missing; restore it, "
+                    "or start over with another path"
+                )
+            _, values = read_arrays(file)
+            out.history[epoch] = _complete(values, path, num_samples)
+    else:
+        out.state = {
+            k.removeprefix("state."): v for k, v in arrays.items() if k.startswith("state.")
+        }
+        last = {k.removeprefix("last."): v for k, v in arrays.items() if k.startswith("last.")}
+        if epochs:
+            out.last = _complete(last, path, num_samples)
+    return out
+
+
+def _check_settings(path: Path, stored: dict, ours: dict) -> None:
+    differ = {
+        k: (stored.get(k), ours[k]) for k in SETTINGS if k in stored and stored.get(k) != ours[k]
+    }
+    if differ:
+        detail = ", ".join(f"{k}: file {a!r}, scorer {b!r}" for k, (a, b) in differ.items())
+        raise ValueError(
+            f"{path} was written by a scorer with other settings ({detail}); scores of "
+            f"different settings do not average. Use another path, or the same settings."
+        )
+
+
+def _complete(values: Mapping[str, Tensor], path: Path, num_samples: int) -> dict[str, Tensor]:
+    """{field: (N,)} with every current field: NaN for fields an older file did not have."""
+    present = [values[name] for name in SCORE_FIELDS if name in values]
+    dtype = present[0].dtype if present else torch.float32
+    out = {}
+    for name in SCORE_FIELDS:
+        v = values.get(name)
+        if v is None:
+            v = torch.full((num_samples,), math.nan, dtype=dtype)
+        elif v.shape != (num_samples,):
+            raise ValueError(
+                f"{path}: field {name} has shape {tuple(v.shape)}, expected ({num_samples},)"
+            )
+        out[name] = v
+    return out

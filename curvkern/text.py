@@ -87,8 +87,8 @@ class TokenScorer:
             :func:`curvkern.losses.sequence_cross_entropy` with y = the labels (the input ids,
             -100 at padding).
         **scorer_kwargs: h, n_probes, seed, method, max_batch, backend, rtol, max_probes,
-            precision of :class:`curvkern.CurvatureScorer`. h is in embedding units: see the
-            README on choosing it relative to the scale of the embedding entries.
+            precision of :class:`curvkern.CurvatureScorer`. h is in embedding units: see
+            docs/guide.md on choosing it relative to the scale of the embedding entries.
     """
 
     def __init__(

@@ -1,36 +1,25 @@
-"""CurvatureTracker (epoch averaging and training-dynamics baselines) and score_checkpoints."""
+"""CurvatureTracker: epoch averaging and the training-dynamics baselines' running statistics.
+
+Its files are written and read by curvkern.io; the baselines are defined in curvkern.baselines.
+"""
 
 from __future__ import annotations
 
 import math
 import os
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from . import io
-from .dataset import _model_device, score_dataset, scorer_setting
+from .baselines import BASELINES
+from .dataset import score_dataset, scorer_setting
 from .distributed import is_main_process
 from .scores import SCORE_FIELDS, CurvatureScores
 
-__all__ = ["CurvatureTracker", "score_checkpoints", "BASELINES"]
-
-# The settings a tracker's epochs must share to be averaged (stored in its file).
-_SETTINGS = ("method", "h", "n_probes", "seed", "rtol", "max_probes", "precision")
-
-# baselines() -> the score field each is computed from.
-BASELINES = {
-    "loss_mean": "loss",
-    "grad_norm_mean": "grad_norm",
-    "aum": "margin",
-    "confidence": "p_label",
-    "variability": "p_label",
-    "forgetting": "correct",
-    "el2n": "el2n",
-}
+__all__ = ["CurvatureTracker"]
 
 
 class _Running:
@@ -160,7 +149,7 @@ class CurvatureTracker:
         if not isinstance(keep_history, bool):
             raise TypeError(f"keep_history must be a bool, got {keep_history!r}")
         self.scorer = scorer
-        settings = {k: scorer_setting(scorer, k) for k in _SETTINGS}
+        settings = {k: scorer_setting(scorer, k) for k in io.SETTINGS}
         self._setup(num_samples, path, keep_history, settings, read_only=False)
 
     @classmethod
@@ -180,7 +169,7 @@ class CurvatureTracker:
         tracker = cls.__new__(cls)
         tracker.scorer = None
         keep_history = metadata.get("layout", "history") == "history"
-        settings = _settings_in(metadata)
+        settings = io.settings_in(metadata)
         tracker._setup(int(metadata["num_samples"]), path, keep_history, settings, read_only=True)
         return tracker
 
@@ -364,7 +353,8 @@ class CurvatureTracker:
         return self.field_mean("curvature")
 
     def baselines(self) -> dict[str, Tensor]:
-        """The training-dynamics scores of every sample, from the recorded epochs.
+        """The training-dynamics scores of every sample, from the recorded epochs (each one
+        defined in curvkern.baselines.BASELINES).
 
         They are measured at x in eval mode at the recorded epochs (the scoring pass), while
         the papers record them on the training minibatches in train mode (augmentation,
@@ -380,42 +370,11 @@ class CurvatureTracker:
             consecutive epochs where the sample was scored, +inf when never correct (Toneva et
             al. 2019); ``el2n`` mean ||softmax - onehot(y)|| (Paul et al. 2021).
         """
-        fields = tuple(dict.fromkeys(BASELINES.values()))
+        fields = tuple(dict.fromkeys(b.field for b in BASELINES.values()))
         stats = self._statistics(fields)
-        confidence = stats.mean("p_label")
-        square = torch.where(
-            stats.count["p_label"] > 0,
-            stats.extra["p_label_sq"] / stats.count["p_label"].clamp(min=1),
-            math.nan,
-        )
-        # E[p^2] - E[p]^2 in float64: rounding leaves |error| ~ 1e-16, clamped at 0.
-        variability = (square - confidence * confidence).clamp(min=0).sqrt()
-        forgetting = torch.where(
-            stats.extra["ever_correct"], stats.extra["forgotten"].double(), math.inf
-        )
-        forgetting = torch.where(stats.count["correct"] > 0, forgetting, math.nan)
-        out = {
-            "loss_mean": stats.mean("loss"),
-            "grad_norm_mean": stats.mean("grad_norm"),
-            "aum": stats.mean("margin"),
-            "confidence": confidence,
-            "variability": variability,
-            "forgetting": forgetting,
-            "el2n": stats.mean("el2n"),
-        }
-        return {k: v.to(self._dtype) for k, v in out.items()}
+        return {name: b.statistic(stats, b.field).to(self._dtype) for name, b in BASELINES.items()}
 
     # -- persistence ------------------------------------------------------------------------
-
-    def _metadata(self) -> dict:
-        return {
-            "format": io.FORMAT_VERSION,
-            "layout": "history" if self.keep_history else "running",
-            "num_samples": self.num_samples,
-            "settings": self._settings,
-            "fields": list(SCORE_FIELDS),
-            "dtype": str(self._dtype).removeprefix("torch."),
-        }
 
     def save(self) -> None:
         """Writes what is not yet on disk to ``path``, crash-safe (see curvkern.io).
@@ -425,195 +384,33 @@ class CurvatureTracker:
         """
         if self.path is None:
             raise ValueError("this tracker has no path to save to; construct it with path=...")
+        metadata = io.tracker_metadata(
+            self.num_samples, self.keep_history, self._settings, self._dtype
+        )
         if self.keep_history:
-            folder = io.epochs_folder(self.path)
-            for epoch in sorted(self._unsaved):
-                io.write_arrays(
-                    folder / io.epoch_file_name(epoch),
-                    {"format": io.FORMAT_VERSION, "epoch": epoch, "num_samples": self.num_samples},
-                    self._epochs[epoch],
-                )
-            epochs = torch.tensor(self.epochs, dtype=torch.int64)
-            io.write_arrays(self.path, self._metadata(), {"epochs": epochs})
+            new = {e: self._epochs[e] for e in self._unsaved}
+            io.write_history(self.path, metadata, self.epochs, new)
             self._unsaved.clear()
         else:
-            arrays = {f"state.{k}": v for k, v in self._folded.arrays().items()}
-            arrays["epochs"] = torch.tensor(self.epochs, dtype=torch.int64)
-            if self._last is not None:
-                arrays.update({f"last.{k}": v for k, v in self._last[1].items()})
-            io.write_arrays(self.path, self._metadata(), arrays)
+            last = None if self._last is None else self._last[1]
+            io.write_running(self.path, metadata, self.epochs, self._folded.arrays(), last)
 
     def _load(self, path: Path) -> None:
-        metadata, arrays = io.read_arrays(path)
-        fmt = metadata.get("format")
-        if fmt not in (1, io.FORMAT_VERSION):
-            raise ValueError(
-                f"{path}: tracker file format {fmt!r}, this curvkern reads formats 1 and "
-                f"{io.FORMAT_VERSION}; it was written by another version of curvkern"
-            )
-        layout = metadata.get("layout", "history")  # format 1 kept the history
-        if (layout == "history") != self.keep_history:
-            raise ValueError(
-                f"{path} was written with keep_history={layout == 'history'}, this tracker has "
-                f"keep_history={self.keep_history}; use the same setting or another path"
-            )
-        if metadata["num_samples"] != self.num_samples:
-            raise ValueError(
-                f"{path} holds {metadata['num_samples']} samples, this tracker has "
-                f"num_samples = {self.num_samples}"
-            )
-        if not self._read_only:
-            self._check_settings(path, _settings_in(metadata))
-        self._dtype = torch.float64 if metadata.get("dtype") == "float64" else torch.float32
-        epochs = arrays["epochs"].tolist()
-        if fmt == 1:  # (E, N) arrays in the one file; rewritten as format 2 at the next save
-            for i, epoch in enumerate(epochs):
-                self._epochs[epoch] = _complete({k: v[i] for k, v in arrays.items()}, self)
-                if self._epochs[epoch]["curvature"].dtype == torch.float64:
-                    self._dtype = torch.float64
-            self._unsaved = set(epochs)
-        elif self.keep_history:
-            folder = io.epochs_folder(path)
-            for epoch in epochs:
-                file = folder / io.epoch_file_name(epoch)
-                if not file.exists():
-                    raise ValueError(
-                        f"{path} lists epoch {epoch}, whose file {file} is missing; restore it, "
-                        "or start over with another path"
-                    )
-                _, values = io.read_arrays(file)
-                self._epochs[epoch] = _complete(values, self)
+        stored = io.read_tracker(
+            path, self.num_samples, self.keep_history, None if self._read_only else self._settings
+        )
+        self._dtype = stored.dtype
+        if self.keep_history:
+            self._epochs.update(stored.history)
+            if stored.format == 1:  # rewritten as the current format at the next save
+                self._unsaved = set(stored.epochs)
         else:
-            state = {
-                k.removeprefix("state."): v for k, v in arrays.items() if k.startswith("state.")
-            }
-            self._folded = _Running.from_arrays(SCORE_FIELDS, self.num_samples, state)
-            last = {k.removeprefix("last."): v for k, v in arrays.items() if k.startswith("last.")}
-            if epochs:
-                self._folded_epochs = epochs[:-1]
-                self._last = (epochs[-1], _complete(last, self))
-
-    def _check_settings(self, path: Path, stored: dict) -> None:
-        ours = self._settings
-        differ = {
-            k: (stored.get(k), ours[k])
-            for k in _SETTINGS
-            if k in stored and stored.get(k) != ours[k]
-        }
-        if differ:
-            detail = ", ".join(f"{k}: file {a!r}, scorer {b!r}" for k, (a, b) in differ.items())
-            raise ValueError(
-                f"{path} was written by a scorer with other settings ({detail}); scores of "
-                f"different settings do not average. Use another path, or the same settings."
-            )
+            self._folded = _Running.from_arrays(SCORE_FIELDS, self.num_samples, stored.state)
+            if stored.epochs:
+                self._folded_epochs = stored.epochs[:-1]
+                self._last = (stored.epochs[-1], stored.last)
 
 
 def _check_epoch(epoch) -> None:
     if isinstance(epoch, bool) or not isinstance(epoch, int):
         raise TypeError(f"epoch must be an int, got {epoch!r}")
-
-
-def _settings_in(metadata: dict) -> dict:
-    """The scorer settings stored in a file's metadata (format 1 kept them at the top)."""
-    stored = metadata.get("settings", metadata)
-    return {k: stored[k] for k in _SETTINGS if k in stored}
-
-
-def _complete(values: Mapping[str, Tensor], tracker: CurvatureTracker) -> dict[str, Tensor]:
-    """{field: (N,)} with every current field: NaN for fields an older file did not have."""
-    present = [values[name] for name in SCORE_FIELDS if name in values]
-    dtype = present[0].dtype if present else torch.float32
-    out = {}
-    for name in SCORE_FIELDS:
-        v = values.get(name)
-        if v is None:
-            v = torch.full((tracker.num_samples,), math.nan, dtype=dtype)
-        elif v.shape != (tracker.num_samples,):
-            raise ValueError(
-                f"{tracker.path}: field {name} has shape {tuple(v.shape)}, expected "
-                f"({tracker.num_samples},)"
-            )
-        out[name] = v
-    return out
-
-
-def _checkpoint_epochs(checkpoints) -> list[tuple[int, str | os.PathLike]]:
-    """(epoch, path) pairs from a mapping {epoch: path} or a sequence of paths.
-
-    For a sequence, the epoch is the last number in each file name when every name has one and
-    they are distinct (ckpt_012.pt -> 12), else the position in the sequence.
-    """
-    if isinstance(checkpoints, Mapping):
-        return sorted((int(e), p) for e, p in checkpoints.items())
-    paths = list(checkpoints)
-    numbers = [re.findall(r"\d+", Path(p).stem) for p in paths]
-    if all(numbers) and len({int(n[-1]) for n in numbers}) == len(paths):
-        return sorted((int(n[-1]), p) for n, p in zip(numbers, paths, strict=True))
-    return list(enumerate(paths))
-
-
-def _state_dict_of(obj, path) -> Mapping[str, Tensor]:
-    if isinstance(obj, Mapping) and obj and all(isinstance(v, Tensor) for v in obj.values()):
-        return obj
-    if isinstance(obj, Mapping):
-        for key in ("state_dict", "model_state_dict", "model"):
-            if key in obj and isinstance(obj[key], Mapping):
-                return obj[key]
-    keys = list(obj) if isinstance(obj, Mapping) else type(obj).__name__
-    raise ValueError(
-        f"{path}: expected a state_dict, or a dict with one under 'state_dict', "
-        f"'model_state_dict' or 'model'; found {keys}"
-    )
-
-
-def score_checkpoints(
-    model: nn.Module,
-    checkpoints: Mapping[int, str | os.PathLike] | Sequence[str | os.PathLike],
-    loader: Iterable,
-    *,
-    num_samples: int | None = None,
-    path: str | os.PathLike | None = None,
-    keep_history: bool = True,
-    progress: bool = True,
-    device=None,
-    **scorer_kwargs,
-) -> CurvatureTracker:
-    """Scores a series of saved checkpoints, as the paper does, into a CurvatureTracker.
-
-    Each checkpoint is loaded with ``torch.load(..., weights_only=True)`` (no pickled code is
-    run) into ``model``, whose own state is restored at the end. Epochs already in the
-    tracker's file (``path``) are not scored again, so an interrupted run resumes.
-
-    Args:
-        model: the architecture the checkpoints belong to.
-        checkpoints: {epoch: file}, or a sequence of files (epochs from the numbers in their
-            names, e.g. ckpt_012.pt -> 12, else their positions).
-        loader: (x, y, ids) batches, as for score_dataset.
-        num_samples: N (default: as score_dataset finds it from loader.dataset).
-        path: optional file for the tracker (saved after every checkpoint).
-        keep_history: as for CurvatureTracker.
-        progress: progress bars.
-        device: where to score (default: the model's device).
-        **scorer_kwargs: CurvatureScorer arguments (loss_fn, h, n_probes, seed, method, ...).
-    Returns:
-        The CurvatureTracker holding one epoch per checkpoint.
-    """
-    from .dataset import _num_samples_of
-    from .scorer import CurvatureScorer
-
-    if num_samples is None:
-        num_samples = _num_samples_of(loader.dataset)
-    scorer = CurvatureScorer(model, **scorer_kwargs)
-    tracker = CurvatureTracker(scorer, num_samples, path, keep_history=keep_history)
-    done = set(tracker.epochs)
-    pending = [(e, p) for e, p in _checkpoint_epochs(checkpoints) if e not in done]
-    original = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    map_location = device if device is not None else _model_device(model) or "cpu"
-    try:
-        for epoch, file in pending:
-            state = torch.load(file, map_location=map_location, weights_only=True)
-            model.load_state_dict(_state_dict_of(state, file))
-            tracker.score_epoch(loader, epoch, progress=progress, device=device)
-    finally:
-        model.load_state_dict(original)
-    return tracker

@@ -86,7 +86,7 @@ def batches(seqs, labels, size, gen=None):
         yield rows, input_ids, attention_mask, labels[rows]
 
 
-# The four scores the README's table compares (all high-first), from the shared list.
+# The four scores docs/results.md's table compares (all high-first), from the shared list.
 COLUMNS = ("curvature_mean", "curvature_last", "loss_final", "loss_mean")
 
 

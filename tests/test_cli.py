@@ -101,7 +101,10 @@ def test_score_matches_the_python_api_and_resumes(workdir, capsys):
     data = torch.utils.data.TensorDataset(
         torch.from_numpy(np.load("data.npz")["x"]), torch.from_numpy(np.load("data.npz")["y"])
     )
-    loader = torch.utils.data.DataLoader(IndexedDataset(data), batch_size=7)
+    # The CLI's batch size (16): in float32 a pass of another size may take another BLAS
+    # kernel, whose rounding, divided by h, moves a score by ~1e-4 relative; batch invariance
+    # itself is tested in float64 (test_scorer.py).
+    loader = torch.utils.data.DataLoader(IndexedDataset(data), batch_size=16)
     files = {e: f"ckpt/epoch_{e:02d}.pt" for e in (1, 2, 3)}
     tracker = score_checkpoints(_model(), files, loader, n_probes=3, progress=False)
     torch.testing.assert_close(curvature, tracker.history)
@@ -152,9 +155,8 @@ ERRORS = {
         "does not fit the model from user_models:make_model: size mismatch for 1.weight",
     ),
     "not a checkpoint": (["--checkpoints", "ckpt/garbage_09.pt"], "garbage_09.pt does not fit"),
+    # (the other mistakes in DATA, load_data's own: tests/test_data.py)
     "no data file": (["--data", "missing.npz"], "missing.npz does not exist"),
-    "npz without y": (["--data", "no_y.npz"], "missing 'y'"),
-    "integer x": (["--data", "uint8.npz"], "has dtype uint8"),
     "data the model cannot take": (["--data", "wide.npz"], "cannot take x of shape (5,)"),
     "labels past the model's classes": (["--data", "many_labels.npz"], "labels up to 7"),
     "zero probes": (["--n-probes", "0"], "--n-probes must be at least 1, got 0"),
@@ -187,8 +189,6 @@ def _error_setup(workdir):
     torch.save(_model().state_dict(), "ckpt/final.pt")
     torch.save(_model(9).state_dict(), "ckpt/wider_07.pt")
     _write("ckpt/garbage_09.pt", "not a checkpoint")
-    np.savez("no_y.npz", x=np.zeros((4, 16), np.float32))
-    np.savez("uint8.npz", x=np.zeros((4, 16), np.uint8), y=np.zeros(4, np.int64))
     np.savez("wide.npz", x=np.zeros((10, 5), np.float32), y=np.zeros(10, np.int64))
     np.savez("many_labels.npz", x=np.zeros((8, 16), np.float32), y=np.arange(8))
 
@@ -270,7 +270,7 @@ def _big_scores(n, classes, seed=0):
 def test_report_size_stays_small_for_100k_samples(tmp_path):
     """100,000 samples of 28x28 grey: the page is capped (K pictures per class, MAX_ROWS rows,
     MAX_POINTS points per plot), so its size hardly grows with N."""
-    from curvkern.cli import Data
+    from curvkern.data import Data
 
     n = 100_000
     scores, labels = _big_scores(n, 10)

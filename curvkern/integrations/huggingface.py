@@ -129,7 +129,7 @@ class CurvatureCallback(ScoringCallback, TrainerCallback):
     _items = staticmethod(_DictItems)
 
     def _make_scorer(self, model):
-        first = self._scoring.dataset.dataset.dataset[0]
+        first = self.dataset[0]
         if not isinstance(first, Mapping):
             collate([(first, 0, 0)])  # raises the error that names the expected items
         if "input_ids" in first:
