@@ -133,9 +133,9 @@ def check_inputs(
             f"y must have one row per sample of x (B = {batch}), got shape {tuple(y.shape)}"
         )
     ids = check_ids(ids, batch, x.device)
-    finite = torch.isfinite(x)
-    finite = finite.flatten(1).all(dim=1) if x.dim() > 1 else finite
-    if not bool(finite.all()):
+    if not bool(torch.isfinite(x).all()):  # one reduction per call; the sample only on failure
+        finite = torch.isfinite(x)
+        finite = finite.flatten(1).all(dim=1) if x.dim() > 1 else finite
         first = int((~finite).nonzero()[0, 0])
         raise ValueError(
             f"x has non-finite values (NaN or inf) in sample {first} (id {int(ids[first])}); "

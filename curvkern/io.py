@@ -70,7 +70,7 @@ __all__ = [
 FORMAT_VERSION = 2
 
 # The scorer settings a tracker's epochs must share to be averaged (stored in its file).
-SETTINGS = ("method", "h", "n_probes", "seed", "rtol", "max_probes")
+SETTINGS = ("method", "h", "n_probes", "seed", "rtol", "max_probes", "precision")
 
 # What made a tracker's scores besides the settings (stored in its file under "origin"): the loss
 # function's qualified name, the model factory (MODULE:FACTORY, from the command line) and a

@@ -134,9 +134,10 @@ class TokenScorer:
             the output's logits (a sequence classifier). For a causal LM pass
             :func:`curvkern.losses.sequence_cross_entropy` with y = the labels (the input ids,
             -100 at padding).
-        **scorer_kwargs: h, n_probes, seed, method, max_batch, backend, rtol, max_probes of
-            :class:`curvkern.CurvatureScorer`. h is in the units of the embedding module's
-            output: see docs/guide.md on choosing it relative to the scale of its entries.
+        **scorer_kwargs: h, n_probes, seed, method, max_batch, backend, rtol, max_probes,
+            precision of :class:`curvkern.CurvatureScorer`. h is in the units of the embedding
+            module's output: see docs/guide.md on choosing it relative to the scale of its
+            entries.
     """
 
     def __init__(
@@ -188,6 +189,10 @@ class TokenScorer:
     @property
     def method(self) -> str:
         return self.scorer.method
+
+    @property
+    def precision(self) -> str:
+        return self.scorer.precision
 
     def embed(self, input_ids: Tensor) -> Tensor:
         """The model's input embeddings of ``input_ids`` (B, T) -> (B, T, E), detached."""

@@ -52,8 +52,10 @@ void perturb_cpu_kernel(const scalar_t* x,   // (B, D)
               }
             }
           } else {
+            alignas(64) scalar_t sign[kProbeBlock];  // (len,) signs of the partial block
+            cpu::block_signs(r, len, sign);
             for (int j = 0; j < len; ++j) {
-              const scalar_t step = probe_sign_at<scalar_t>(r, j) * h;
+              const scalar_t step = sign[j] * h;
               o[j] = xb[j] + (kMasked ? step * m[j] : step);
             }
           }
