@@ -1,0 +1,338 @@
+"""Scale out: `torchrun -m curvkern score` on two gloo processes (every DATA format, resume after
+a rank is killed, one rank's error ending both), score_dataset and the Lightning callback under
+torchrun, the table formats in, and the tracker's table out (to_pandas, `curvkern export`).
+
+The torchrun runs share one module-scoped setup and are few: each start costs seconds.
+"""
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from curvkern import CurvatureTracker
+from curvkern.cli import main
+
+pytest.importorskip("datasets")
+pytest.importorskip("pandas")
+pytest.importorskip("torchvision")
+
+ROOT = Path(__file__).resolve().parent.parent
+N = 41  # odd, and not a multiple of the batch size: the last batch is short
+BATCH = 4  # 11 batches: rank 0 scores 6, rank 1 scores 5
+EPOCHS = (1, 2, 3)
+IMAGES = 15  # 3 classes x 5 pictures of 3x8x8
+
+MODELS = textwrap.dedent(
+    """
+    import os
+    import signal
+
+    import torch
+    from torch import nn
+
+
+    class Net(nn.Module):
+        # `marker` is the checkpoint's epoch: a test makes one rank fail at epoch 2.
+        def __init__(self, body):
+            super().__init__()
+            self.body = body
+            self.register_buffer("marker", torch.zeros(()))
+
+        def forward(self, x):
+            stop = os.environ.get("STOP_RANK")
+            if int(self.marker) == 2 and stop is not None and os.environ.get("RANK") == stop:
+                if os.environ.get("STOP_HOW") == "kill":
+                    os.kill(os.getpid(), signal.SIGKILL)
+                raise RuntimeError("this rank cannot take the batch")
+            return self.body(x)
+
+
+    def make_model():
+        body = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 3))
+        return Net(body).double()
+
+
+    def make_image_model():
+        return Net(nn.Sequential(nn.Flatten(), nn.Linear(192, 8), nn.Tanh(), nn.Linear(8, 3)))
+    """
+)
+
+
+def _checkpoints(folder: Path, factory, seed: int) -> None:
+    folder.mkdir()
+    for epoch in EPOCHS:
+        torch.manual_seed(seed + epoch)
+        model = factory()
+        model.marker.fill_(epoch)
+        torch.save(model.state_dict(), folder / f"epoch_{epoch:02d}.pt")
+
+
+def _write_data(root: Path) -> None:
+    import datasets
+    from PIL import Image
+
+    (root / "user_models.py").write_text(MODELS)
+    namespace = {}
+    exec(MODELS, namespace)
+    _checkpoints(root / "ckpt", namespace["make_model"], 0)
+    _checkpoints(root / "ckpt_img", namespace["make_image_model"], 10)
+    gen = np.random.default_rng(0)
+    x = gen.random((N, 1, 4, 4))  # float64, the model's dtype
+    y = gen.integers(0, 3, N)
+    np.savez(root / "data.npz", x=x, y=y)
+    # Parquet as pandas writes it: a list column of float64 (scored as the model's float64)
+    import pandas
+
+    frame = pandas.DataFrame({"x": list(x.reshape(N, 16)), "label": y})
+    (root / "parquet").mkdir()
+    frame.iloc[:20].to_parquet(root / "parquet" / "part-0.parquet")
+    frame.iloc[20:].to_parquet(root / "parquet" / "part-1.parquet")
+    # An image folder, and the same pictures as a `datasets` folder (Image and ClassLabel)
+    pictures, labels = [], []
+    for i in range(IMAGES):
+        label = i % 3
+        folder = root / "images" / f"class_{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = gen.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        mode = "L" if i == 4 else "RGB"  # a grey picture: decoded to RGB as ImageFolder does
+        image = Image.fromarray(pixels[..., 0] if mode == "L" else pixels, mode)
+        image.save(folder / f"{i:02d}.png")
+        pictures.append(str(folder / f"{i:02d}.png"))
+        labels.append(label)
+    order = np.argsort([Path(p).parent.name + Path(p).name for p in pictures], kind="stable")
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "label": datasets.ClassLabel(names=["class_0", "class_1", "class_2"]),
+        }
+    )
+    table = datasets.Dataset.from_dict(
+        {"image": [pictures[i] for i in order], "label": [labels[i] for i in order]},
+        features=features,
+    )
+    table.save_to_disk(str(root / "hf_images"))
+
+
+def _score_args(data, out, *extra, model="user_models:make_model", ckpt="ckpt"):
+    return [
+        "score",
+        "--model",
+        model,
+        "--checkpoints",
+        f"{ckpt}/epoch_*.pt",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--n-probes",
+        "3",
+        "--batch-size",
+        str(BATCH),
+        "--device",
+        "cpu",
+        *extra,
+    ]
+
+
+DATA = {  # name: (DATA, model, checkpoints)
+    "npz": ("data.npz", "user_models:make_model", "ckpt"),
+    "parquet": ("parquet", "user_models:make_model", "ckpt"),
+    "images": ("images", "user_models:make_image_model", "ckpt_img"),
+    "hf_images": ("hf_images", "user_models:make_image_model", "ckpt_img"),
+}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """The user's folder, and the single-process scores of every DATA (one thread, as each
+    torchrun process has)."""
+    root = tmp_path_factory.mktemp("scale_out")
+    old_cwd, old_path, threads = os.getcwd(), list(sys.path), torch.get_num_threads()
+    os.chdir(root)
+    sys.modules.pop("user_models", None)
+    torch.set_num_threads(1)
+    try:
+        _write_data(root)
+        for name, (data, model, ckpt) in DATA.items():
+            assert main(_score_args(data, f"single_{name}.npz", model=model, ckpt=ckpt)) == 0
+    finally:
+        os.chdir(old_cwd)
+        sys.path[:] = old_path
+        sys.modules.pop("user_models", None)
+        torch.set_num_threads(threads)
+    return root
+
+
+def _torchrun(root, *args, env=None, timeout=120):
+    environment = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(root)]),
+        "OMP_NUM_THREADS": "1",
+        **(env or {}),
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+    ]
+    return subprocess.run(
+        [*command, *args],
+        cwd=root,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _assert_same_scores(path, reference):
+    """Same batches in one pass as the single process, one thread each: the same arithmetic,
+    so the same numbers, bit for bit."""
+    got, want = CurvatureTracker.load(path), CurvatureTracker.load(reference)
+    assert got.epochs == want.epochs == list(EPOCHS)
+    for field in ("curvature", "trace", "frobenius_sq", "loss", "grad_norm"):
+        torch.testing.assert_close(
+            got.field_history(field), want.field_history(field), rtol=0, atol=0
+        )
+
+
+def test_torchrun_npz_resumes_after_a_rank_is_killed(setup):
+    root = setup
+    args = ["-m", "curvkern", *_score_args("data.npz", "dist.npz")]
+    killed = _torchrun(root, *args, env={"STOP_RANK": "1", "STOP_HOW": "kill"})
+    assert killed.returncode != 0, killed.stderr[-2000:]
+    assert "SIGKILL" in killed.stderr
+    # Only complete epochs were written: epoch 1, not the one the rank died in.
+    assert CurvatureTracker.load(root / "dist.npz").epochs == [1]
+    resumed = _torchrun(root, *args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "1 of 3 checkpoints already scored" in resumed.stdout
+    assert resumed.stdout.count("scoring 2 checkpoints") == 1  # rank 0 speaks, once
+    assert "2 processes" in resumed.stdout
+    _assert_same_scores(root / "dist.npz", root / "single_npz.npz")
+
+
+def test_torchrun_error_on_one_rank_ends_both_with_one_line(setup):
+    root = setup
+    args = ["-m", "curvkern", *_score_args("data.npz", "failed.npz")]
+    run = _torchrun(root, *args, env={"STOP_RANK": "1", "STOP_HOW": "raise"}, timeout=120)
+    lines = [line for line in run.stderr.splitlines() if line.startswith("curvkern: error:")]
+    assert lines == ["curvkern: error: rank 1: RuntimeError: this rank cannot take the batch"], (
+        run.stderr[-3000:]
+    )
+    assert "Traceback" not in run.stderr.split("curvkern: error:")[0]
+    # Both ranks exit with status 2 (torchrun reports the failed ranks with their status).
+    statuses = re.findall(r"exitcode\s*:\s*(-?\d+)", run.stderr)
+    assert statuses and set(statuses) == {"2"}, run.stderr[-3000:]
+    assert CurvatureTracker.load(root / "failed.npz").epochs == [1]
+
+
+DRIVER = textwrap.dedent(
+    """
+    # Under torchrun: one process group for every run of this script, as a user's script has.
+    import sys
+
+    import torch
+    import torch.distributed as dist
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from curvkern import CurvatureScorer, IndexedDataset, score_dataset
+    from curvkern.cli import main
+    from curvkern.data import load_data
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    for name, data, model, ckpt in [row.split(",") for row in sys.argv[1:]]:
+        status = main([
+            "score", "--model", model, "--checkpoints", f"{ckpt}/epoch_*.pt", "--data", data,
+            "--out", f"dist_{name}.npz", "--n-probes", "3", "--batch-size", "4",
+            "--device", "cpu",
+        ])
+        assert status == 0, (name, status)
+
+    # score_dataset through a DistributedSampler (padded with a duplicate: 41 is odd)
+    import user_models
+
+    model = user_models.make_model()
+    model.load_state_dict(torch.load("ckpt/epoch_03.pt"))
+    data = IndexedDataset(load_data("data.npz").dataset)
+    loader = DataLoader(data, batch_size=4, sampler=DistributedSampler(data, shuffle=False))
+    scores = score_dataset(CurvatureScorer(model, n_probes=3), loader, progress=False)
+    if rank == 0:
+        torch.save(scores.to_dict(), "dist_score_dataset.pt")
+
+    # the Lightning callback, with Lightning's DDP strategy on the same process group
+    import lightning
+    from curvkern.integrations.lightning import CurvatureCallback
+
+    class Module(lightning.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = user_models.make_model()
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, index):
+            x, y = batch
+            return torch.nn.functional.cross_entropy(self(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    torch.manual_seed(0)
+    module = Module()
+    train = load_data("data.npz").dataset
+    callback = CurvatureCallback(train, batch_size=4, path="dist_lightning.npz", n_probes=3)
+    trainer = lightning.Trainer(
+        max_epochs=2, accelerator="cpu", devices=2, strategy="ddp", callbacks=[callback],
+        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, DataLoader(train, batch_size=8))
+    # every rank scores the whole set here (a collective): duplicates of one id are harmless
+    final = score_dataset(
+        CurvatureScorer(module.net, n_probes=3), DataLoader(IndexedDataset(train), batch_size=4),
+        progress=False,
+    )
+    if rank == 0:
+        torch.save({"tracked": callback.tracker.history[-1], "final": final.curvature,
+                    "epochs": callback.tracker.epochs}, "dist_lightning.pt")
+    dist.destroy_process_group()
+    """
+)
+
+
+def test_torchrun_every_data_format_score_dataset_and_lightning(setup):
+    pytest.importorskip("lightning")
+    root = setup
+    (root / "driver.py").write_text(DRIVER)
+    runs = [",".join((name, *DATA[name])) for name in ("parquet", "images", "hf_images")]
+    run = _torchrun(root, "driver.py", *runs, timeout=300)
+    assert run.returncode == 0, run.stderr[-4000:]
+    for name in ("parquet", "images", "hf_images"):
+        _assert_same_scores(root / f"dist_{name}.npz", root / f"single_{name}.npz")
+    # The single-process runs of the same inputs in other formats agree too.
+    npz, parquet = (CurvatureTracker.load(root / f"single_{n}.npz") for n in ("npz", "parquet"))
+    torch.testing.assert_close(parquet.history, npz.history, rtol=0, atol=0)
+    images, hf = (CurvatureTracker.load(root / f"single_{n}.npz") for n in ("images", "hf_images"))
+    torch.testing.assert_close(hf.history, images.history, rtol=0, atol=0)
+    # score_dataset: every id once, as the last epoch of the single-process run
+    scores = torch.load(root / "dist_score_dataset.pt")
+    single = CurvatureTracker.load(root / "single_npz.npz")
+    assert scores["curvature"].shape == (N,)
+    torch.testing.assert_close(scores["curvature"], single.history[-1], rtol=0, atol=0)
+    # Lightning: the last tracked epoch is the final model's scores
+    tracked = torch.load(root / "dist_lightning.pt")
+    assert tracked["epochs"] == [0, 1]
+    torch.testing.assert_close(tracked["tracked"], tracked["final"], rtol=0, atol=0)
