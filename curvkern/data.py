@@ -268,7 +268,8 @@ class TableDataset(torch.utils.data.Dataset):
                 # Decode ourselves from the stored bytes or path, as ImageFolder does.
                 self.table = self.table.cast_column(x_column, datasets.Image(decode=False))
         else:
-            self.table = self.table.with_format("numpy")
+            # dtype=None: the stored dtype (datasets' numpy format makes floats float32 else)
+            self.table = self.table.with_format("numpy", dtype=None)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -311,7 +312,7 @@ def _table_data(
     table = _load_table(kind, where, source)
     x_column = _pick_column(table, x_column, X_COLUMNS, "--x-column", source)
     y_column = _pick_column(table, y_column, Y_COLUMNS, "--y-column", source)
-    labels = np.asarray(table.with_format("numpy")[y_column])
+    labels = np.asarray(table.with_format("numpy", dtype=None)[y_column])
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
         raise DataError(
             f"--y-column: {y_column!r} in {source} must hold integer class labels, one per row; "
