@@ -381,7 +381,8 @@ class CurvatureTracker:
 
         Returns:
             A pandas DataFrame of N rows: column ``id`` (0 .. N-1), the fields of SCORE_FIELDS
-            (float means, NaN where never scored), the baselines, ``epochs_scored`` (int).
+            (float means, NaN where never scored), the baselines (``el2n``, a field and a
+            baseline, the field's mean, is one column), ``epochs_scored`` (int).
         Raises:
             ImportError: without pandas (pip install 'curvkern[data]').
         """

@@ -336,3 +336,75 @@ def test_torchrun_every_data_format_score_dataset_and_lightning(setup):
     tracked = torch.load(root / "dist_lightning.pt")
     assert tracked["epochs"] == [0, 1]
     torch.testing.assert_close(tracked["tracked"], tracked["final"], rtol=0, atol=0)
+
+
+# -- results out: to_pandas, `curvkern export` --------------------------------------------------
+
+
+def _tracker_with_gaps(path):
+    """Three epochs of a small tracker, one sample never scored, one scored in two epochs."""
+    from curvkern import CurvatureScorer, IndexedDataset, score_dataset
+
+    from .conftest import labelled_batch, smooth_classifier
+
+    model = smooth_classifier()
+    data = IndexedDataset(torch.utils.data.TensorDataset(*labelled_batch(7, seed=1)))
+    tracker = CurvatureTracker(CurvatureScorer(model, n_probes=2), 7, path)
+    for epoch, ids in ((0, range(6)), (1, range(6)), (2, range(5))):
+        subset = torch.utils.data.Subset(data.dataset, list(ids))
+        loader = torch.utils.data.DataLoader(IndexedDataset(subset), batch_size=4)
+        tracker.record(epoch, score_dataset(tracker.scorer, loader, 7, progress=False))
+    return tracker
+
+
+def test_to_pandas_one_row_per_id(tmp_path):
+    from curvkern.scores import SCORE_FIELDS
+
+    tracker = _tracker_with_gaps(tmp_path / "t.npz")
+    frame = tracker.to_pandas()
+    baselines = tracker.baselines()
+    # el2n is a field and a baseline (its mean): one column
+    columns = ["id", *dict.fromkeys([*SCORE_FIELDS, *baselines]), "epochs_scored"]
+    assert list(frame.columns) == columns
+    assert frame["id"].tolist() == list(range(7))
+    assert frame["epochs_scored"].tolist() == [3, 3, 3, 3, 3, 2, 0]
+    for field in SCORE_FIELDS:
+        np.testing.assert_array_equal(frame[field].to_numpy(), tracker.field_mean(field).numpy())
+    for name, value in baselines.items():
+        np.testing.assert_array_equal(frame[name].to_numpy(), value.numpy())
+    assert np.isnan(frame["curvature"].iloc[6])
+    # the history's mean of a sample scored in two epochs
+    assert frame["curvature"].iloc[5] == pytest.approx(
+        float(tracker.history[:2, 5].double().mean()), rel=1e-6
+    )
+
+
+def test_export_parquet_and_csv(tmp_path, capsys):
+    import pandas
+
+    tracker = _tracker_with_gaps(tmp_path / "t.npz")
+    want = tracker.to_pandas()
+    assert main(["export", str(tmp_path / "t.npz"), "--out", str(tmp_path / "s.parquet")]) == 0
+    assert "7 samples" in capsys.readouterr().out
+    pandas.testing.assert_frame_equal(pandas.read_parquet(tmp_path / "s.parquet"), want)
+    assert main(["export", str(tmp_path / "t.npz"), "--out", str(tmp_path / "s.csv")]) == 0
+    pandas.testing.assert_frame_equal(
+        pandas.read_csv(tmp_path / "s.csv"), want, check_dtype=False, rtol=1e-15
+    )
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["t.npz", "--out", "s.xlsx"], "--out: the format comes from the extension"),
+        (["missing.npz", "--out", "s.csv"], "PATH: tracker file missing.npz does not exist"),
+        (["data.txt", "--out", "s.csv"], "PATH: data.txt is not a curvkern tracker file"),
+    ],
+)
+def test_export_errors_are_one_line(tmp_path, monkeypatch, capsys, args, expected):
+    monkeypatch.chdir(tmp_path)
+    _tracker_with_gaps(tmp_path / "t.npz")
+    (tmp_path / "data.txt").write_text("not a tracker")
+    assert main(["export", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"curvkern: error: {expected}") and err.count("\n") == 1, err
