@@ -1,6 +1,7 @@
 """Scale out: `torchrun -m curvkern score` on two gloo processes (every DATA format, resume after
-a rank is killed, one rank's error ending both), score_dataset and the Lightning callback under
-torchrun, the table formats in, and the tracker's table out (to_pandas, `curvkern export`).
+a rank is killed, one rank's error ending both), score_dataset and the Lightning and Hugging
+Face callbacks under torchrun, the table formats in, and the tracker's table out (to_pandas,
+`curvkern export`).
 
 The torchrun runs share one module-scoped setup and are few: each start costs seconds.
 """
@@ -308,13 +309,58 @@ DRIVER = textwrap.dedent(
     if rank == 0:
         torch.save({"tracked": callback.tracker.history[-1], "final": final.curvature,
                     "epochs": callback.tracker.epochs}, "dist_lightning.pt")
+
+    # the Hugging Face callback in a Trainer, which takes torchrun's process group as it is
+    import transformers
+    from curvkern.integrations.huggingface import CurvatureCallback as HFCallback
+    from curvkern.integrations.huggingface import collate
+    from curvkern.text import TokenScorer
+
+    config = transformers.BertConfig(
+        vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=32, num_labels=2, pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    bert = transformers.BertForSequenceClassification(config).double()
+    g = torch.Generator().manual_seed(0)
+    items = [
+        {"input_ids": torch.randint(1, 40, (4 + i % 5,), generator=g).tolist(), "labels": i % 2}
+        for i in range(13)
+    ]
+
+    def pad(batch):
+        length = max(len(i["input_ids"]) for i in batch)
+        ids = torch.zeros(len(batch), length, dtype=torch.long)
+        mask = torch.zeros(len(batch), length, dtype=torch.long)
+        for b, item in enumerate(batch):
+            ids[b, : len(item["input_ids"])] = torch.as_tensor(item["input_ids"])
+            mask[b, : len(item["input_ids"])] = 1
+        labels = torch.as_tensor([i["labels"] for i in batch])
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    hf_callback = HFCallback(items, batch_size=5, n_probes=3, path="dist_hf.npz")
+    arguments = transformers.TrainingArguments(
+        output_dir="hf_out", num_train_epochs=2, per_device_train_batch_size=4,
+        learning_rate=1e-3, use_cpu=True, report_to=[], save_strategy="no",
+        logging_strategy="no", disable_tqdm=True, seed=0,
+    )
+    transformers.Trainer(
+        model=bert, args=arguments, train_dataset=items, data_collator=pad,
+        callbacks=[hf_callback],
+    ).train()
+    x, y, ids, inputs = collate([(item, 0, i) for i, item in enumerate(items)])
+    direct = TokenScorer(bert, n_probes=3).score(x, y, ids, **inputs)
+    if rank == 0:
+        torch.save({"tracked": hf_callback.tracker.history[-1], "final": direct.curvature,
+                    "epochs": hf_callback.tracker.epochs}, "dist_hf.pt")
     dist.destroy_process_group()
     """
 )
 
 
-def test_torchrun_every_data_format_score_dataset_and_lightning(setup):
+def test_torchrun_every_data_format_score_dataset_and_callbacks(setup):
     pytest.importorskip("lightning")
+    pytest.importorskip("transformers")
     root = setup
     (root / "driver.py").write_text(DRIVER)
     runs = [",".join((name, *DATA[name])) for name in ("parquet", "images", "hf_images")]
@@ -334,6 +380,10 @@ def test_torchrun_every_data_format_score_dataset_and_lightning(setup):
     torch.testing.assert_close(scores["curvature"], single.history[-1], rtol=0, atol=0)
     # Lightning: the last tracked epoch is the final model's scores
     tracked = torch.load(root / "dist_lightning.pt")
+    assert tracked["epochs"] == [0, 1]
+    torch.testing.assert_close(tracked["tracked"], tracked["final"], rtol=0, atol=0)
+    # Hugging Face: the same
+    tracked = torch.load(root / "dist_hf.pt")
     assert tracked["epochs"] == [0, 1]
     torch.testing.assert_close(tracked["tracked"], tracked["final"], rtol=0, atol=0)
 
