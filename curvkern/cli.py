@@ -6,9 +6,12 @@
     curvkern score --model MODULE:FACTORY --checkpoints GLOB --data DATA --out PATH
                    [--n-probes N] [--h H] [--method M] [--batch-size B] [--device DEV]
     curvkern report PATH --data DATA --out REPORT.html [--top K]
+    curvkern export PATH --out FILE.parquet|FILE.csv
+    torchrun --nproc_per_node N -m curvkern score ...   (each process scores a share)
 
 DATA is an .npz file with ``x`` (N, ...) and ``y`` (N,) (and optionally ``classes``, the class
-names), or an image folder laid out for torchvision's ImageFolder (one sub-folder per class).
+names), an image folder laid out for torchvision's ImageFolder (one sub-folder per class), a
+Hugging Face `datasets` folder or Parquet files (see curvkern.data.load_data).
 
 A mistake the user can fix (a bad argument, a missing file, a factory that does not import, a
 checkpoint that does not fit the model, data the model cannot take) ends with one line on stderr
@@ -581,7 +584,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--data",
         required=True,
         metavar="DATA",
-        help=".npz with x (N, ...) and y (N,), or an ImageFolder directory",
+        help=".npz with x (N, ...) and y (N,), an ImageFolder directory, a `datasets` folder "
+        "(save_to_disk) or Parquet files (a file, a folder or a quoted glob)",
     )
     score.add_argument("--out", required=True, metavar="PATH", help="tracker file (.npz)")
     score.add_argument("--n-probes", type=int, default=10, metavar="N")

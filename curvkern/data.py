@@ -1,8 +1,11 @@
-"""DATA as the command line and the report read it: an .npz file or an image folder.
+"""DATA as the command line and the report read it: an .npz file, an image folder, a Hugging
+Face ``datasets`` folder or Parquet files.
 
 An .npz holds ``x`` (N, ...) floats exactly as the model takes them, ``y`` (N,) integer labels
 and optionally ``classes``, the class names; an image folder is laid out for torchvision's
-ImageFolder (one sub-folder of images per class).
+ImageFolder (one sub-folder of images per class). A ``datasets`` folder (``save_to_disk``) or
+Parquet files are tables: one input column (an image column decoded as ImageFolder decodes
+files, or an array column) and one integer label column; ids are row numbers.
 """
 
 from __future__ import annotations
