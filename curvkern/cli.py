@@ -7,9 +7,12 @@
                    [--n-probes N] [--h H] [--method M] [--batch-size B] [--device DEV]
     curvkern report PATH --data DATA --out REPORT.html [--top K]
     curvkern merge A.npz B.npz ... --out ALL.npz
+    curvkern export PATH --out FILE.parquet|FILE.csv
+    torchrun --nproc_per_node N -m curvkern score ...   (each process scores a share)
 
 DATA is an .npz file with ``x`` (N, ...) and ``y`` (N,) (and optionally ``classes``, the class
-names), or an image folder laid out for torchvision's ImageFolder (one sub-folder per class).
+names), an image folder laid out for torchvision's ImageFolder (one sub-folder per class), a
+Hugging Face `datasets` folder or Parquet files (see curvkern.data.load_data).
 
 A mistake the user can fix (a bad argument, a missing file, a factory that does not import, a
 checkpoint that does not fit the model, data the model cannot take) ends with one line on stderr
@@ -19,6 +22,7 @@ and exit status 2, without a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import importlib
 import importlib.util
@@ -30,14 +34,24 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
 from . import losses
 from .checkpoints import epoch_in_name, load_checkpoint, load_error_line, restored_state
-from .data import Data, DataError, fingerprint, load_data
+from .data import Data, DataError, TableDataset, fingerprint, load_data
 from .data import one_line as _one_line
 from .dataset import IndexedDataset
+from .distributed import (
+    RankFailed,
+    check_ranks,
+    fail_ranks,
+    init_from_environment,
+    is_distributed,
+    is_main_process,
+    launched_distributed,
+)
 from .estimators import METHODS
 from .io import TrackerConflictError
 from .report import build_report, format_ranges, load_scores
@@ -287,7 +301,7 @@ def cmd_score(args) -> int:
     out = Path(args.out)
     checkpoints = checkpoint_epochs(args.checkpoints)
     transform = load_factory(args.transform) if args.transform else None
-    data = load_data(args.data, transform)
+    data = load_data(args.data, transform, x_column=args.x_column, y_column=args.y_column)
     data_fingerprint = fingerprint(data)  # of the data as stored, before any cast below
     model = _make_model(args.model).to(device)
     dtype = next(model.parameters(), torch.empty(0)).dtype
@@ -297,6 +311,8 @@ def cmd_score(args) -> int:
         data.dataset = torch.utils.data.TensorDataset(
             torch.from_numpy(data.images).to(dtype), torch.from_numpy(data.labels)
         )
+    if isinstance(data.dataset, TableDataset) and dtype.is_floating_point:
+        data.dataset.dtype = dtype  # the same for a table's array column
     scorer_kwargs = {"h": args.h, "n_probes": args.n_probes, "method": args.method}
     # The tracker checks an existing --out file (its settings and N) before any long work.
     try:
@@ -310,16 +326,18 @@ def cmd_score(args) -> int:
             f"--out: {out} exists but is not a curvkern tracker file ({_one_line(error)}); "
             "choose another path"
         ) from None
+    _agree_on_epochs(tracker, out)
+    say = print if is_main_process() else _quiet
     done = set(tracker.epochs)
     pending = {e: f for e, f in checkpoints.items() if e not in done}
     skipped = sorted(set(checkpoints) & done)
     if skipped:
-        print(
+        say(
             f"{len(skipped)} of {len(checkpoints)} checkpoints already scored in {out} "
             f"(epochs {format_ranges(skipped)}): not scored again"
         )
     if not pending:
-        print(f"nothing to score: {out} has every epoch the checkpoints give")
+        say(f"nothing to score: {out} has every epoch the checkpoints give")
         return 0
 
     # Load every pending checkpoint once before scoring any: a checkpoint that does not fit
@@ -335,17 +353,12 @@ def cmd_score(args) -> int:
                 ) from None
     _check_fit(model, data, device, args.model)
 
-    loader = torch.utils.data.DataLoader(
-        IndexedDataset(data.dataset),
-        batch_size=args.batch_size,
-        num_workers=args.workers,
-        pin_memory=device.type == "cuda",
-    )
-    print(
+    loader = _score_loader(data, args, device)
+    say(
         f"scoring {len(pending)} checkpoints x {len(data):,} samples of {args.data} on {device} "
-        f"(method {args.method}, {args.n_probes} probes, h = {args.h:g}) into {out}"
+        f"(method {args.method}, {args.n_probes} probes, h = {args.h:g}) into {out}" + _ranks_note()
     )
-    show = sys.stderr.isatty()
+    show = sys.stderr.isatty() and is_main_process()
     start = time.perf_counter()
     # One scorer and one tracker (read once, above) for every checkpoint; the tracker saves
     # after each epoch, so that an interrupted run resumes.
@@ -361,13 +374,237 @@ def cmd_score(args) -> int:
                         raise DataError(_worker_message(error)) from None
                     except (ValueError, TypeError) as error:
                         raise _scoring_error(error, epoch, file) from None
+                    check_ranks()  # rank 0 saved it (or failed to)
                     bar.update()
-                    tqdm.write(f"epoch {epoch} ({file}): {time.perf_counter() - begin:.1f} s")
+                    if is_main_process():
+                        tqdm.write(f"epoch {epoch} ({file}): {time.perf_counter() - begin:.1f} s")
     except (TimeoutError, TrackerConflictError) as error:  # another writer holds the file
         raise CliError(f"--out: {_one_line(error)}") from None
     # Other writers' epochs count too: the tracker took them in when it saved.
-    print(f"done in {time.perf_counter() - start:.1f} s: {out} ({len(tracker.epochs)} epochs)")
+    say(f"done in {time.perf_counter() - start:.1f} s: {out} ({len(tracker.epochs)} epochs)")
     return 0
+
+
+# -- score on several processes (torchrun) ------------------------------------------------------
+
+
+def _quiet(*args, **kwargs) -> None:
+    """print on ranks other than 0: one process speaks for the job."""
+
+
+def _ranks_note() -> str:
+    if not is_distributed():
+        return ""
+    import torch.distributed as dist
+
+    return f", {dist.get_world_size()} processes"
+
+
+def _agree_on_epochs(tracker: CurvatureTracker, out: Path) -> None:
+    """Every rank must resume from the same epochs, or they would score different checkpoints."""
+    if not is_distributed():
+        return
+    import torch.distributed as dist
+
+    check_ranks()  # every rank got this far: the collectives below follow on all of them
+    seen: list[list[int] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, list(tracker.epochs))
+    if any(epochs != seen[0] for epochs in seen):
+        raise CliError(
+            f"--out: the ranks see different epochs in {out} (rank 0: {seen[0]}, this rank: "
+            f"{tracker.epochs}); put --out on a file system that every node shares"
+        )
+
+
+class _ShardLoader:
+    """This rank's batches of the single-process run: batch k of ``batch_size`` consecutive ids
+    goes to rank k mod world, so each batch is the one a single process scores (same rows in
+    one pass, hence the same rounding) and no id is scored twice, whatever N and world are.
+
+    Before each batch, and for the batches other ranks have beyond this one's, every rank passes
+    :func:`check_ranks`, so that a rank that fails stops the others within a batch.
+    """
+
+    def __init__(self, data: Data, batch_size: int, workers: int, pin: bool) -> None:
+        import torch.distributed as dist
+
+        n, world, rank = len(data), dist.get_world_size(), dist.get_rank()
+        batches = -(-n // batch_size)
+        mine = range(rank, batches, world)
+        ids = [i for k in mine for i in range(k * batch_size, min((k + 1) * batch_size, n))]
+        self.steps = -(-batches // world)  # batches of the rank with most
+        self.dataset = IndexedDataset(torch.utils.data.Subset(data.dataset, ids))
+        self.loader = torch.utils.data.DataLoader(
+            self.dataset, batch_size=batch_size, num_workers=workers, pin_memory=pin
+        )
+        self.sampler = self.loader.sampler
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        done = 0
+        for batch in self.loader:
+            check_ranks()
+            yield batch
+            done += 1
+        for _ in range(self.steps - done):
+            check_ranks()
+
+
+def _score_loader(data: Data, args, device: torch.device):
+    """The DataLoader of `score`: all of the data set, or under torchrun this rank's shard."""
+    pin = device.type == "cuda"
+    if is_distributed():
+        return _ShardLoader(data, args.batch_size, args.workers, pin)
+    return torch.utils.data.DataLoader(
+        IndexedDataset(data.dataset),
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        pin_memory=pin,
+    )
+
+
+def _score_distributed(args) -> int:
+    """`score` under torchrun: joins the process group, scores this rank's shard of every
+    checkpoint, and when any rank fails, ends every rank with status 2 and one line for the
+    job (the failing rank's)."""
+    import torch.distributed as dist
+
+    created = not is_distributed()  # a group made before main() (by a script) is left as is
+    try:
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            device = torch.device(device)
+        except RuntimeError as error:
+            raise CliError(f"--device: cannot use {device!r} ({_one_line(error)})") from None
+        try:
+            args.device = str(init_from_environment(device))
+        except ValueError as error:
+            raise CliError(str(error)) from None
+    except CliError as error:  # before the process group: every rank says the same, rank 0 tells
+        if os.environ.get("RANK") == "0":
+            print(f"curvkern: error: {error}", file=sys.stderr)
+        return USAGE_EXIT
+    try:
+        status = cmd_score(args)
+    except RankFailed:  # another rank failed and said why
+        _exit_together()
+    except Exception as error:
+        _fail_together(error)
+        _exit_together()
+    if created:
+        dist.destroy_process_group()
+    return status
+
+
+def _fail_together(error: Exception) -> None:
+    """This rank failed: stops every rank (see curvkern.distributed.fail_ranks) and prints one
+    line per distinct message, from the lowest rank that has it."""
+    import torch.distributed as dist
+
+    line = (
+        str(error)
+        if isinstance(error, (CliError, DataError))
+        else (f"{type(error).__name__}: {_one_line(error)}")
+    )
+    rank = dist.get_rank()
+    say = True
+    try:
+        fail_ranks(line)
+    except RankFailed as failed:
+        first = {m: r for r, m in reversed(failed.failures)}
+        say = first.get(line) == rank
+    except Exception:  # the other ranks are gone: say it here
+        pass
+    if say:
+        print(f"curvkern: error: rank {rank}: {line}", file=sys.stderr, flush=True)
+
+
+def _exit_together() -> NoReturn:
+    """Every rank ends with status 2 at the same moment: torchrun stops the other ranks (with
+    SIGTERM, reported as their status) as soon as one has exited, so none may linger in the
+    interpreter's shutdown."""
+    import torch.distributed as dist
+
+    with contextlib.suppress(Exception):  # a peer already gone: nothing to wait for
+        dist.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(USAGE_EXIT)
+
+
+# -- export -------------------------------------------------------------------------------------
+
+
+EXPORT_FORMATS = (".parquet", ".csv")
+
+
+def cmd_export(args) -> int:
+    out = Path(args.out)
+    if out.suffix.lower() not in EXPORT_FORMATS:
+        raise CliError(
+            f"--out: the format comes from the extension, one of {', '.join(EXPORT_FORMATS)}; "
+            f"got {args.out!r}"
+        )
+    path = Path(args.path)
+    if not path.is_file():
+        raise CliError(f"PATH: tracker file {path} does not exist (write it with `curvkern score`)")
+    try:
+        tracker = CurvatureTracker.load(path)
+    except (OSError, ValueError, KeyError) as error:
+        raise CliError(
+            f"PATH: {path} is not a curvkern tracker file ({_one_line(error)})"
+        ) from None
+    try:
+        frame = tracker.to_pandas()
+        if out.suffix.lower() == ".csv":
+            frame.to_csv(out, index=False)
+        else:
+            frame.to_parquet(out, index=False)
+    except ImportError as error:
+        raise CliError(
+            f"export needs pandas and pyarrow ({_one_line(error)}); pip install 'curvkern[data]'"
+        ) from None
+    except OSError as error:
+        raise CliError(f"--out: cannot write {out} ({_one_line(error)})") from None
+    print(
+        f"wrote {out}: {len(frame):,} samples x {frame.shape[1]} columns, "
+        f"{len(tracker.epochs)} epochs"
+    )
+    return 0
+
+
+def _add_data_columns(parser: argparse.ArgumentParser) -> None:
+    """--x-column / --y-column: which columns of a `datasets` folder or Parquet data to score."""
+    from .data import X_COLUMNS, Y_COLUMNS
+
+    parser.add_argument(
+        "--x-column",
+        default=None,
+        metavar="NAME",
+        help="for a `datasets` folder or Parquet: the input column "
+        f"(default: the first of {', '.join(X_COLUMNS)})",
+    )
+    parser.add_argument(
+        "--y-column",
+        default=None,
+        metavar="NAME",
+        help=f"the label column (default: the first of {', '.join(Y_COLUMNS)})",
+    )
+
+
+def _add_export(sub) -> None:
+    export = sub.add_parser(
+        "export",
+        help="write a tracker file's per-sample table to Parquet or CSV",
+        description="One row per sample id: the mean of every score field over the scored "
+        "epochs, every training-dynamics baseline, and the number of epochs scored.",
+    )
+    export.add_argument("path", metavar="PATH", help="tracker file written by `curvkern score`")
+    export.add_argument(
+        "--out", required=True, metavar="FILE", help="FILE.parquet or FILE.csv (by extension)"
+    )
 
 
 def cmd_report(args) -> int:
@@ -472,7 +709,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--data",
         required=True,
         metavar="DATA",
-        help=".npz with x (N, ...) and y (N,), or an ImageFolder directory",
+        help=".npz with x (N, ...) and y (N,), an ImageFolder directory, a `datasets` folder "
+        "(save_to_disk) or Parquet files (a file, a folder or a quoted glob)",
     )
     score.add_argument("--out", required=True, metavar="PATH", help="tracker file (.npz)")
     score.add_argument("--n-probes", type=int, default=10, metavar="N")
@@ -504,6 +742,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MODULE:OBJECT",
         help="for an image folder: PIL image -> tensor (default: ToTensor)",
     )
+    _add_data_columns(score)
 
     report = sub.add_parser(
         "report",
@@ -519,6 +758,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_argument("--title", default=None, help="page title (default: the tracker file)")
     _add_merge_parser(sub)
+    _add_export(sub)
     return parser
 
 
@@ -536,9 +776,17 @@ def _add_merge_parser(sub) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``curvkern`` console script; returns the exit status."""
-    commands = {"info": cmd_info, "score": cmd_score, "report": cmd_report, "merge": cmd_merge}
+    commands = {
+        "info": cmd_info,
+        "score": cmd_score,
+        "report": cmd_report,
+        "merge": cmd_merge,
+        "export": cmd_export,
+    }
     try:
         args = build_parser().parse_args(argv)
+        if args.command == "score" and launched_distributed():
+            return _score_distributed(args)
         return commands[args.command](args)
     except (CliError, DataError) as error:
         print(f"curvkern: error: {error}", file=sys.stderr)

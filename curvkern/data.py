@@ -1,12 +1,16 @@
-"""DATA as the command line and the report read it: an .npz file or an image folder.
+"""DATA as the command line and the report read it: an .npz file, an image folder, a Hugging
+Face ``datasets`` folder or Parquet files.
 
 An .npz holds ``x`` (N, ...) floats exactly as the model takes them, ``y`` (N,) integer labels
 and optionally ``classes``, the class names; an image folder is laid out for torchvision's
-ImageFolder (one sub-folder of images per class).
+ImageFolder (one sub-folder of images per class). A ``datasets`` folder (``save_to_disk``) or
+Parquet files are tables: one input column (an image column decoded as ImageFolder decodes
+files, or an array column) and one integer label column; ids are row numbers.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 import zipfile
@@ -17,7 +21,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["Data", "DataError", "fingerprint", "load_data"]
+__all__ = [
+    "Data",
+    "DataError",
+    "TableDataset",
+    "fingerprint",
+    "load_data",
+    "X_COLUMNS",
+    "Y_COLUMNS",
+]
+
+# The columns a `datasets` folder or Parquet data is scored on, unless named: the first present.
+X_COLUMNS = ("x", "image", "pixel_values")
+Y_COLUMNS = ("label", "labels", "y")
 
 
 class DataError(ValueError):
@@ -51,13 +67,24 @@ class Data:
         return len(self.labels)
 
 
-def load_data(source: str | os.PathLike, transform: Callable | None = None) -> Data:
-    """Reads DATA: an .npz with ``x`` and ``y`` (optionally ``classes``), or an image folder.
+def load_data(
+    source: str | os.PathLike,
+    transform: Callable | None = None,
+    *,
+    x_column: str | None = None,
+    y_column: str | None = None,
+) -> Data:
+    """Reads DATA: an .npz with ``x`` and ``y`` (optionally ``classes``), an image folder, a
+    Hugging Face ``datasets`` folder (written by ``save_to_disk``) or Parquet files (one file,
+    a folder of them or a glob).
 
     Args:
-        source: the .npz file or the folder (one sub-folder of images per class).
-        transform: for a folder, PIL image -> tensor (default: torchvision's ToTensor, floats in
-            [0, 1] of shape (C, H, W)).
+        source: the .npz file, the folder (one sub-folder of images per class, or a saved
+            ``datasets`` data set, or .parquet files), a .parquet file, or a glob of them.
+        transform: for images, PIL image -> tensor (default: torchvision's ToTensor, floats in
+            [0, 1] of shape (C, H, W)); for an array column of a table, tensor -> tensor.
+        x_column, y_column: for a table (``datasets`` or Parquet), the input and label columns
+            (default: the first present of X_COLUMNS and of Y_COLUMNS).
     Returns:
         Data.
     Raises:
@@ -65,12 +92,26 @@ def load_data(source: str | os.PathLike, transform: Callable | None = None) -> D
             --data, as the command line reports it).
     """
     path = Path(source)
+    table = _table_source(path)
+    if table is not None:
+        return _table_data(table, str(source), transform, x_column, y_column)
+    if x_column is not None or y_column is not None:
+        raise DataError(
+            "--x-column/--y-column: only for a `datasets` folder or Parquet data, but "
+            f"{source} is {'an image folder' if path.is_dir() else 'not one'}"
+        )
     if not path.exists():
-        raise DataError(f"--data: {source} does not exist (expected an .npz file or image folder)")
+        raise DataError(
+            f"--data: {source} does not exist (expected an .npz file, an image folder, a "
+            "`datasets` folder or Parquet files)"
+        )
     if path.is_dir():
         return _image_folder(path, transform)
     if path.suffix != ".npz":
-        raise DataError(f"--data: expected an .npz file or an image folder, got {source}")
+        raise DataError(
+            "--data: expected an .npz file, an image folder, a `datasets` folder or Parquet "
+            f"files, got {source}"
+        )
     arrays = _read_npz(path, str(source))
     missing = [k for k in ("x", "y") if k not in arrays]
     if missing:
@@ -211,6 +252,8 @@ def fingerprint(data: Data) -> dict:
     if data.images is not None:
         shape, dtype = list(data.images.shape[1:]), str(data.images.dtype)
         x.update(np.ascontiguousarray(data.images[ids]).tobytes())
+    elif isinstance(data.dataset, TableDataset):
+        shape, dtype = data.dataset.hash_stored(ids, x)
     else:
         shape = dtype = None
         root = Path(data.source)
@@ -232,3 +275,200 @@ def one_line(error: BaseException) -> str:
     """An exception's message on one line, at most 400 characters."""
     text = " ".join(str(error).split())
     return text if len(text) <= 400 else text[:397] + "..."
+
+
+# -- tables: a Hugging Face `datasets` folder, Parquet files -----------------------------------
+
+
+def _table_source(path: Path) -> tuple[str, object] | None:
+    """("datasets", folder) or ("parquet", [files]) when DATA is one of those, else None."""
+    text = str(path)
+    if any(c in text for c in "*?["):
+        files = sorted(glob.glob(text, recursive=True))
+        parquet = [f for f in files if f.endswith(".parquet") and os.path.isfile(f)]
+        if not parquet:
+            raise DataError(f"--data: {text!r} matches no .parquet file")
+        return "parquet", parquet
+    if path.is_file() and path.suffix == ".parquet":
+        return "parquet", [str(path)]
+    if path.is_dir():
+        if (path / "dataset_dict.json").is_file():
+            splits = sorted(p.name for p in path.iterdir() if (p / "state.json").is_file())
+            raise DataError(
+                f"--data: {path} holds a DatasetDict of splits {splits}; give one split's "
+                f"folder, e.g. {path / (splits[0] if splits else 'train')}"
+            )
+        if (path / "state.json").is_file() and (path / "dataset_info.json").is_file():
+            return "datasets", path
+        parquet = sorted(str(p) for p in path.glob("*.parquet") if p.is_file())
+        if parquet and not any(p.is_dir() for p in path.iterdir()):
+            return "parquet", parquet
+    return None
+
+
+def _load_table(kind: str, where, source: str):
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(
+            f"--data: reading {source} needs the `datasets` package: pip install 'curvkern[data]'"
+        ) from None
+    from .distributed import check_ranks, is_main_process
+
+    try:
+        if kind == "datasets":
+            table = datasets.load_from_disk(str(where))
+        else:
+            # Converted once into Arrow files in the datasets cache, then memory-mapped: rows
+            # are read on demand, not all held in memory. Under torch.distributed rank 0
+            # converts first and the others then open its cache: two ranks writing one cache
+            # entry at once fail.
+            if not is_main_process():
+                check_ranks()
+            table = datasets.Dataset.from_parquet(list(where))
+            if is_main_process():
+                check_ranks()
+    except Exception as error:
+        what = "a `datasets` folder" if kind == "datasets" else "Parquet"
+        raise DataError(
+            f"--data: cannot read {source} as {what} ({type(error).__name__}: {one_line(error)})"
+        ) from None
+    if not isinstance(table, datasets.Dataset):
+        raise DataError(f"--data: {source} is a {type(table).__name__}; give one split's folder")
+    return table
+
+
+def _pick_column(table, name: str | None, defaults: tuple[str, ...], option: str, source: str):
+    columns = list(table.column_names)
+    if name is not None:
+        if name not in columns:
+            raise DataError(f"{option}: {source} has no column {name!r} (columns: {columns})")
+        return name
+    for candidate in defaults:
+        if candidate in columns:
+            return candidate
+    raise DataError(
+        f"{option}: {source} has none of the columns {', '.join(defaults)} (columns: "
+        f"{columns}); name one with {option}"
+    )
+
+
+def _is_image_column(feature) -> bool:
+    """An Image feature, or a struct of encoded bytes as datasets writes images to Parquet."""
+    import datasets
+
+    if isinstance(feature, datasets.Image):
+        return True
+    return isinstance(feature, dict) and "bytes" in feature
+
+
+class TableDataset(torch.utils.data.Dataset):
+    """(x, y) items of one input and one label column of a ``datasets.Dataset``.
+
+    Image columns are decoded as torchvision's ImageFolder decodes files (PIL, converted to
+    RGB) and go through ``transform`` (default ToTensor); array columns become tensors (then
+    ``transform``, when given). Labels come from the (N,) int64 array read up front.
+    """
+
+    def __init__(self, table, x_column: str, labels: np.ndarray, transform, image: bool) -> None:
+        self.table = table.select_columns([x_column])
+        self.x_column = x_column
+        self.labels = torch.from_numpy(labels)
+        self.transform = transform
+        self.image = image
+        # Floating inputs are cast to this dtype (the model's) when set: Parquet written from
+        # NumPy or pandas holds float64.
+        self.dtype: torch.dtype | None = None
+        if image:
+            import datasets
+
+            if isinstance(self.table.features[x_column], datasets.Image):
+                # Decode ourselves from the stored bytes or path, as ImageFolder does.
+                self.table = self.table.cast_column(x_column, datasets.Image(decode=False))
+        else:
+            # dtype=None: the stored dtype (datasets' numpy format makes floats float32 else)
+            self.table = self.table.with_format("numpy", dtype=None)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def hash_stored(self, ids: list[int], digest) -> tuple[list[int] | None, str | None]:
+        """Feeds the stored x of ``ids`` to ``digest`` (an image's encoded bytes, not the
+        decoded picture); returns the sample shape and dtype of an array column, else Nones."""
+        shape = dtype = None
+        for i in ids:
+            value = self.table[int(i)][self.x_column]
+            if self.image:
+                data = value.get("bytes") if isinstance(value, dict) else None
+                if data is None and isinstance(value, dict) and value.get("path"):
+                    data = Path(value["path"]).read_bytes()
+                digest.update(data or b"")
+            else:
+                array = np.ascontiguousarray(value)
+                shape, dtype = list(array.shape), str(array.dtype)
+                digest.update(array.tobytes())
+        return shape, dtype
+
+    def __getitem__(self, index: int):
+        value = self.table[int(index)][self.x_column]
+        if self.image:
+            x = _decode_image(value)
+            if self.transform is None:
+                from torchvision.transforms.functional import to_tensor
+
+                return to_tensor(x), self.labels[index]
+            return self.transform(x), self.labels[index]
+        x = torch.from_numpy(np.ascontiguousarray(value))
+        x = x if self.transform is None else self.transform(x)
+        if self.dtype is not None and x.is_floating_point():
+            x = x.to(self.dtype)
+        return x, self.labels[index]
+
+
+def _decode_image(value):
+    import io
+
+    from PIL import Image
+
+    if isinstance(value, dict):
+        if value.get("bytes") is not None:
+            image = Image.open(io.BytesIO(value["bytes"]))
+        else:
+            image = Image.open(value["path"])
+    else:
+        image = value
+    return image.convert("RGB")
+
+
+def _table_data(
+    table_source: tuple[str, object], source: str, transform, x_column, y_column
+) -> Data:
+    kind, where = table_source
+    table = _load_table(kind, where, source)
+    x_column = _pick_column(table, x_column, X_COLUMNS, "--x-column", source)
+    y_column = _pick_column(table, y_column, Y_COLUMNS, "--y-column", source)
+    labels = np.asarray(table.with_format("numpy", dtype=None)[y_column])
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(
+            f"--y-column: {y_column!r} in {source} must hold integer class labels, one per row; "
+            f"got {labels.dtype} of shape {labels.shape}"
+        )
+    labels = labels.astype(np.int64)
+    feature = table.features[y_column]
+    names = getattr(feature, "names", None)
+    classes = [str(c) for c in (names or range(int(labels.max()) + 1 if len(labels) else 0))]
+    if len(labels) and (labels.min() < 0 or labels.max() >= len(classes)):
+        raise DataError(
+            f"--y-column: labels in {source} must lie in [0, {len(classes)}), got "
+            f"{labels.min()} .. {labels.max()}"
+        )
+    image = _is_image_column(table.features[x_column])
+    dataset = TableDataset(table, x_column, labels, transform, image)
+    if not image and len(dataset):
+        first = dataset[0][0]
+        if transform is None and not first.is_floating_point():
+            raise DataError(
+                f"--x-column: {x_column!r} in {source} holds {first.dtype} arrays; store them "
+                "as floats exactly as the model takes them, or give --transform to convert them"
+            )
+    return Data(dataset, labels, classes, source)

@@ -442,6 +442,33 @@ class CurvatureTracker:
         stats = self._statistics(fields)
         return {name: b.statistic(stats, b.field).to(self._dtype) for name, b in BASELINES.items()}
 
+    def to_pandas(self):
+        """One row per sample id: the mean of every score field over the recorded epochs, every
+        baseline (see :meth:`baselines`) and ``epochs_scored``, the number of epochs in which
+        the sample's curvature is finite.
+
+        Returns:
+            A pandas DataFrame of N rows: column ``id`` (0 .. N-1), the fields of SCORE_FIELDS
+            (float means, NaN where never scored), the baselines (``el2n``, a field and a
+            baseline, the field's mean, is one column), ``epochs_scored`` (int).
+        Raises:
+            ImportError: without pandas (pip install 'curvkern[data]').
+        """
+        try:
+            import pandas
+        except ImportError:
+            raise ImportError(
+                "CurvatureTracker.to_pandas needs pandas: pip install 'curvkern[data]'"
+            ) from None
+        stats = self._statistics(SCORE_FIELDS)
+        columns = {"id": torch.arange(self.num_samples).numpy()}
+        for name in SCORE_FIELDS:
+            columns[name] = stats.mean(name).to(self._dtype).numpy()
+        for name, value in self.baselines().items():
+            columns[name] = value.numpy()
+        columns["epochs_scored"] = stats.count["curvature"].to(torch.int64).numpy()
+        return pandas.DataFrame(columns)
+
     # -- persistence ------------------------------------------------------------------------
 
     def save(self) -> None:

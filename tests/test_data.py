@@ -5,6 +5,7 @@ import pickle
 
 import numpy as np
 import pytest
+import torch
 
 from curvkern.data import DataError, load_data
 
@@ -45,3 +46,100 @@ def test_data_errors_are_one_line(tmp_path, monkeypatch, case):
     assert message.startswith("--data: ") and "\n" not in message
     assert expected in message, message
     assert "allow_pickle" not in message
+
+
+# -- a `datasets` folder and Parquet files ------------------------------------------------------
+
+
+def _table_files(root):
+    """The same 6 samples as an .npz, Parquet (two files), a `datasets` folder of arrays, and
+    one of images; returns (x, y)."""
+    datasets = pytest.importorskip("datasets")
+    pandas = pytest.importorskip("pandas")
+    gen = np.random.default_rng(0)
+    x = gen.random((6, 2, 3)).astype(np.float32)
+    y = np.array([0, 1, 2, 1, 0, 2])
+    frame = pandas.DataFrame({"pixel_values": list(x.reshape(6, 6)), "labels": y, "z": 0.5})
+    (root / "pq").mkdir()
+    frame.iloc[:4].to_parquet(root / "pq" / "a.parquet")
+    frame.iloc[4:].to_parquet(root / "pq" / "b.parquet")
+    table = datasets.Dataset.from_dict(
+        {"x": list(x), "y": y, "name": ["s"] * 6},
+        features=datasets.Features(
+            {
+                "x": datasets.Array2D((2, 3), "float32"),
+                "y": datasets.ClassLabel(names=["a", "b", "c"]),
+                "name": datasets.Value("string"),
+            }
+        ),
+    )
+    table.save_to_disk(str(root / "hf"))
+    datasets.DatasetDict({"train": table}).save_to_disk(str(root / "hf_dict"))
+    return x, y
+
+
+def test_datasets_folder_and_parquet_read_as_the_arrays(tmp_path):
+    x, y = _table_files(tmp_path)
+    hf = load_data(tmp_path / "hf")
+    assert hf.classes == ["a", "b", "c"] and hf.labels.tolist() == y.tolist()
+    for i in range(6):
+        item_x, item_y = hf.dataset[i]
+        assert torch.equal(item_x, torch.from_numpy(x[i])) and int(item_y) == y[i]
+    for source in (tmp_path / "pq", tmp_path / "pq" / "*.parquet"):
+        pq = load_data(source)  # columns by default: pixel_values, labels
+        assert pq.labels.tolist() == y.tolist() and pq.classes == ["0", "1", "2"]
+        assert torch.equal(
+            torch.stack([pq.dataset[i][0] for i in range(6)]), torch.from_numpy(x.reshape(6, 6))
+        )
+    one = load_data(tmp_path / "pq" / "b.parquet", x_column="pixel_values", y_column="labels")
+    assert one.labels.tolist() == y[4:].tolist()
+
+
+def test_image_column_decodes_as_image_folder_does(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    pytest.importorskip("torchvision")
+    from PIL import Image
+
+    gen = np.random.default_rng(1)
+    files = []
+    for i, mode in enumerate(("RGB", "L", "RGBA")):  # ImageFolder converts each to RGB
+        folder = tmp_path / "folder" / f"c{i}"
+        folder.mkdir(parents=True)
+        pixels = gen.integers(0, 256, (5, 7, 4), dtype=np.uint8)
+        image = Image.fromarray({"RGB": pixels[..., :3], "L": pixels[..., 0], "RGBA": pixels}[mode])
+        image.save(folder / "p.png")
+        files.append(str(folder / "p.png"))
+    datasets.Dataset.from_dict(
+        {"image": files, "label": [0, 1, 2]},
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")}),
+    ).save_to_disk(str(tmp_path / "hf"))
+    folder, table = load_data(tmp_path / "folder"), load_data(tmp_path / "hf")
+    for i in range(3):
+        assert torch.equal(table.dataset[i][0], folder.dataset[i][0])
+        assert table.dataset[i][0].shape == (3, 5, 7)
+
+
+def test_table_errors_are_one_line(tmp_path):
+    _table_files(tmp_path)
+    np.savez(tmp_path / "d.npz", x=np.zeros((2, 3), np.float32), y=np.zeros(2, np.int64))
+    cases = [
+        (dict(source=tmp_path / "hf", x_column="pixels"), "--x-column: ", "no column 'pixels'"),
+        (dict(source=tmp_path / "pq", y_column="z"), "--y-column: ", "must hold integer class"),
+        (dict(source=tmp_path / "hf", y_column="name"), "--y-column: ", "must hold integer"),
+        (dict(source=tmp_path / "hf_dict"), "--data: ", "give one split's folder"),
+        (dict(source=tmp_path / "nothing*.parquet"), "--data: ", "matches no .parquet file"),
+        (dict(source=tmp_path / "d.npz", x_column="x"), "--x-column/--y-column: ", "only for"),
+    ]
+    for kwargs, start, expected in cases:
+        with pytest.raises(DataError) as error:
+            load_data(**kwargs)
+        message = str(error.value)
+        assert message.startswith(start) and "\n" not in message, message
+        assert expected in message, message
+    # an integer array column needs floats or a transform
+    pandas = pytest.importorskip("pandas")
+    pandas.DataFrame({"x": [np.arange(4)] * 3, "y": [0, 1, 0]}).to_parquet(tmp_path / "i.parquet")
+    with pytest.raises(DataError, match="holds torch.int64 arrays; store them as floats"):
+        load_data(tmp_path / "i.parquet")
+    scaled = load_data(tmp_path / "i.parquet", transform=lambda t: t.float() / 4)
+    assert torch.equal(scaled.dataset[1][0], torch.arange(4.0) / 4)
