@@ -88,6 +88,15 @@ def _check_finite(a: np.ndarray, name: str, layout: str) -> None:
         )
 
 
+def _as_membership(keep: np.ndarray, name: str, meaning: str) -> np.ndarray:
+    """A boolean membership array from a boolean or 0/1 one; anything else is refused."""
+    if keep.dtype == np.bool_:
+        return keep
+    if keep.dtype.kind not in "biuf" or not np.isin(keep, (0, 1)).all():
+        raise ValueError(f"{name} must be boolean or 0/1 ({meaning})")
+    return keep.astype(bool)
+
+
 def _check_inputs(
     shadow_scores, shadow_keep, target_scores
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -108,12 +117,7 @@ def _check_inputs(
             f"shadow_keep must have shape (M, N) = {(m, n)} like shadow_scores' first two "
             f"dimensions, got {keep_raw.shape}"
         )
-    if keep_raw.dtype != np.bool_:
-        if keep_raw.dtype.kind not in "biuf" or not np.isin(keep_raw, (0, 1)).all():
-            raise ValueError(
-                "shadow_keep must be boolean or 0/1 (sample n in model m's training set)"
-            )
-        keep_raw = keep_raw.astype(bool)
+    keep_raw = _as_membership(keep_raw, "shadow_keep", "sample n in model m's training set")
     t = _as_array(target_scores, "target_scores")
     expected = (n,) if s.ndim == 2 else (n, s.shape[2])
     if t.shape != expected:
@@ -587,12 +591,7 @@ def export_lira(
                 f"shadow_scores {np.shape(shadow_scores)}; got {np.shape(target_scores)} and "
                 f"{np.shape(target_keep)}"
             )
-        if t_keep.dtype != np.bool_:
-            if t_keep.dtype.kind not in "biuf" or not np.isin(t_keep, (0, 1)).all():
-                raise ValueError(
-                    "target_keep must be boolean or 0/1 (sample n in the target's training set)"
-                )
-            t_keep = t_keep.astype(bool)
+        t_keep = _as_membership(t_keep, "target_keep", "sample n in the target's training set")
         t = t.reshape(t.shape[:2] + (-1,))
         _check_finite(t, "target_scores", "(target, sample, query)")
         targets = list(zip(t, t_keep, strict=True))
