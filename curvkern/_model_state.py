@@ -44,6 +44,8 @@ def scoring_mode(model: Callable) -> Iterator[None]:
     if not isinstance(model, nn.Module):
         yield
         return
+    # Each flag is set (and put back) only where it differs: on a small model this context's
+    # attribute writes through nn.Module.__setattr__ are a visible part of a score() call.
     modules = list(model.modules())
     training = [m.training for m in modules]
     params = list(model.parameters())
@@ -51,16 +53,20 @@ def scoring_mode(model: Callable) -> Iterator[None]:
     grads = [p.grad for p in params]
     buffers = [(b, b.detach().clone(), b._version) for b in model.buffers()]
     try:
-        model.eval()
-        for p in params:
-            # Gradients with respect to the input only: parameters need no graph of their own.
-            p.requires_grad_(False)
+        if any(training):
+            model.eval()
+        for p, flag in zip(params, requires_grad, strict=True):
+            if flag:
+                # Gradients with respect to the input only: parameters need no graph of their own.
+                p.requires_grad_(False)
         yield
     finally:
         for m, flag in zip(modules, training, strict=True):
-            m.training = flag
+            if m.training != flag:
+                m.training = flag
         for p, flag, grad in zip(params, requires_grad, grads, strict=True):
-            p.requires_grad_(flag)
+            if p.requires_grad != flag:
+                p.requires_grad_(flag)
             if p.grad is not grad:
                 p.grad = grad
         with torch.no_grad():
@@ -137,12 +143,14 @@ def _fp32_precision(device_type: str, value: str) -> Iterator[None]:
         if obj is not None and hasattr(obj, "fp32_precision"):
             knobs.append((obj, obj.fp32_precision))
     try:
-        for obj, _ in knobs:
-            obj.fp32_precision = value
+        for obj, previous in knobs:
+            if previous != value:
+                obj.fp32_precision = value
         yield
     finally:
         for obj, previous in knobs:
-            obj.fp32_precision = previous
+            if obj.fp32_precision != previous:
+                obj.fp32_precision = previous
 
 
 @contextlib.contextmanager

@@ -108,14 +108,18 @@ def classification_stats(output, y: Tensor) -> Tensor:
     logits = logits.detach().double()
     classes = logits.shape[1]
     valid = (y >= 0) & (y < classes)
-    label = torch.where(valid, y, torch.zeros_like(y)).long().unsqueeze(1)  # (B, 1)
+    label = torch.where(valid, y, 0).long().unsqueeze(1)  # (B, 1)
     own = logits.gather(1, label).squeeze(1)
     others = logits.scatter(1, label, -math.inf).amax(1)
     prob = torch.softmax(logits, dim=1)
-    p_label = prob.gather(1, label).squeeze(1)
+    p_label = prob.gather(1, label)  # (B, 1)
     correct = (logits.argmax(1) == label.squeeze(1)).double()
-    el2n = torch.linalg.vector_norm(prob - F.one_hot(label.squeeze(1), classes).double(), dim=1)
-    stats = torch.stack([own - others, p_label, correct, el2n], dim=1)
+    # prob minus the one-hot label, written as one scatter (the same values as subtracting
+    # one_hot, in a fraction of the small operations: this runs on every scored batch).
+    el2n = torch.linalg.vector_norm(prob.scatter(1, label, p_label - 1.0), dim=1)
+    stats = torch.stack([own - others, p_label.squeeze(1), correct, el2n], dim=1)
+    if bool(valid.all()):
+        return stats
     return stats.masked_fill(~valid.unsqueeze(1), math.nan)
 
 

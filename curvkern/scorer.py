@@ -455,17 +455,17 @@ class CurvatureScorer:
         batch: Batch,
         dtype: torch.dtype,
     ) -> CurvatureScores:
-        n = count.double()
+        # Without rtol every sample had n_probes probes: n is then a Python number, the same
+        # values in fewer operations than a (B,) tensor of counts.
+        n = float(self.n_probes) if self.rtol is None else count.double().unsqueeze(1)
         # Every (B,) field is a column of one (B, F) table: the finiteness check, the NaNs and
         # the conversion to the output dtype are then one operation each, whatever F.
-        mean, stderr = _mean_and_stderr(sums[:, 0::2], sums[:, 1::2], n.unsqueeze(1))  # (B, 2)
+        mean, stderr = _mean_and_stderr(sums[:, 0::2], sums[:, 1::2], n)  # (B, 2) each
         table = torch.cat(
             [
-                mean[:, :1],
-                stderr[:, :1],
-                mean[:, 1:],
-                stderr[:, 1:],
-                (sums[:, 1] / n).unsqueeze(1),
+                # curvature, its stderr, trace, its stderr
+                torch.stack([mean, stderr], dim=2).reshape(-1, 4),
+                sums[:, 1:2] / n,
                 base.loss.unsqueeze(1),
                 base.grad_norm.unsqueeze(1),
                 base.stats,
@@ -475,11 +475,15 @@ class CurvatureScorer:
         names = _TABLE_FIELDS
         curvature = table[:, 0]
         if cmap is not None:
-            cmap = cmap / n.unsqueeze(1)
+            cmap = cmap / n
         # NaN by design: grad_norm without a gradient, the classification fields of other outputs.
         checked = names.index("grad_norm") + int(self._estimator.needs_gradient)
-        bad = ~torch.isfinite(table[:, :checked]).all(dim=1)
-        n_bad = int(bad.sum())
+        # A finite sum means every checked value is finite (one reduction); the per-sample test
+        # runs only where it is not (a finite sum's overflow to inf included).
+        bad, n_bad = None, 0
+        if not math.isfinite(float(table[:, :checked].sum())):
+            bad = ~torch.isfinite(table[:, :checked]).all(dim=1)
+            n_bad = int(bad.sum())
         if n_bad:
             table[bad] = math.nan
             if cmap is not None:
@@ -497,10 +501,13 @@ class CurvatureScorer:
                 ),
                 stacklevel=3,
             )
+        if bad is None:
+            bad = torch.zeros(table.shape[0], dtype=torch.bool, device=table.device)
         if self._estimator.takes_differences:
             self._estimator.warn_zero_differences(sums, bad, batch, base, self.h)
         self._estimator.warn_rounding(curvature, base, bad, batch, self.h)
-        columns = table.to(dtype).t().contiguous()  # (F, B): each field a contiguous row
+        # (F, B): each field a contiguous row
+        columns = table.t().to(dtype, memory_format=torch.contiguous_format)
         return CurvatureScores(
             **dict(zip(names, columns.unbind(0), strict=True)),
             ids=batch.ids,
@@ -545,6 +552,9 @@ def _outside_inference(batch: Batch) -> Batch:
 def _mean_and_stderr(total: Tensor, total_sq: Tensor, n: Tensor | float) -> tuple[Tensor, Tensor]:
     """Mean and its standard error from the sum and the sum of squares of n values (0 if n == 1)."""
     mean = total / n
+    if isinstance(n, float):  # one count for all: the same arithmetic on a Python number
+        var = ((total_sq - total * mean) / max(n - 1.0, 1.0)).clamp(min=0)
+        return mean, torch.sqrt(var / n) if n > 1 else torch.zeros_like(var)
     n = torch.as_tensor(n, dtype=total.dtype, device=total.device)
     var = ((total_sq - total * mean) / (n - 1).clamp(min=1)).clamp(min=0)
     stderr = torch.where(n > 1, torch.sqrt(var / n), torch.zeros_like(var))
