@@ -21,9 +21,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.utils._pytree as pytree
 from torch import Tensor, nn
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.overrides import TorchFunctionMode
 
 from . import torch_ops
 from ._model_state import ieee_float32
@@ -241,47 +240,63 @@ class StepCheck:
         )
 
 
-class _Watch(TorchDispatchMode):
-    """Watches the ops dispatched while active: the first that drew random numbers (an op
-    tagged nondeterministic_seeded: rand, randn_like, bernoulli_, native_dropout, ...), and
-    the first floating result below ``floor`` precision (machine epsilon above ``floor``)."""
+class _Watch(TorchFunctionMode):
+    """Watches the torch functions called while active (a function mode costs about a
+    microsecond a call, and sees the result of every op, autocast's casts included): the
+    first floating result below ``floor`` precision (machine epsilon above ``floor``), and
+    the first call of torch's random family that moved a global generator."""
 
     def __init__(self, floor: float) -> None:
         super().__init__()
-        self.floor = floor
+        self.low = {d for d in _FLOATS if torch.finfo(d).eps > floor}
         self.random: str | None = None
         self.reduced: tuple[str, torch.dtype] | None = None
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if self.random is None and torch.Tag.nondeterministic_seeded in func.tags:
-            # The family holds ops that draw only for some arguments (attention with dropout_p
-            # = 0 draws nothing): random where a generator's state moved.
-            before = _generator_states(args, kwargs)
+        name = getattr(func, "__name__", None)
+        if self.random is None and name in _RANDOM:
+            # dropout draws nothing in eval mode, attention nothing at dropout_p = 0: random
+            # where a generator's state moved.
+            before = _generator_states(kwargs)
             out = func(*args, **kwargs)
-            if _generator_states(args, kwargs) != before:
-                self.random = str(func.overloadpacket)
+            if _generator_states(kwargs) != before:
+                self.random = name
         else:
             out = func(*args, **kwargs)
         if self.reduced is None:
-            for t in pytree.tree_leaves(out):
-                if (
-                    isinstance(t, Tensor)
-                    and t.is_floating_point()
-                    and torch.finfo(t.dtype).eps > self.floor
-                ):
-                    self.reduced = (str(func.overloadpacket), t.dtype)
+            for t in out if isinstance(out, tuple | list) else (out,):
+                if isinstance(t, Tensor) and t.dtype in self.low:
+                    self.reduced = (str(name), t.dtype)
                     break
         return out
 
 
-def _generator_states(args, kwargs) -> list[bytes]:
-    """The states of the generators an op may draw from: one passed to it, the CPU default,
-    and the current CUDA device's where CUDA is initialized."""
-    states = [g.get_state() for g in pytree.tree_leaves(kwargs) if isinstance(g, torch.Generator)]
+_FLOATS = [
+    getattr(torch, name)
+    for name in (
+        "float64", "float32", "bfloat16", "float16",
+        "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz",
+    )
+    if hasattr(torch, name)
+]  # fmt: skip
+
+# torch's functions and tensor methods that may draw random numbers, to name the one that did.
+_RANDOM = frozenset(
+    """rand rand_like randn randn_like randint randint_like randperm bernoulli bernoulli_
+    normal normal_ uniform_ exponential_ geometric_ cauchy_ log_normal_ random_ poisson
+    multinomial dropout dropout_ alpha_dropout feature_alpha_dropout dropout1d dropout2d
+    dropout3d rrelu rrelu_ scaled_dot_product_attention gumbel_softmax""".split()
+)
+
+
+def _generator_states(kwargs: dict[str, Any] | None = None) -> list[bytes]:
+    """The states of the generators a random op may draw from: one passed to it, the CPU
+    default, and every CUDA device's where CUDA is initialized."""
+    states = [g.get_state() for g in (kwargs or {}).values() if isinstance(g, torch.Generator)]
     states.append(torch.random.get_rng_state())
     if torch.cuda.is_initialized():
-        states.append(torch.cuda.get_rng_state())
+        states.extend(torch.cuda.get_rng_state_all())
     return [t.numpy().tobytes() for t in states]
 
 
@@ -362,7 +377,7 @@ class ModelCheck:
         long.x = torch.cat([*shifted, part.x[:1]])
 
         state = _State(self.model)
-        rng = _python_rng_state()
+        rng = _python_rng_state(), _generator_states()
         # A floating result below x's precision, or below float32 (a float32 op inside a float64
         # model is as precise as a float32 scoring, which the scorer accepts).
         floor = max(torch.finfo(x.dtype).eps, torch.finfo(torch.float32).eps)
@@ -371,12 +386,13 @@ class ModelCheck:
             passes = self.measure(part, long, rows)
         state.check()
         self.check_precision(watch.reduced, x)
-        if watch.random is not None or _python_rng_state() != rng:
-            drew = (
-                f"the op {watch.random} drew random numbers"
-                if watch.random is not None
-                else "Python's or numpy's global random generator was drawn from"
-            )
+        if watch.random is not None or (_python_rng_state(), _generator_states()) != rng:
+            if watch.random is not None:
+                drew = f"torch.{watch.random} drew random numbers"
+            elif _generator_states() != rng[1]:
+                drew = "torch's global random generator was drawn from"
+            else:
+                drew = "Python's or numpy's global random generator was drawn from"
             raise RuntimeError(_random_message(f"during the check pass {drew}"))
         eps = passes[3]
         if watch.reduced is not None:
