@@ -397,13 +397,13 @@ class ModelCheck:
         eps = passes[3]
         if watch.reduced is not None:
             eps = max(eps, torch.finfo(watch.reduced[1]).eps)
-        found = self.compare(passes, k, per, eps)
+        found = self.compare(passes, k, per, eps, part, rows)
         if found is not None and not self.estimator.takes_differences:
             # hvp runs in the caller's float32 precision: TF32 rounding differs between pass
             # sizes by ~1e-3; compare again in IEEE float32 before blaming the model.
             with ieee_float32(x.device.type):
                 passes = self.measure(part, long, rows)
-            found = self.compare(passes, k, per, eps)
+            found = self.compare(passes, k, per, eps, part, rows)
         if found is not None:
             raise RuntimeError(found + _per_sample_note(batch))
         self.checked.add(key)
@@ -452,10 +452,11 @@ class ModelCheck:
         grad = None if any(g is None for g in grads) else torch.cat(grads)
         return _Evaluation(torch.cat(losses), grad)
 
-    def compare(self, passes, k: int, per: int, eps: float) -> str | None:
+    def compare(self, passes, k: int, per: int, eps: float, part: Batch, rows: int) -> str | None:
         """The refusal for the check passes (None if they agree): two evaluations of the same
         rows in one pass that differ (randomness), or a sample's values that differ between
-        passes or positions (a loss or model that depends on the other rows)."""
+        passes or positions (a loss or model that depends on the other rows; unless the pass
+        of ``part``, evaluated once more, differs from its first evaluation: randomness)."""
         short, first, second, _ = passes
         # What the method divides by its step, per sample: gradient differences g(x + h r) -
         # g(x) for fd and hvp, second loss differences L(x + h r) + L(x - h r) - 2 L(x) for zo.
@@ -485,6 +486,13 @@ class ModelCheck:
         )
         if i is None and j is None:
             return None
+        again = self.evaluate(part, rows, [eps])
+        r = fd_mismatch(short, again, scale[:k], eps)
+        if r is not None:
+            return _random_message(
+                f"two evaluations of the same {k} rows, in passes of the same size, differed "
+                f"(sample {r}: {row_values(short, again, r)})"
+            )
         if i is not None:
             where = (
                 f"sample {i} has {row_values(short, at_x, i)} in a pass of {k} rows and of "

@@ -76,6 +76,23 @@ def test_reduced_precision_inside_forward_is_refused(make, method):
     assert "float32 model and forward" in str(e.value) and "method='hvp'" in str(e.value)
 
 
+def test_accelerate_mixed_precision_is_refused_and_unwrapping_fixes_it():
+    accelerate = pytest.importorskip("accelerate")
+    accelerator = accelerate.Accelerator(mixed_precision="bf16", cpu=True)
+    x, y = labelled_batch(8, dtype=torch.float32)
+    try:
+        prepared = accelerator.prepare(smooth_classifier(dtype=torch.float32))
+        with pytest.raises(RuntimeError, match=r"computes in torch.bfloat16.*unwrap_model"):
+            CurvatureScorer(prepared, n_probes=2).score(x, y)
+        # the fix the message gives: the float32 forward of the same weights
+        unwrapped = accelerator.unwrap_model(prepared, keep_fp32_wrapper=False)
+    finally:  # accelerate's state is process-wide: leave none for other tests
+        accelerate.state.AcceleratorState._reset_state(True)
+    got = CurvatureScorer(unwrapped, n_probes=2).score(x, y).curvature
+    want = CurvatureScorer(smooth_classifier(dtype=torch.float32), n_probes=2).score(x, y)
+    torch.testing.assert_close(got, want.curvature)
+
+
 def test_reduced_precision_inside_forward_with_hvp_needs_precision_bf16():
     x, y = labelled_batch(8, dtype=torch.float32)
     scorer = CurvatureScorer(AutocastInside(), method="hvp", n_probes=2)
