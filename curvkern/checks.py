@@ -1,6 +1,7 @@
 """The scorer's checks, apart from its schedule: its settings, the inputs of each batch, the
-step h against x's resolution, and the model and loss (dtype, device, determinism, rows
-independent of their pass).
+step h against x's resolution, and the model and loss (dtype, device, and what the model does
+during a check pass: reduced precision inside forward, randomness, rows that depend on their
+pass, state changed by forward; docs/method.md, "What the checks cover").
 
 :func:`check_settings` and :func:`check_inputs` are plain functions; :class:`StepCheck` and
 :class:`ModelCheck` are small objects a scorer holds, because each remembers what it has already
@@ -657,13 +658,13 @@ class _State:
         if changed is None:
             return
         kind, name, before, now = changed
+        values = ""
+        if before is not None and now is not None and before.numel() == 1:
+            values = f" (from {before.item():.6g} to {now.item():.6g})"
         with torch.no_grad():  # put the buffers back as found
             for n, t in self.buffers.items():
                 if n in buffers and buffers[n].shape == t.shape:
                     buffers[n].copy_(t)
-        values = ""
-        if before is not None and now is not None and before.numel() == 1:
-            values = f" (from {before.item():.6g} to {now.item():.6g})"
         raise RuntimeError(
             f"the model's forward changed its {kind} {name!r}{values} during the check pass: "
             f"every scoring pass would see another model (e.g. a call counter, a running "
