@@ -371,7 +371,10 @@ class ModelCheck:
         per = 3 if not self.estimator.needs_gradient else 2  # rows per sample in the long pass
         k = min(batch.size, CHECK_SAMPLES, max(1, (rows - 1) // per))
         part = batch.select(torch.arange(k, device=x.device))
-        hr = self.h * torch_ops.rademacher(0, part.ids, 1, x.shape[1:], 0, 0, x.dtype)[0]
+        # One fixed Rademacher direction per sample, from a generator of its own (the global
+        # generators are watched).
+        signs = torch.randint(0, 2, part.x.shape, generator=torch.Generator().manual_seed(0))
+        hr = (self.h * (2 * signs - 1)).to(x.dtype).to(x.device)
         shifted = [part.x, part.x + hr] + ([part.x - hr] if per == 3 else [])
         index = torch.arange(k, device=x.device).repeat(per)
         long = part.select(torch.cat([index, index[:1]]))
