@@ -387,7 +387,7 @@ class ModelCheck:
         floor = max(torch.finfo(x.dtype).eps, torch.finfo(torch.float32).eps)
         watch = _Watch(floor)
         with watch:
-            passes = self.measure(part, long, rows)
+            passes = self.measure(part, long, rows, state)
         state.check()
         self.check_precision(watch.reduced, x)
         if watch.random is not None or (_python_rng_state(), _generator_states()) != rng:
@@ -413,13 +413,17 @@ class ModelCheck:
         self.checked.add(key)
 
     def measure(
-        self, part: Batch, long: Batch, rows: int
+        self, part: Batch, long: Batch, rows: int, state: _State | None = None
     ) -> tuple[_Evaluation, _Evaluation, _Evaluation, float]:
         """The check's three passes (``part``, ``long`` twice) in passes of at most ``rows``
-        rows, and the machine epsilon of the loss's dtype (at least float64's)."""
+        rows, and the machine epsilon of the loss's dtype (at least float64's); ``state``
+        marked after the first."""
         eps = [torch.finfo(torch.float64).eps]
-        out = tuple(self.evaluate(b, rows, eps) for b in (part, long, long))
-        return (*out, eps[0])
+        short = self.evaluate(part, rows, eps)
+        if state is not None:
+            state.mark()
+        first, second = (self.evaluate(long, rows, eps) for _ in range(2))
+        return short, first, second, eps[0]
 
     def evaluate(self, batch: Batch, rows: int, eps: list[float]) -> _Evaluation:
         """Losses and (for fd and hvp) input gradients of every row of ``batch``, in passes of
@@ -628,19 +632,30 @@ def check_placement(model: Callable[..., Any], x: Any, y: Any) -> None:
 
 
 class _State:
-    """A module's buffers (values) and parameters (identity and version) before the check
-    pass, to name any that its forward changed, and to put them back."""
+    """A module's buffers (values) and parameters (identity and version): as found, to put
+    them back, and after the check's first pass (:meth:`mark`), to name any that a later
+    forward changed. A buffer filled once by the first forward (a lazily built cache) is
+    not a change; one that every forward updates (a call counter, an EMA) is."""
 
     def __init__(self, model: Callable[..., Any]) -> None:
         module = _module_of(model)
         self.module = module
         if module is None:
             return
+        self.found = {n: t.detach().clone() for n, t in module.named_buffers()}
+        self.mark()
+
+    def mark(self) -> None:
+        """Remembers the state that :meth:`check` compares against."""
+        module = self.module
+        if module is None:
+            return
         self.buffers = {n: t.detach().clone() for n, t in module.named_buffers()}
-        self.buffer_ids = {n: id(t) for n, t in module.named_buffers()}
         self.params = {n: (id(p), p._version) for n, p in module.named_parameters()}
 
     def check(self) -> None:
+        """Refuses a buffer or parameter changed since :meth:`mark`, naming it, after putting
+        the buffers back as found."""
         module = self.module
         if module is None:
             return
@@ -665,7 +680,7 @@ class _State:
         if before is not None and now is not None and before.numel() == 1:
             values = f" (from {before.item():.6g} to {now.item():.6g})"
         with torch.no_grad():  # put the buffers back as found
-            for n, t in self.buffers.items():
+            for n, t in self.found.items():
                 if n in buffers and buffers[n].shape == t.shape:
                     buffers[n].copy_(t)
         raise RuntimeError(

@@ -234,6 +234,26 @@ class EmaNormalized(nn.Module):
         return self.body(x - self.mean)
 
 
+class LazyCache(nn.Module):
+    """Fills a buffer on its first forward and reads it afterwards (a lazily built cache)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = smooth_classifier()
+        self.register_buffer("scale", torch.zeros(6, dtype=torch.float64), persistent=False)
+
+    def forward(self, x):
+        if not bool(self.scale.any()):
+            self.scale.copy_(torch.linspace(0.5, 1.5, 6, dtype=torch.float64))
+        return self.body(x * self.scale)
+
+
+def test_a_buffer_filled_once_by_the_first_forward_is_not_a_change():
+    x, y = labelled_batch(8)
+    s = CurvatureScorer(LazyCache(), n_probes=2).score(x, y)
+    assert torch.isfinite(s.curvature).all()
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_state_changed_by_forward_is_refused_and_put_back(method):
     x, y = labelled_batch(8)

@@ -232,7 +232,7 @@ def test_buffers_restored():
     # model), and the buffer is put back.
     model = _CountingModel()
     x, y = labelled_batch(3, classes=3)
-    with pytest.raises(RuntimeError, match=r"changed its buffer 'calls' \(from 0 to 3\)"):
+    with pytest.raises(RuntimeError, match=r"changed its buffer 'calls' \(from 1 to 3\)"):
         CurvatureScorer(model, n_probes=2).score(x, y)
     assert model.calls.item() == 0
 
