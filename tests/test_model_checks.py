@@ -78,15 +78,18 @@ def test_reduced_precision_inside_forward_is_refused(make, method):
 
 def test_accelerate_mixed_precision_is_refused_and_unwrapping_fixes_it():
     accelerate = pytest.importorskip("accelerate")
-    accelerator = accelerate.Accelerator(mixed_precision="bf16", cpu=True)
+    # accelerate's state is process-wide (a Trainer run earlier leaves its own): start afresh,
+    # and leave none for the tests after this one
+    accelerate.state.AcceleratorState._reset_state(True)
     x, y = labelled_batch(8, dtype=torch.float32)
     try:
+        accelerator = accelerate.Accelerator(mixed_precision="bf16", cpu=True)
         prepared = accelerator.prepare(smooth_classifier(dtype=torch.float32))
         with pytest.raises(RuntimeError, match=r"computes in torch.bfloat16.*unwrap_model"):
             CurvatureScorer(prepared, n_probes=2).score(x, y)
         # the fix the message gives: the float32 forward of the same weights
         unwrapped = accelerator.unwrap_model(prepared, keep_fp32_wrapper=False)
-    finally:  # accelerate's state is process-wide: leave none for other tests
+    finally:
         accelerate.state.AcceleratorState._reset_state(True)
     got = CurvatureScorer(unwrapped, n_probes=2).score(x, y).curvature
     want = CurvatureScorer(smooth_classifier(dtype=torch.float32), n_probes=2).score(x, y)
