@@ -12,7 +12,7 @@ SOURCES := setup.py pyproject.toml $(wildcard csrc/*.* csrc/cpu/*.* csrc/cuda/*.
 # machines); otherwise named, and the tests that need them skip.
 DEBIAN_PACKAGES := chromium chromium-driver fortunes
 
-.PHONY: install system demo test lint format bench
+.PHONY: install system demo test lint format bench mutants
 
 install: system .install.stamp
 
@@ -30,9 +30,16 @@ system:
 .install.stamp: $(SOURCES)
 	$(PIP) install --quiet $(TORCH) ninja setuptools wheel
 	$(PIP) install --quiet --no-build-isolation -e ".[dev]"
+	@touch .demo.stamp $@
+
+# The demo installs only what it needs: torch, the extension and the examples' extra (no
+# browser, no Debian packages, no test or lint tools).
+.demo.stamp: $(SOURCES)
+	$(PIP) install --quiet $(TORCH) ninja setuptools wheel
+	$(PIP) install --quiet --no-build-isolation -e ".[examples]"
 	@touch $@
 
-demo: install
+demo: .demo.stamp
 	$(PYTHON) examples/find_mislabeled.py
 
 test: install
@@ -49,3 +56,7 @@ format:
 
 bench: install
 	$(PYTHON) -m pytest benchmarks
+
+# Mutation testing: the curated mutants of tools/mutants.toml (see docs/DEV.md).
+mutants: install
+	$(PYTHON) tools/mutate.py

@@ -9,6 +9,8 @@ Switches (environment variables):
   CUDA_HOME               the CUDA toolkit (default: the first of $CUDA_PATH, /usr/local/cuda and
                           the folder above `nvcc` that holds include/cuda_runtime.h).
   DEBUG=1                 -O0 -g, and device-side assertions.
+  CURVKERN_LINEINFO=1     nvcc -lineinfo: source lines in compute-sanitizer and profiler reports
+                          (line tables only, the optimization is unchanged; gpu_check.sh sets it).
 """
 
 import glob
@@ -88,7 +90,10 @@ def _extensions():
 
     opt = ["-O0", "-g"] if debug else ["-O3"]
     # No -std or Py_LIMITED_API flag: torch.utils.cpp_extension adds what its headers need.
-    cxx = list(opt)
+    # No contraction of a * b + c into one FMA where a build for an FMA-capable CPU would allow
+    # it: the masked perturb kernels round h * m before adding it to x, as the twin does
+    # (csrc/mask.h), and the CUDA kernels do with __fmul_rn.
+    cxx = [*opt, "-ffp-contract=off"]
     if torch._C.has_openmp:
         # at::parallel_for is an inline template: without -fopenmp here it runs serially. The
         # OpenMP runtime itself is the one torch already loaded.
@@ -104,6 +109,8 @@ def _extensions():
         nvcc = [*opt, "-DCURVKERN_WITH_CUDA"]
         if debug:
             nvcc += ["-G", "-DTORCH_USE_CUDA_DSA"]
+        elif _env_flag("CURVKERN_LINEINFO"):
+            nvcc.append("-lineinfo")
         # After the toolkit's own folder, so that its cuda_runtime.h wins.
         for inc in _wheel_cuda_includes():
             cxx.append(f"-idirafter{inc}")

@@ -1,15 +1,16 @@
-"""probe_reduce's bandwidth at ImageNet size (issue 15.3), against the device's memory peak.
+"""probe_reduce's bandwidth at ImageNet size, against the device's own memory peak.
 
 For B in {1, 8, 128, 512} samples of D = 150,528 elements (3 x 224 x 224), n = 10 probes,
 float32: the op's result is first checked against the twin (curvkern.torch_ops.probe_reduce), then
 timed with CUDA events (median of --repeats calls after a warm-up). The least the op must move is
 g read once and g0 read once, (n + 1) B D 4 bytes; bytes / median is its effective bandwidth,
-reported as a fraction of --peak-tbps (4.8 TB/s: the H200's HBM3e). A row with a per-channel mask
-(3 runs of 50,176 elements) shows the mask's cost.
+reported as a fraction of the device's datasheet peak (benchmarks/gpu_peak.py: 3.35 TB/s on an
+H100 SXM, 4.8 TB/s on an H200; --peak-tbps overrides it, and a GPU not in the table needs it).
+A row with a per-channel mask (3 runs of 50,176 elements) shows the mask's cost.
 
     python3 -m benchmarks.probe_reduce_bandwidth --out results.md   # from the repo root; a GPU
 
-Writes a Markdown table (and prints it) plus a JSON file next to it.
+Writes a Markdown table (and prints it) plus a JSON file next to it (or at --json).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import time
 import torch
 
 from curvkern import ops, torch_ops
+
+from .gpu_peak import peak_tbps
 
 D = 3 * 224 * 224
 N_PROBES = 10
@@ -103,26 +106,35 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 128, 512])
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--peak-tbps", type=float, default=4.8)
-    parser.add_argument("--out", default="probe_reduce_bandwidth.md")
     parser.add_argument(
-        "--device", default="cuda", help="cuda (the table of issue 15), or cpu for a smoke run"
+        "--peak-tbps",
+        type=float,
+        default=None,
+        help="memory peak in TB/s (default: the datasheet figure for the device's name)",
     )
+    parser.add_argument("--out", default="probe_reduce_bandwidth.md")
+    parser.add_argument("--json", default=None, help="JSON path (default: --out's, as .json)")
+    parser.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("probe_reduce_bandwidth: no GPU; nothing measured", file=sys.stderr)
         return 1
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    if args.peak_tbps is None:
+        args.peak_tbps = peak_tbps(name)
+        if args.peak_tbps is None:
+            print(f"probe_reduce_bandwidth: no datasheet peak for {name!r}; pass --peak-tbps")
+            return 2
     cases = [(b, False) for b in args.batches] + [(max(args.batches), True)]
     rows = []
     for batch, masked in cases:
         rows.append(_measure(batch, masked, device, args.repeats, args.peak_tbps))
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     lines = [
         f"probe_reduce, float32, n = {N_PROBES}, D = {D}, on {name}; median of {args.repeats} "
-        f"calls; floor = bytes / {args.peak_tbps} TB/s",
+        f"calls; floor = bytes / {args.peak_tbps} TB/s (the device's peak)",
         "",
         "| B | mask | MB moved | median (us) | floor (us) | TB/s | of peak |",
         "|---:|---|---:|---:|---:|---:|---:|",
@@ -136,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     with open(args.out, "w") as f:
         f.write(table)
-    with open(args.out.rsplit(".", 1)[0] + ".json", "w") as f:
+    with open(args.json or args.out.rsplit(".", 1)[0] + ".json", "w") as f:
         json.dump({"device": name, "peak_tbps": args.peak_tbps, "rows": rows}, f, indent=1)
     return 0
 

@@ -73,6 +73,12 @@ class WorkloadSpec:
         return self.quick if quick else self.full
 
 
+def mlp_64_256_10() -> nn.Module:
+    """Linear(64, 256) - ReLU - Linear(256, 10): (B, 64) -> (B, 10). A model so small that the
+    scorer's fixed cost per call shows against its passes."""
+    return nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10))
+
+
 _CIFAR = (3, 32, 32)
 _IMAGENET = (3, 224, 224)
 # check_samples: the float64 check scores that many samples; all of the small CNN's batch, fewer
@@ -91,6 +97,13 @@ WORKLOADS = {
         Size(256, 10, _CIFAR, 64),
         Size(256, 10, _CIFAR, 64),
         "CIFAR ResNet-18",
+    ),
+    "mlp": WorkloadSpec(
+        mlp_64_256_10,
+        10,
+        Size(256, 10, (64,), 256),
+        Size(256, 10, (64,), 256),
+        "MLP 64-256-10 (ReLU)",
     ),
     # An ImageNet-size input on the CPU: one sample is 150,528 elements, 49 times a CIFAR image,
     # where the CPU's default pass size matters (curvkern.scorer's CPU_MIN_ROWS). --quick, for

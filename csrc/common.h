@@ -54,7 +54,7 @@ inline void check_step(double h, const char* op) {
 }
 
 // mask: None, or (B, P) of the dtype and device of `like`, P dividing the D elements of a sample
-// (D == 0 takes any P). The messages are those of curvkern/torch_ops.py's _check_mask.
+// (D == 0 takes any P). The messages are those of curvkern/torch_ops.py's _mask_problem.
 inline void check_mask(const std::optional<at::Tensor>& mask, int64_t batch, int64_t dim,
                        const at::Tensor& like, const char* op) {
   if (!mask.has_value()) return;

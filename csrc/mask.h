@@ -2,6 +2,14 @@
 // run = D / P (a mask over a prefix of the sample shape, broadcast over the rest). The kernels
 // weight the probes (x + h * m * r) and the gradient differences (m * (g - g0)) by it.
 //
+// One rule on every device (CPU and CUDA kernels, the Python twin): an element whose weight is 0
+// never contributes to probe_reduce, even when its gradient difference is NaN or infinite (the
+// kernels select, m != 0 ? m * d : 0, rather than multiply, since NaN * 0 is NaN). A masked-out
+// part of the input is one the caller asked to leave out, so what it holds must not reach the
+// scores. Products with the weight are rounded on their own, never fused with the following
+// addition (the CUDA kernels use mul_rn, the CPU build compiles with -ffp-contract=off), so that
+// a fractional weight gives the same bits on every device.
+//
 // j / run is computed with a multiply and a shift instead of a 64-bit division (tens of
 // instructions on a GPU, per element): the divider below is the one of Granlund & Montgomery
 // (as in ATen's IntDivider), exact for numerators and divisors below 2^31. The CPU kernels use

@@ -2,6 +2,8 @@
 
 - :func:`scoring_mode`: eval mode and frozen parameters, and on exit the model exactly as found.
 - :func:`ieee_float32`: float32 convolutions and matrix products in full precision (no TF32).
+- :func:`float32_precision` and :func:`reduced_precision_passes`: the arithmetic of a scorer's
+  ``precision`` ("fp32", "tf32" or "bf16", see :data:`PRECISIONS`).
 - :func:`double_backward_attention`: scaled-dot-product attention through its math kernel, the
   one whose backward can itself be differentiated (for Hessian-vector products).
 """
@@ -14,7 +16,18 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-__all__ = ["scoring_mode", "ieee_float32", "double_backward_attention"]
+__all__ = [
+    "PRECISIONS",
+    "scoring_mode",
+    "ieee_float32",
+    "float32_precision",
+    "reduced_precision_passes",
+    "double_backward_attention",
+]
+
+# A scorer's precision settings: "fp32" IEEE float32 throughout; "tf32" float32 convolutions and
+# matrix products on TF32 tensor cores (CUDA); "bf16" the probe passes under bfloat16 autocast.
+PRECISIONS = ("fp32", "tf32", "bf16")
 
 
 @contextlib.contextmanager
@@ -65,8 +78,7 @@ _FP32_PRECISION_KNOBS = {
 }
 
 
-@contextlib.contextmanager
-def ieee_float32(device_type: str) -> Iterator[None]:
+def ieee_float32(device_type: str) -> contextlib.AbstractContextManager[None]:
     """Float32 convolutions and matrix products in full IEEE precision, restored on exit.
 
     TF32 rounds to about 5e-4 relative, while a finite difference g(x + h r) - g(x) is about
@@ -77,6 +89,46 @@ def ieee_float32(device_type: str) -> Iterator[None]:
     Args:
         device_type: "cuda" or "cpu" (other devices: nothing to set).
     """
+    return _fp32_precision(device_type, "ieee")
+
+
+def float32_precision(device_type: str, precision: str) -> contextlib.AbstractContextManager[None]:
+    """The float32 arithmetic of a scoring ``precision`` (one of :data:`PRECISIONS`), restored
+    on exit.
+
+    "tf32" lets CUDA's float32 convolutions and matrix products round their inputs to TF32
+    (10 mantissa bits, about 5e-4 relative); on other devices it is IEEE float32, as "fp32" is
+    (the CPU kernels have no TF32 path torch enables by default). "fp32" and "bf16" keep float32
+    operations IEEE ("bf16" lowers the probe passes through autocast, see
+    :func:`reduced_precision_passes`, and leaves everything else in float32).
+
+    Args:
+        device_type: "cuda" or "cpu".
+        precision: "fp32", "tf32" or "bf16".
+    """
+    tf32 = precision == "tf32" and device_type == "cuda"
+    return _fp32_precision(device_type, "tf32" if tf32 else "ieee")
+
+
+def reduced_precision_passes(
+    device_type: str, precision: str
+) -> contextlib.AbstractContextManager[None]:
+    """The context of the probe passes of a scoring ``precision``: bfloat16 autocast for
+    "bf16" (matrix products and convolutions in bfloat16, losses and reductions in float32),
+    nothing otherwise.
+
+    Args:
+        device_type: "cuda" or "cpu" (CPU autocast takes bfloat16 too).
+        precision: "fp32", "tf32" or "bf16".
+    """
+    if precision == "bf16":
+        return torch.autocast(device_type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _fp32_precision(device_type: str, value: str) -> Iterator[None]:
+    """Every fp32_precision knob of ``device_type`` set to ``value``, restored on exit."""
     knobs = []
     for path in _FP32_PRECISION_KNOBS.get(device_type, ()):
         obj = torch.backends
@@ -86,11 +138,11 @@ def ieee_float32(device_type: str) -> Iterator[None]:
             knobs.append((obj, obj.fp32_precision))
     try:
         for obj, _ in knobs:
-            obj.fp32_precision = "ieee"
+            obj.fp32_precision = value
         yield
     finally:
-        for obj, value in knobs:
-            obj.fp32_precision = value
+        for obj, previous in knobs:
+            obj.fp32_precision = previous
 
 
 @contextlib.contextmanager

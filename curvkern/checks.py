@@ -131,7 +131,8 @@ def check_inputs(
             f"x must be a floating-point tensor (the model's input after normalization), "
             f"got dtype {x.dtype}. Curvature is measured in a continuous input space: for "
             f"token ids, score in embedding space, with curvkern.text.TokenScorer(model) "
-            f"(Hugging Face-style models) or CurvatureScorer(model, "
+            f"(Hugging Face-style models), CurvatureScorer(model, at=<its embedding "
+            f"module>) on the ids themselves, or CurvatureScorer(model, "
             f"input_key='inputs_embeds') on x = model.get_input_embeddings()(input_ids); "
             f"for quantized signals (e.g. uint8 pixels), convert and normalize x as the "
             f"model expects."
@@ -145,9 +146,9 @@ def check_inputs(
             f"y must have one row per sample of x (B = {batch}), got shape {tuple(y.shape)}"
         )
     ids = check_ids(ids, batch, x.device)
-    finite = torch.isfinite(x)
-    finite = finite.flatten(1).all(dim=1) if x.dim() > 1 else finite
-    if not bool(finite.all()):
+    if not bool(torch.isfinite(x).all()):  # one reduction per call; the sample only on failure
+        finite = torch.isfinite(x)
+        finite = finite.flatten(1).all(dim=1) if x.dim() > 1 else finite
         first = int((~finite).nonzero()[0, 0])
         raise ValueError(
             f"x has non-finite values (NaN or inf) in sample {first} (id {int(ids[first])}); "

@@ -6,6 +6,7 @@
     curvkern score --model MODULE:FACTORY --checkpoints GLOB --data DATA --out PATH
                    [--n-probes N] [--h H] [--method M] [--batch-size B] [--device DEV]
     curvkern report PATH --data DATA --out REPORT.html [--top K]
+    curvkern merge A.npz B.npz ... --out ALL.npz
 
 DATA is an .npz file with ``x`` (N, ...) and ``y`` (N,) (and optionally ``classes``, the class
 names), or an image folder laid out for torchvision's ImageFolder (one sub-folder per class).
@@ -21,16 +22,27 @@ import argparse
 import glob
 import importlib
 import importlib.util
+import math
 import os
 import re
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
+
+from . import losses
+from .checkpoints import epoch_in_name, load_checkpoint, load_error_line, restored_state
+from .data import Data, DataError, fingerprint, load_data
+from .data import one_line as _one_line
+from .dataset import IndexedDataset
+from .estimators import METHODS
+from .io import TrackerConflictError
+from .report import build_report, format_ranges, load_scores
+from .scorer import CurvatureScorer
+from .tracker import CurvatureTracker
 
 __all__ = ["main", "load_data", "Data", "CliError"]
 
@@ -46,104 +58,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         raise CliError(f"{message} (see `{self.prog} --help`)")
-
-
-# -- data ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class Data:
-    """A data set as the command line reads it.
-
-    Attributes:
-        dataset: map-style dataset of (x, y) items, x a float tensor (what the model takes).
-        labels: (N,) int64 labels.
-        classes: class names, indexed by label.
-        source: the DATA argument.
-        images: for an .npz, the (N, ...) array x (pictures for the report); None for a folder.
-        files: for an image folder, the N image files; None for an .npz.
-    """
-
-    dataset: torch.utils.data.Dataset
-    labels: np.ndarray
-    classes: list[str]
-    source: str
-    images: np.ndarray | None = None
-    files: list[str] | None = None
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-
-def load_data(source: str | os.PathLike, transform: Callable | None = None) -> Data:
-    """Reads DATA: an .npz with ``x`` and ``y`` (optionally ``classes``), or an image folder.
-
-    Args:
-        source: the .npz file or the folder (one sub-folder of images per class).
-        transform: for a folder, PIL image -> tensor (default: torchvision's ToTensor, floats in
-            [0, 1] of shape (C, H, W)).
-    Returns:
-        Data. Raises CliError when the file or folder is missing or not as expected.
-    """
-    path = Path(source)
-    if not path.exists():
-        raise CliError(f"--data: {source} does not exist (expected an .npz file or image folder)")
-    if path.is_dir():
-        return _image_folder(path, transform)
-    if path.suffix != ".npz":
-        raise CliError(f"--data: expected an .npz file or an image folder, got {source}")
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-    except (OSError, ValueError) as error:
-        raise CliError(f"--data: cannot read {source} as .npz ({_one_line(error)})") from None
-    missing = [k for k in ("x", "y") if k not in arrays]
-    if missing:
-        raise CliError(
-            f"--data: {source} must hold arrays 'x' (N, ...) and 'y' (N,); missing "
-            f"{', '.join(repr(k) for k in missing)} (found {sorted(arrays)})"
-        )
-    x, y = arrays["x"], arrays["y"]
-    if not np.issubdtype(x.dtype, np.floating):
-        raise CliError(
-            f"--data: x in {source} has dtype {x.dtype}; save it as floats exactly as the model "
-            "takes them (e.g. scaled and normalized as in training)"
-        )
-    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer) or len(y) != len(x):
-        raise CliError(
-            f"--data: y in {source} must be integer class labels of shape ({len(x)},), "
-            f"got {y.dtype} of shape {y.shape}"
-        )
-    if x.ndim < 2:
-        raise CliError(f"--data: x in {source} must have shape (N, ...), got {x.shape}")
-    labels = y.astype(np.int64)
-    if "classes" in arrays:
-        classes = [str(c) for c in arrays["classes"].tolist()]
-    else:
-        classes = [str(c) for c in range(int(labels.max()) + 1 if len(labels) else 0)]
-    if len(labels) and (labels.min() < 0 or labels.max() >= len(classes)):
-        raise CliError(
-            f"--data: labels in {source} must lie in [0, {len(classes)}), got "
-            f"{labels.min()} .. {labels.max()}"
-        )
-    dataset = torch.utils.data.TensorDataset(torch.from_numpy(x), torch.from_numpy(labels))
-    return Data(dataset, labels, classes, str(source), images=x)
-
-
-def _image_folder(path: Path, transform: Callable | None) -> Data:
-    try:
-        from torchvision import datasets, transforms
-    except ImportError:
-        raise CliError(
-            "--data: an image folder needs torchvision (pip install torchvision)"
-        ) from None
-    try:
-        folder = datasets.ImageFolder(str(path), transform=transform or transforms.ToTensor())
-    except (FileNotFoundError, OSError) as error:
-        raise CliError(f"--data: {path} is not an image folder ({_one_line(error)})") from None
-    files = [file for file, _ in folder.samples]
-    labels = np.asarray(folder.targets, dtype=np.int64)
-    return Data(folder, labels, list(folder.classes), str(path), files=files)
 
 
 # -- model and checkpoints ----------------------------------------------------------------------
@@ -170,6 +84,11 @@ def load_factory(spec: str) -> Callable[[], torch.nn.Module]:
             module = importlib.import_module(module_name)
     except CliError:
         raise
+    except SystemExit as error:  # the user's module ended the program while importing
+        raise CliError(
+            f"--model: importing {module_name!r} called sys.exit({error.code!r}); a model "
+            "module must only define the factory when imported"
+        ) from None
     except ModuleNotFoundError as error:
         raise CliError(
             f"--model: cannot import {module_name!r} ({_one_line(error)}); run from the folder "
@@ -191,6 +110,11 @@ def _make_model(spec: str) -> torch.nn.Module:
     factory = load_factory(spec)
     try:
         model = factory()
+    except SystemExit as error:  # not an Exception: it would end curvkern without a word
+        raise CliError(
+            f"--model: calling {spec}() called sys.exit({error.code!r}) instead of returning "
+            "an nn.Module"
+        ) from None
     except Exception as error:
         raise CliError(
             f"--model: calling {spec}() failed: {type(error).__name__}: {_one_line(error)}"
@@ -203,9 +127,9 @@ def _make_model(spec: str) -> torch.nn.Module:
 def checkpoint_epochs(pattern: str) -> dict[int, str]:
     """The files a glob matches, by epoch: the last number in each file name (ckpt_012.pt -> 12).
 
-    Unlike score_checkpoints, which falls back to positions in the list, the command line
-    requires a distinct number in every name: positions shift when a later run's glob matches
-    more files, and resuming would then skip the wrong epochs.
+    Unlike curvkern.checkpoints.checkpoint_epochs, which falls back to positions in the list,
+    the command line requires a distinct number in every name: positions shift when a later
+    run's glob matches more files, and resuming would then skip the wrong epochs.
     """
     files = sorted(glob.glob(pattern, recursive=True))
     files = [f for f in files if os.path.isfile(f)]
@@ -213,13 +137,12 @@ def checkpoint_epochs(pattern: str) -> dict[int, str]:
         raise CliError(f"--checkpoints: {pattern!r} matches no file")
     epochs: dict[int, str] = {}
     for file in files:
-        numbers = re.findall(r"\d+", Path(file).stem)
-        if not numbers:
+        epoch = epoch_in_name(file)
+        if epoch is None:
             raise CliError(
                 f"--checkpoints: {file} has no number in its name to take its epoch from "
                 "(name checkpoints like epoch_007.pt)"
             )
-        epoch = int(numbers[-1])
         if epoch in epochs:
             raise CliError(
                 f"--checkpoints: {epochs[epoch]} and {file} both give epoch {epoch} (the last "
@@ -272,12 +195,23 @@ def _check_fit(model: torch.nn.Module, data: Data, device: torch.device, spec: s
     try:
         with torch.no_grad():
             out = model(x.to(device))
-            torch.nn.functional.cross_entropy(out, y.to(device), reduction="none")
     except Exception as error:
         raise CliError(
             f"--data: the model from {spec} cannot take x of shape {tuple(x.shape[1:])} per "
             f"sample: {type(error).__name__}: {_one_line(error)}"
         ) from None
+    # The loss the scorer uses (cross entropy of the logits: a tensor, the first element of a
+    # tuple such as (logits, aux), or .logits), so that what it accepts is accepted here.
+    try:
+        logits = losses.logits_of(out)
+        losses.cross_entropy(out, y.to(device))
+    except Exception as error:
+        raise CliError(
+            f"--model: the model from {spec} returned {_describe(out)}, and the command line "
+            f"scores the cross entropy of (N, C) class scores (a tensor, or the first element "
+            f"of a tuple) with the labels: {type(error).__name__}: {_one_line(error)}"
+        ) from None
+    out = logits
     top = int(data.labels.max())
     if out.ndim == 2 and top >= out.shape[1]:
         raise CliError(
@@ -286,18 +220,65 @@ def _check_fit(model: torch.nn.Module, data: Data, device: torch.device, spec: s
         )
 
 
+def _describe(output) -> str:
+    """A model output in a few words: a tensor's shape, a tuple's length and first element."""
+    if isinstance(output, torch.Tensor):
+        return f"a tensor of shape {tuple(output.shape)}"
+    if isinstance(output, (tuple, list)):
+        first = _describe(output[0]) if output else "nothing"
+        return f"a {type(output).__name__} of {len(output)} whose first element is {first}"
+    return f"a {type(output).__name__}"
+
+
+def _scoring_error(error: Exception, epoch: int, file: str) -> CliError:
+    """A scoring pass's error as one line naming the argument that caused it."""
+    text = _one_line(error)
+    if text.startswith("h = "):  # the step is below x's resolution
+        return CliError(f"--h: {text}")
+    if text.startswith("x has non-finite values"):
+        return CliError(f"--data: {text}")
+    return CliError(f"scoring epoch {epoch} ({file}) failed: {type(error).__name__}: {text}")
+
+
+def _worker_message(error: DataError) -> str:
+    """A DataError's own message, also when a DataLoader worker raised it (torch then puts the
+    worker's traceback in the message, the original error on its last line)."""
+    lines = str(error).strip().splitlines()
+    last = re.match(r"(?:[\w.]+\.)?DataError: (.*)", lines[-1].strip())
+    return last.group(1) if len(lines) > 1 and last else str(error)
+
+
+def _open_tracker(scorer, num_samples, out, model_factory, data_fingerprint) -> CurvatureTracker:
+    """The tracker of `score`, recording the model factory and data; its warning that an
+    existing file cannot be checked (it does not record them) is printed as one line."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        tracker = CurvatureTracker(
+            scorer,
+            num_samples,
+            out,
+            model_factory=model_factory,
+            data_fingerprint=data_fingerprint,
+        )
+    for warning in caught:
+        print(f"curvkern: warning: {_one_line(warning.message)}", file=sys.stderr)
+    return tracker
+
+
 def cmd_score(args) -> int:
     from tqdm.auto import tqdm
 
-    from curvkern import CurvatureScorer, CurvatureTracker, IndexedDataset, score_checkpoints
-    from curvkern.report import format_ranges
-
     if args.n_probes < 1:
         raise CliError(f"--n-probes must be at least 1, got {args.n_probes}")
-    if not args.h > 0:
-        raise CliError(f"--h must be positive, got {args.h}")
+    if not (args.h > 0 and math.isfinite(args.h)):
+        raise CliError(f"--h must be a positive finite number, got {args.h}")
     if args.batch_size < 1:
         raise CliError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.workers < 0:
+        raise CliError(
+            f"--workers must be at least 0 (0 reads the data in the main process), got "
+            f"{args.workers}"
+        )
     try:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         torch.empty(0, device=device)
@@ -307,6 +288,7 @@ def cmd_score(args) -> int:
     checkpoints = checkpoint_epochs(args.checkpoints)
     transform = load_factory(args.transform) if args.transform else None
     data = load_data(args.data, transform)
+    data_fingerprint = fingerprint(data)  # of the data as stored, before any cast below
     model = _make_model(args.model).to(device)
     dtype = next(model.parameters(), torch.empty(0)).dtype
     if data.images is not None and data.images.dtype != dtype and dtype.is_floating_point:
@@ -318,8 +300,10 @@ def cmd_score(args) -> int:
     scorer_kwargs = {"h": args.h, "n_probes": args.n_probes, "method": args.method}
     # The tracker checks an existing --out file (its settings and N) before any long work.
     try:
-        tracker = CurvatureTracker(CurvatureScorer(model, **scorer_kwargs), len(data), out)
-    except ValueError as error:
+        tracker = _open_tracker(
+            CurvatureScorer(model, **scorer_kwargs), len(data), out, args.model, data_fingerprint
+        )
+    except (ValueError, TimeoutError) as error:
         raise CliError(f"--out: {_one_line(error)}") from None
     except (OSError, KeyError) as error:
         raise CliError(
@@ -338,16 +322,17 @@ def cmd_score(args) -> int:
         print(f"nothing to score: {out} has every epoch the checkpoints give")
         return 0
 
-    # Load every pending checkpoint once before scoring any, through score_checkpoints itself
-    # with nothing to score: a checkpoint that does not fit fails in seconds, not after hours.
-    for epoch, file in pending.items():
-        try:
-            score_checkpoints(model, {epoch: file}, [], num_samples=len(data), progress=False)
-        except Exception as error:
-            raise CliError(
-                f"--checkpoints: {file} does not fit the model from {args.model}: "
-                f"{_state_dict_error(error)}"
-            ) from None
+    # Load every pending checkpoint once before scoring any: a checkpoint that does not fit
+    # fails in seconds, not after hours.
+    with restored_state(model):
+        for file in pending.values():
+            try:
+                load_checkpoint(model, file, device)
+            except Exception as error:
+                raise CliError(
+                    f"--checkpoints: {file} does not fit the model from {args.model}: "
+                    f"{load_error_line(error)}"
+                ) from None
     _check_fit(model, data, device, args.model)
 
     loader = torch.utils.data.DataLoader(
@@ -362,31 +347,30 @@ def cmd_score(args) -> int:
     )
     show = sys.stderr.isatty()
     start = time.perf_counter()
+    # One scorer and one tracker (read once, above) for every checkpoint; the tracker saves
+    # after each epoch, so that an interrupted run resumes.
     try:
         with tqdm(total=len(pending), unit="checkpoint", disable=not show) as bar:
-            for epoch, file in pending.items():
-                begin = time.perf_counter()
-                score_checkpoints(
-                    model,
-                    {epoch: file},
-                    loader,
-                    num_samples=len(data),
-                    path=out,
-                    progress=show,
-                    device=device,
-                    **scorer_kwargs,
-                )
-                bar.update()
-                tqdm.write(f"epoch {epoch} ({file}): {time.perf_counter() - begin:.1f} s")
-    except ValueError as error:  # e.g. an --out file written with other settings
+            with restored_state(model):
+                for epoch, file in pending.items():
+                    begin = time.perf_counter()
+                    load_checkpoint(model, file, device)
+                    try:
+                        tracker.score_epoch(loader, epoch, progress=show, device=device)
+                    except DataError as error:
+                        raise DataError(_worker_message(error)) from None
+                    except (ValueError, TypeError) as error:
+                        raise _scoring_error(error, epoch, file) from None
+                    bar.update()
+                    tqdm.write(f"epoch {epoch} ({file}): {time.perf_counter() - begin:.1f} s")
+    except (TimeoutError, TrackerConflictError) as error:  # another writer holds the file
         raise CliError(f"--out: {_one_line(error)}") from None
-    print(f"done in {time.perf_counter() - start:.1f} s: {out} ({len(done) + len(pending)} epochs)")
+    # Other writers' epochs count too: the tracker took them in when it saved.
+    print(f"done in {time.perf_counter() - start:.1f} s: {out} ({len(tracker.epochs)} epochs)")
     return 0
 
 
 def cmd_report(args) -> int:
-    from curvkern.report import build_report, load_scores
-
     if args.top < 1:
         raise CliError(f"--top must be at least 1, got {args.top}")
     path = Path(args.path)
@@ -404,6 +388,7 @@ def cmd_report(args) -> int:
             f"--data: {args.data} has {len(data):,} samples but {path} scored "
             f"{scores.num_samples:,}; give the data the scores were made on"
         )
+    _check_report_data(path, data)
     start = time.perf_counter()
     size = build_report(scores, data, args.out, top=args.top, title=args.title)
     print(
@@ -413,21 +398,45 @@ def cmd_report(args) -> int:
     return 0
 
 
-# -- helpers ------------------------------------------------------------------------------------
+def _check_report_data(path: Path, data: Data) -> None:
+    """Other data of the same N than the tracker file was scored on is refused, naming what
+    differs; a file that recorded no fingerprint (older, or written from Python without one)
+    gets a warning that it cannot be checked."""
+    from . import io
+
+    metadata = io.read_metadata(path)
+    if (metadata.get("origin") or {}).get("data") is None:
+        print(
+            f"curvkern: warning: {path} does not record which data it was scored on, so --data "
+            "cannot be checked against it: make sure it is the data that was scored",
+            file=sys.stderr,
+        )
+        return
+    try:
+        io.check_origin(path, metadata, {"data": fingerprint(data)}, what=f"--data {data.source}")
+    except ValueError as error:
+        raise CliError(f"--data: {_one_line(error)}") from None
 
 
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return text if len(text) <= 400 else text[:397] + "..."
+def cmd_merge(args) -> int:
+    from . import io
+
+    out = Path(args.out)
+    for file in args.paths:
+        if not Path(file).is_file():
+            raise CliError(f"PATHS: tracker file {file} does not exist")
+    try:
+        epochs = io.merge_trackers(args.paths, out)
+    except (ValueError, KeyError, TimeoutError) as error:
+        raise CliError(f"merge: {_one_line(error)}") from None
+    print(
+        f"merged {len(args.paths)} files into {out}: {len(epochs)} epochs "
+        f"({format_ranges(epochs) if epochs else 'none'})"
+    )
+    return 0
 
 
-def _state_dict_error(error: BaseException) -> str:
-    """load_state_dict's multi-line report (missing, unexpected, size mismatch) as one line."""
-    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
-    if lines and lines[0].startswith("Error(s) in loading state_dict"):
-        lines = lines[1:]
-    text = "; ".join(lines) if lines else type(error).__name__
-    return text if len(text) <= 400 else text[:397] + "..."
+# -- parser -------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -474,7 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="H",
         help="finite-difference step, in the model's input units",
     )
-    score.add_argument("--method", choices=("fd", "hvp", "zo"), default="fd")
+    score.add_argument("--method", choices=METHODS, default="fd")
     score.add_argument("--batch-size", type=int, default=256, metavar="B")
     score.add_argument(
         "--device",
@@ -509,16 +518,29 @@ def build_parser() -> argparse.ArgumentParser:
         "--top", type=int, default=12, metavar="K", help="samples shown per class (default 12)"
     )
     report.add_argument("--title", default=None, help="page title (default: the tracker file)")
+    _add_merge_parser(sub)
     return parser
+
+
+def _add_merge_parser(sub) -> None:
+    merge = sub.add_parser(
+        "merge",
+        help="merge tracker files of one data set and the same settings (a job array's parts)",
+        description="Merges tracker files written with the same settings, model and data (e.g. "
+        "one per job of a job array) into one; an epoch in several files must have the same "
+        "scores in each. --out may be one of the inputs (the others are added to it).",
+    )
+    merge.add_argument("paths", nargs="+", metavar="PATHS", help="tracker files to merge")
+    merge.add_argument("--out", required=True, metavar="ALL.npz", help="the merged tracker file")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``curvkern`` console script; returns the exit status."""
-    commands = {"info": cmd_info, "score": cmd_score, "report": cmd_report}
+    commands = {"info": cmd_info, "score": cmd_score, "report": cmd_report, "merge": cmd_merge}
     try:
         args = build_parser().parse_args(argv)
         return commands[args.command](args)
-    except CliError as error:
+    except (CliError, DataError) as error:
         print(f"curvkern: error: {error}", file=sys.stderr)
         return USAGE_EXIT
     except KeyboardInterrupt:

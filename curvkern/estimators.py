@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._model_state import double_backward_attention, ieee_float32
+from ._model_state import PRECISIONS, double_backward_attention, float32_precision
 from .diagnostics import SampleWarning
 from .losses import classification_stats
 
@@ -62,6 +62,10 @@ _COMPILED_NO_DOUBLE_BACKWARD = (
     "set torch._functorch.config.donated_buffer = False before compiling, or use method='fd'."
 )
 
+# The relative rounding of one operation in each reduced precision (2^-11 and 2^-8: TF32 and
+# bfloat16 keep 10 and 7 stored mantissa bits).
+_ROUNDING = {"tf32": "4.9e-4", "bf16": "3.9e-3"}
+
 
 def no_double_backward(error: BaseException) -> bool:
     """Whether ``error`` says an op of the model has no second derivative."""
@@ -96,7 +100,7 @@ def repeat_rows(t: Tensor, copies: int) -> Tensor:
     """(B, ...) -> (copies * B, ...), row c * B + b = t[b]."""
     if copies == 1:
         return t
-    return t.repeat(copies, *([1] * (t.dim() - 1)))
+    return torch.cat([t] * copies)  # a tenth of t.repeat's dispatch cost on small tensors
 
 
 @dataclasses.dataclass
@@ -299,6 +303,9 @@ class Estimator:
             differences were all exactly zero (fd, zo).
         needs_double_backward: whether it differentiates the model's backward pass (hvp):
             an op without a second derivative then stops it (see :func:`no_double_backward`).
+        precisions: the scorer ``precision`` settings it takes: "fp32" only where it takes
+            differences (TF32's or bfloat16's rounding, 5e-4 to 4e-3 relative, is as large as
+            a difference h = 1e-3 times smaller than what it differences).
     """
 
     name = ""
@@ -307,6 +314,21 @@ class Estimator:
     takes_differences = True
     differences = ""
     needs_double_backward = False
+    precisions: tuple[str, ...] = ("fp32",)
+
+    def check_scoring_precision(self, precision: str) -> None:
+        """Refuses a scorer ``precision`` setting this method cannot score in."""
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        if precision not in self.precisions:
+            raise ValueError(
+                f"precision={precision!r} is for method='hvp' only: method={self.name!r} "
+                f"takes differences of nearly equal values (about h times smaller than what "
+                f"is differenced), which {precision}'s rounding ({_ROUNDING[precision]} "
+                f"relative) would swamp, while hvp's H r involves no such difference, so "
+                f"reduced precision costs it only about its relative rounding. Use "
+                f"method='hvp' with precision={precision!r}, or precision='fp32'."
+            )
 
     def check_precision(self, x: Tensor, h: float) -> None:
         """Refuses inputs whose precision would turn the estimate into rounding noise."""
@@ -329,12 +351,11 @@ class Estimator:
             )
 
     @contextlib.contextmanager
-    def context(self, device_type: str) -> Iterator[None]:
-        """The numerical context every pass of this estimator runs in."""
-        if self.takes_differences:
-            with ieee_float32(device_type):
-                yield
-        else:
+    def context(self, device_type: str, precision: str = "fp32") -> Iterator[None]:
+        """The numerical context every pass of this estimator runs in: float32 arithmetic as
+        ``precision`` sets it (IEEE float32 for "fp32" and "bf16", whose bfloat16 passes are
+        autocast's, see :func:`curvkern._model_state.reduced_precision_passes`)."""
+        with float32_precision(device_type, precision):
             yield
 
     def base(self, objective: Objective, batch: Batch) -> Base:
@@ -506,12 +527,12 @@ class HessianVector(Estimator):
     name = "hvp"
     takes_differences = False
     needs_double_backward = True
+    precisions = PRECISIONS  # no differences: reduced precision costs only its rounding
 
     @contextlib.contextmanager
-    def context(self, device_type):
-        # No differences, so TF32 is only rounding; attention must take a kernel whose backward
-        # can be differentiated again.
-        with double_backward_attention():
+    def context(self, device_type, precision="fp32"):
+        # Attention must take a kernel whose backward can be differentiated again.
+        with float32_precision(device_type, precision), double_backward_attention():
             yield
 
     def run(self, ops, objective, batch, base, seed, h, offset, n):

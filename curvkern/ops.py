@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ._extension import has_kernels, missing_kernels_message
-from .torch_ops import _mask_problem, as_ids
+from .torch_ops import MAX_PROBE, MAX_STREAM, _mask_problem, as_ids
 
 __all__ = ["perturb", "perturb_zo", "probe_reduce", "rademacher", "cuda_version"]
 
@@ -182,7 +182,7 @@ def _check_probes(seed: int, n_probes: int, probe_offset: int, op: str) -> None:
     _check(seed >= 0, op, f"seed must be >= 0, got {seed}")
     _check(n_probes >= 0, op, f"n_probes must be >= 0, got {n_probes}")
     _check(
-        probe_offset >= 0 and probe_offset + n_probes <= 1 << 32,
+        probe_offset >= 0 and probe_offset + n_probes <= MAX_PROBE,
         op,
         "probe indices probe_offset .. probe_offset + n_probes - 1 must lie in [0, 2^32)",
     )
@@ -264,7 +264,7 @@ if has_kernels():
         _check(ids.dim() == 1, op, f"ids must have shape (B,), got {tuple(ids.shape)}")
         _check(ids.dtype == torch.int64, op, f"ids must be int64, got {ids.dtype}")
         _check_probes(seed, n_probes, probe_offset, op)
-        _check(0 <= stream < 256, op, f"stream must lie in [0, 256), got {stream}")
+        _check(0 <= stream < MAX_STREAM, op, f"stream must lie in [0, {MAX_STREAM}), got {stream}")
         _check(
             all(s >= 0 for s in sample_shape),
             op,

@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from . import losses, torch_ops
 from . import ops as kernel_ops
 from ._extension import kernels_available, missing_kernels_message
-from ._model_state import ieee_float32, scoring_mode
+from ._model_state import PRECISIONS, ieee_float32, reduced_precision_passes, scoring_mode
 from .checks import (
     ModelCheck,
     StepCheck,
@@ -34,9 +34,10 @@ from .checks import (
 )
 from .diagnostics import SampleWarning
 from .estimators import ESTIMATORS, METHODS, Base, Batch, Objective
-from .scores import CLASSIFICATION_FIELDS, CurvatureScores
+from .layer import LayerObjective, LayerTap, capture_activation
+from .scores import CLASSIFICATION_FIELDS, CurvatureScores, qualified_name
 
-__all__ = ["CurvatureScorer", "METHODS", "BACKENDS", "ieee_float32"]
+__all__ = ["CurvatureScorer", "METHODS", "BACKENDS", "PRECISIONS", "ieee_float32"]
 
 BACKENDS = ("auto", "kernels", "torch")
 
@@ -46,6 +47,11 @@ BACKENDS = ("auto", "kernels", "torch")
 # Numerics.
 CPU_PASS_ELEMENTS = 1 << 18
 CPU_MIN_ROWS = 8
+# And at most CPU_MAX_ROWS: on small inputs the element budget allows thousands of rows, whose
+# activations (megabytes per layer) the allocator returns to the system after every pass and
+# takes back, page by page, in the next (an MLP on 64 features: 1,900 page faults a call at
+# 4,096 rows, 200 at 512). Measured: see docs/method.md, "The CPU pass size".
+CPU_MAX_ROWS = 512
 
 LossFn = Callable[[Any, Tensor], Tensor]
 
@@ -96,7 +102,8 @@ class CurvatureScorer:
         seed: probe seed, 0 <= seed < 2^63.
         method: "fd" (default), "hvp" or "zo".
         max_batch: most rows (samples x probes) in one forward/backward pass. None: on the CPU,
-            2^18 input elements' worth of rows, at least 8 (fastest in measurements); on CUDA,
+            2^18 input elements' worth of rows, at least 8 and at most 512 (fastest in
+            measurements); on CUDA,
             all of a batch's probe rows at once, halved (and remembered) whenever the GPU runs
             out of memory.
         backend: "kernels" (the compiled ops; an error where they are missing), "torch" (the
@@ -105,6 +112,20 @@ class CurvatureScorer:
         rtol: if set, probes are drawn in rounds of ``n_probes`` until each sample's
             curvature_stderr <= rtol * curvature, or it has had ``max_probes``.
         max_probes: cap on probes per sample with ``rtol`` (default 10 * n_probes).
+        at: None to score in the model's input space; a submodule of the model (or its
+            qualified name, e.g. "layer3.1") to score the curvature with respect to that
+            module's output a (the first floating tensor of a tuple or mapping output): the
+            probes perturb a -> a + h m*r inside the forward pass, the rest of the model runs
+            as it does, and x may be anything the model takes (token ids included). h, probe
+            masks and ``per_position`` are then in a's units and over its (B, T, ...) dims.
+        at_call: for a module called more than once in one forward (a shared embedding), the
+            call (0-based) whose output is perturbed; None refuses such a module.
+        precision: "fp32" (default: IEEE float32, no TF32), or for ``method="hvp"`` only
+            "tf32" (CUDA float32 convolutions and matrix products on TF32 tensor cores; on the
+            CPU the same as "fp32") or "bf16" (the probe passes under bfloat16 autocast; the
+            pass at x, the losses and the reductions stay float32). hvp's H r differences
+            nothing, so these cost about their relative rounding (5e-4, 4e-3); fd and zo
+            refuse them. Accuracy: docs/results.md, "Fast mode accuracy".
     """
 
     def __init__(
@@ -121,11 +142,15 @@ class CurvatureScorer:
         backend: str = "auto",
         rtol: float | None = None,
         max_probes: int | None = None,
+        at: torch.nn.Module | str | None = None,
+        at_call: int | None = None,
+        precision: str = "fp32",
     ) -> None:
         max_probes = check_settings(
             model, loss_fn, input_key, h, n_probes, seed, method, max_batch, backend, BACKENDS,
             rtol, max_probes,
         )  # fmt: skip
+        ESTIMATORS[method].check_scoring_precision(precision)
         if isinstance(model, DistributedDataParallel):
             # Score the wrapped module: a DDP forward is a collective (it broadcasts buffers and
             # arms the gradient reducer), and ranks run different numbers of scoring passes.
@@ -141,8 +166,17 @@ class CurvatureScorer:
         self.backend = backend
         self.rtol = None if rtol is None else float(rtol)
         self.max_probes = self.n_probes if max_probes is None else int(max_probes)
+        self.precision = precision
         self._estimator = ESTIMATORS[method]
         self._objective = Objective(self.model, self.loss_fn, input_key)
+        # At a layer (curvkern.layer): the objective takes the activation of `at`.
+        self.at, self.at_call = at, at_call
+        self._layer: LayerTap | None = None
+        if at is not None:
+            self._layer = LayerTap(self.model, at, at_call)
+            self._objective = LayerObjective(self.model, self.loss_fn, input_key, self._layer)
+        elif at_call is not None:
+            raise ValueError(f"at_call={at_call!r} names a call of the module at, and at is None")
         self._halving = _OutOfMemoryHalving()
         self._warned_fallback: set[str] = set()
         self._step_check = StepCheck(self.h)
@@ -157,10 +191,15 @@ class CurvatureScorer:
     def __repr__(self) -> str:
         adaptive = "" if self.rtol is None else f", rtol={self.rtol}, max_probes={self.max_probes}"
         key = "" if self.input_key is None else f", input_key={self.input_key!r}"
+        if self._layer is not None:
+            key += f", at={self._layer.name!r}" + (
+                "" if self.at_call is None else f", at_call={self.at_call}"
+            )
+        precision = "" if self.precision == "fp32" else f", precision={self.precision!r}"
         return (
             f"CurvatureScorer(method={self.method!r}, h={self.h}, n_probes={self.n_probes}, "
             f"seed={self.seed}, max_batch={self.max_batch}, backend={self.backend!r}"
-            f"{key}{adaptive})"
+            f"{key}{adaptive}{precision})"
         )
 
     # ------------------------------------------------------------------------------------------
@@ -179,7 +218,8 @@ class CurvatureScorer:
         """Scores one batch.
 
         Args:
-            x: (B, ...) floating input batch, as the model takes it.
+            x: (B, ...) floating input batch, as the model takes it (with ``at``: whatever
+                (B, ...) input the model takes, integer token ids included).
             y: (B, ...) targets for ``loss_fn``.
             ids: (B,) integer sample ids in [0, 2^56), which fix each sample's probes; None
                 means 0 .. B-1. Give dataset indices to make scores independent of batching.
@@ -195,11 +235,17 @@ class CurvatureScorer:
             CurvatureScores with (B,) fields, on x's device.
         """
         check_placement(self.model, x, y)
+        if self._layer is not None:  # at a layer: x is the activation, the model input rides along
+            x, model_inputs = capture_activation(
+                self._layer, self.model, self.input_key, self._estimator, x, model_inputs, self.h
+            )
         x, y, ids = check_inputs(x, y, ids, self._estimator, self.h)
         batch = self._make_batch(x, y, ids, probe_mask, per_position, model_inputs)
         out_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         if x.shape[0] == 0:
-            empty = CurvatureScores.empty(self.h, self.method, out_dtype, x.device)
+            empty = CurvatureScores.empty(
+                self.h, self.method, out_dtype, x.device, loss_fn=qualified_name(self.loss_fn)
+            )
             if per_position:
                 empty.curvature_map = x.new_zeros((0, x.shape[1]), dtype=out_dtype)
             return empty
@@ -207,7 +253,7 @@ class CurvatureScorer:
         with contextlib.ExitStack() as stack:
             if torch.is_inference_mode_enabled():
                 stack.enter_context(torch.inference_mode(False))
-            stack.enter_context(self._estimator.context(x.device.type))
+            stack.enter_context(self._estimator.context(x.device.type, self.precision))
             stack.enter_context(scoring_mode(self.model))
             batch = _outside_inference(batch)
             if self._estimator.takes_differences:
@@ -268,7 +314,8 @@ class CurvatureScorer:
         if x.device in self._halving.rows:
             return self._halving.rows[x.device]
         if x.device.type == "cpu":
-            return max(CPU_MIN_ROWS, CPU_PASS_ELEMENTS // max(1, x[0].numel()))
+            rows = min(CPU_MAX_ROWS, CPU_PASS_ELEMENTS // max(1, x[0].numel()))
+            return max(CPU_MIN_ROWS, rows)
         return self._estimator.rows_per_probe * self.n_probes * x.shape[0]
 
     # ------------------------------------------------------------------------------------------
@@ -306,6 +353,12 @@ class CurvatureScorer:
         est = self._estimator
         size, device = batch.size, batch.x.device
         base = est.base(self._objective, batch)
+        if self.rtol is None:  # one round of n_probes for every sample: nothing to select
+            stats, maps = self._round_stats(
+                ops, batch, base, 0, [self.n_probes], rows, per_position
+            )
+            count = torch.full((size,), self.n_probes, dtype=torch.int64, device=device)
+            return stats[0], count, base, maps[0]
         sums = torch.zeros(size, 4, dtype=torch.float64, device=device)
         count = torch.zeros(size, dtype=torch.int64, device=device)
         width = batch.x.shape[1] if per_position else 0
@@ -318,38 +371,49 @@ class CurvatureScorer:
             sub, sub_base = (
                 (batch, base) if everyone else (batch.select(active), base.select(active))
             )
-            stats = torch.zeros(len(sizes), sub.size, 4, dtype=torch.float64, device=device)
-            maps = torch.zeros(len(sizes), sub.size, width, dtype=torch.float64, device=device)
-            for k0, kk in self._probe_chunks(sum(sizes), sub.size, rows, est.rows_per_probe):
-                data = est.run(
-                    ops, self._objective, sub, sub_base, self.seed, self.h, offset + k0, kk
-                )
-                for r, a, b in self._rounds_in_chunk(sizes, k0, kk):
-                    part, part_map = est.reduce(
-                        ops,
-                        data[a:b],
-                        sub,
-                        sub_base,
-                        self.seed,
-                        self.h,
-                        offset + k0 + a,
-                        per_position,
-                    )
-                    stats[r] += part
-                    if part_map is not None:
-                        maps[r] += part_map
+            stats, maps = self._round_stats(ops, sub, sub_base, offset, sizes, rows, per_position)
             # Rounds in order; a sample takes no rounds after the one where it converged.
             live = torch.ones(sub.size, dtype=torch.bool, device=device)
             for r, n in enumerate(sizes):
                 rows_live = active[live]
                 sums[rows_live] += stats[r][live]
-                cmap[rows_live] += maps[r][live]
+                if maps[r] is not None:
+                    cmap[rows_live] += maps[r][live]
                 count[rows_live] += n
                 offset += n
-                if self.rtol is not None:
-                    live[live.clone()] = ~self._converged(sums[rows_live], offset)
-            active = active[live] if self.rtol is not None else active[:0]
+                live[live.clone()] = ~self._converged(sums[rows_live], offset)
+            active = active[live]
         return sums, count, base, cmap if per_position else None
+
+    def _round_stats(
+        self,
+        ops: types.ModuleType,
+        batch: Batch,
+        base: Base,
+        offset: int,
+        sizes: list[int],
+        rows: int,
+        per_position: bool,
+    ) -> tuple[list[Tensor], list[Tensor | None]]:
+        """Per round of ``sizes`` probes (the first from probe ``offset``), in passes of at most
+        ``rows`` rows: the (B, 4) float64 probe sums, and the (B, T) sums of the per-position
+        curvature (None without per_position)."""
+        est = self._estimator
+        stats: list = [None] * len(sizes)
+        maps: list = [None] * len(sizes)
+        for k0, kk in self._probe_chunks(sum(sizes), batch.size, rows, est.rows_per_probe):
+            with reduced_precision_passes(batch.x.device.type, self.precision):
+                data = est.run(
+                    ops, self._objective, batch, base, self.seed, self.h, offset + k0, kk
+                )
+            for r, a, b in self._rounds_in_chunk(sizes, k0, kk):
+                part, part_map = est.reduce(
+                    ops, data[a:b], batch, base, self.seed, self.h, offset + k0 + a, per_position
+                )
+                stats[r] = part if stats[r] is None else stats[r] + part
+                if part_map is not None:
+                    maps[r] = part_map if maps[r] is None else maps[r] + part_map
+        return stats, maps
 
     def _round_sizes(self, offset: int, active: int, rows: int) -> list[int]:
         """Probes per round for the next pass over ``active`` samples.
@@ -406,30 +470,32 @@ class CurvatureScorer:
         dtype: torch.dtype,
     ) -> CurvatureScores:
         n = count.double()
-        curvature, curvature_stderr = _mean_and_stderr(sums[:, 0], sums[:, 1], n)
-        trace, trace_stderr = _mean_and_stderr(sums[:, 2], sums[:, 3], n)
-        fields = {
-            "curvature": curvature,
-            "curvature_stderr": curvature_stderr,
-            "trace": trace,
-            "trace_stderr": trace_stderr,
-            "frobenius_sq": sums[:, 1] / n,
-            "loss": base.loss,
-            "grad_norm": base.grad_norm,
-            **{name: base.stats[:, i] for i, name in enumerate(CLASSIFICATION_FIELDS)},
-        }
+        # Every (B,) field is a column of one (B, F) table: the finiteness check, the NaNs and
+        # the conversion to the output dtype are then one operation each, whatever F.
+        mean, stderr = _mean_and_stderr(sums[:, 0::2], sums[:, 1::2], n.unsqueeze(1))  # (B, 2)
+        table = torch.cat(
+            [
+                mean[:, :1],
+                stderr[:, :1],
+                mean[:, 1:],
+                stderr[:, 1:],
+                (sums[:, 1] / n).unsqueeze(1),
+                base.loss.unsqueeze(1),
+                base.grad_norm.unsqueeze(1),
+                base.stats,
+            ],
+            dim=1,
+        )
+        names = _TABLE_FIELDS
+        curvature = table[:, 0]
         if cmap is not None:
             cmap = cmap / n.unsqueeze(1)
         # NaN by design: grad_norm without a gradient, the classification fields of other outputs.
-        unchecked = set(CLASSIFICATION_FIELDS)
-        if not self._estimator.needs_gradient:
-            unchecked.add("grad_norm")
-        checked = [v for k, v in fields.items() if k not in unchecked]
-        bad = ~torch.stack([torch.isfinite(v) for v in checked]).all(dim=0)
+        checked = names.index("grad_norm") + int(self._estimator.needs_gradient)
+        bad = ~torch.isfinite(table[:, :checked]).all(dim=1)
         n_bad = int(bad.sum())
         if n_bad:
-            for v in fields.values():
-                v[bad] = math.nan
+            table[bad] = math.nan
             if cmap is not None:
                 cmap[bad] = math.nan
             warnings.warn(
@@ -448,15 +514,31 @@ class CurvatureScorer:
         if self._estimator.takes_differences:
             self._estimator.warn_zero_differences(sums, bad, batch, base, self.h)
         self._estimator.warn_rounding(curvature, base, bad, batch, self.h)
-        count = _unmeasured(fields, count, cmap, batch)
+        count = _unmeasured(table, names, count, cmap, batch)
+        columns = table.to(dtype).t().contiguous()  # (F, B): each field a contiguous row
         return CurvatureScores(
-            **{k: v.to(dtype) for k, v in fields.items()},
+            **dict(zip(names, columns.unbind(0), strict=True)),
             ids=batch.ids,
             n_probes=count,
             h=self.h,
             method=self.method,
             curvature_map=None if cmap is None else cmap.to(dtype),
+            loss_fn=qualified_name(self.loss_fn),
         )
+
+
+# The (B,) fields of CurvatureScores in the column order of _finalize's table: the ones
+# checked for finiteness first, grad_norm (checked where the method has a gradient) last of them.
+_TABLE_FIELDS = (
+    "curvature",
+    "curvature_stderr",
+    "trace",
+    "trace_stderr",
+    "frobenius_sq",
+    "loss",
+    "grad_norm",
+    *CLASSIFICATION_FIELDS,
+)
 
 
 # The fields a probe measures: NaN for a sample whose probe mask is all zero.
@@ -464,10 +546,11 @@ _PROBED = ("curvature", "curvature_stderr", "trace", "trace_stderr", "frobenius_
 
 
 def _unmeasured(
-    fields: dict[str, Tensor], count: Tensor, cmap: Tensor | None, batch: Batch
+    table: Tensor, names: Sequence[str], count: Tensor, cmap: Tensor | None, batch: Batch
 ) -> Tensor:
-    """Makes the probed fields (and curvature map) NaN for samples whose probe mask is all
-    zero, with one SampleWarning; returns the probe counts, 0 for those samples.
+    """Makes the probed fields (columns ``names`` of the (B, F) ``table``) and the curvature
+    map NaN for samples whose probe mask is all zero, with one SampleWarning; returns the
+    probe counts, 0 for those samples.
 
     Such a sample has no coordinate to probe: its differences are 0 by construction, and a
     curvature of 0 would rank it lowest and halve its running mean in a tracker.
@@ -478,8 +561,8 @@ def _unmeasured(
     n_empty = int(empty.sum())
     if not n_empty:
         return count
-    for name in _PROBED:
-        fields[name][empty] = math.nan
+    probed = torch.tensor([name in _PROBED for name in names], device=table.device)
+    table[empty.unsqueeze(1) & probed] = math.nan
     if cmap is not None:
         cmap[empty] = math.nan
     count = count.clone()

@@ -34,6 +34,8 @@ _MASK32 = 0xFFFFFFFF
 _PHILOX_M0, _PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
 _PHILOX_W0, _PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
 PROBE_BLOCK = 128  # probe elements per generator call
+# Limits of the probe counter (csrc/probes.h), checked by the ops' fake kernels and the scorer:
+# ids in [0, MAX_ID), streams in [0, MAX_STREAM), probe indices in [0, MAX_PROBE).
 MAX_ID = 1 << 56
 MAX_STREAM = 256
 MAX_PROBE = 1 << 32
@@ -273,7 +275,8 @@ def probe_reduce(
 ) -> Tensor:
     """Per-sample sums over probes k of ||dg_k|| / h, ||dg_k||^2 / h^2, r_k.dg_k / h, its square.
 
-    dg_k = m * (g[k] - g0) and r_k -> m * r_k with a mask. The difference g - g0 is taken in the
+    dg_k = m * (g[k] - g0) and r_k -> m * r_k with a mask; where m is 0, dg_k is 0 even if g or
+    g0 is not finite there. The difference g - g0 is taken in the
     input dtype (as the kernels do); norms, dot products and sums are in float64, because the
     standard error is computed from the sums of c and c^2, which cancel: in float32 they lose a
     spread of 1e-4 between probes entirely.
@@ -292,7 +295,9 @@ def probe_reduce(
     dg = g - g0  # (n, B, D) in the input dtype
     m = _expand_mask(mask, g0, "probe_reduce")
     if m is not None:
-        dg = dg * m
+        # A masked-out element never contributes, a NaN there included: select, not multiply
+        # (NaN * 0 is NaN), as the kernels do (csrc/mask.h).
+        dg = torch.where(m != 0, dg * m, torch.zeros((), dtype=dg.dtype, device=dg.device))
         r = r * m.double()
     dg = dg.double()
     c = torch.linalg.vector_norm(dg, dim=-1) / h  # (n, B)

@@ -1,36 +1,28 @@
-"""CurvatureTracker (epoch averaging and training-dynamics baselines) and score_checkpoints."""
+"""CurvatureTracker: epoch averaging and the training-dynamics baselines' running statistics.
+
+Its files are written and read by curvkern.io; the baselines are defined in curvkern.baselines.
+"""
 
 from __future__ import annotations
 
 import math
 import os
-import re
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from . import io
-from .dataset import _model_device, score_dataset, scorer_setting
+from .baselines import BASELINES
+from .dataset import score_dataset, scorer_setting
+from .diagnostics import _outside_caller_level
 from .distributed import is_main_process
-from .scores import SCORE_FIELDS, CurvatureScores
+from .metrics import TopK, topk
+from .scores import SCORE_FIELDS, CurvatureScores, qualified_name
 
-__all__ = ["CurvatureTracker", "score_checkpoints", "BASELINES"]
-
-# The settings a tracker's epochs must share to be averaged (stored in its file).
-_SETTINGS = ("method", "h", "n_probes", "seed", "rtol", "max_probes")
-
-# baselines() -> the score field each is computed from.
-BASELINES = {
-    "loss_mean": "loss",
-    "grad_norm_mean": "grad_norm",
-    "aum": "margin",
-    "confidence": "p_label",
-    "variability": "p_label",
-    "forgetting": "correct",
-    "el2n": "el2n",
-}
+__all__ = ["CurvatureTracker"]
 
 
 class _Running:
@@ -133,18 +125,33 @@ class CurvatureTracker:
     With ``path`` set the state is saved after every epoch, crash-safe (each file written to a
     temporary name, synced, then renamed; NumPy .npz, never pickles; see curvkern.io), and a
     tracker constructed on an existing file resumes from it exactly. The file must have been
-    written by a scorer with the same settings and the same ``keep_history``.
+    written by a scorer with the same settings and the same ``keep_history``. The file also
+    records what made its scores: the loss function's qualified name, and where given the model
+    factory and a fingerprint of the data; a tracker with other ones refuses it, naming the
+    field (a file of an older curvkern, which did not record them, loads with a warning).
+
+    Several processes may write one path (see "Several writers" in docs/guide.md): each save
+    holds a lock on ``<path>.lock``; with keep_history=True it merges its epochs with those
+    other writers saved (the file ends with the union; an epoch both recorded keeps the later
+    save's), with keep_history=False a save that finds the file changed by another writer
+    raises TrackerConflictError and saves nothing (running sums cannot take another writer's
+    epochs): score into separate files and merge them (curvkern.merge_trackers).
 
     Args:
         scorer: the CurvatureScorer (or any scorer with its ``score`` signature) to apply.
         num_samples: N, the number of samples (ids 0 .. N-1).
         path: optional file to save to and resume from (e.g. "curvature.npz").
         keep_history: keep every epoch's scores (True) or only running statistics (False).
+        model_factory: what made the model (the command line gives MODULE:FACTORY), recorded
+            in the file and checked when resuming; None: not recorded or checked.
+        data_fingerprint: curvkern.data.fingerprint of the data, recorded in the file and
+            checked when resuming; None: not recorded or checked.
 
     Attributes:
         epochs: the recorded epochs, ascending.
         history: (E, N) curvature per recorded epoch (keep_history=True only).
-        mean: (N,) curvature averaged over the recorded epochs (NaN where never scored).
+        mean: (N,) curvature averaged over the recorded epochs (NaN where never scored; rank
+            with ``top(k)``, which puts never-scored ids last).
     """
 
     def __init__(
@@ -154,13 +161,16 @@ class CurvatureTracker:
         path: str | os.PathLike | None = None,
         *,
         keep_history: bool = True,
+        model_factory: str | None = None,
+        data_fingerprint: dict | None = None,
     ) -> None:
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 0:
             raise ValueError(f"num_samples must be a non-negative int, got {num_samples!r}")
         if not isinstance(keep_history, bool):
             raise TypeError(f"keep_history must be a bool, got {keep_history!r}")
         self.scorer = scorer
-        settings = {k: scorer_setting(scorer, k) for k in _SETTINGS}
+        settings = {k: scorer_setting(scorer, k) for k in io.SETTINGS}
+        self._origin = self._origin_of(scorer, model_factory, data_fingerprint)
         self._setup(num_samples, path, keep_history, settings, read_only=False)
 
     @classmethod
@@ -180,7 +190,8 @@ class CurvatureTracker:
         tracker = cls.__new__(cls)
         tracker.scorer = None
         keep_history = metadata.get("layout", "history") == "history"
-        settings = _settings_in(metadata)
+        settings = io.settings_in(metadata)
+        tracker._origin = {k: (metadata.get("origin") or {}).get(k) for k in io.ORIGIN}
         tracker._setup(int(metadata["num_samples"]), path, keep_history, settings, read_only=True)
         return tracker
 
@@ -198,8 +209,18 @@ class CurvatureTracker:
         self._folded = None if keep_history else _Running(SCORE_FIELDS, num_samples)
         self._folded_epochs: list[int] = []
         self._last: tuple[int, dict[str, Tensor]] | None = None
+        self._unscored_counts_warned: set[int] = set()
+        # Which version of the file this tracker last read or wrote, so that a save sees what
+        # other writers did since: keep_history=False its save_id, keep_history=True the
+        # identity of each epoch's file.
+        self._disk_id: str | None = None
+        self._file_ids: dict[int, tuple[int, int, int]] = {}
         if self.path is not None and self.path.exists():
-            self._load(self.path)
+            if read_only:  # no lock file: a read-only folder must stay readable
+                self._load(self.path)
+            else:
+                with io.locked(self.path):
+                    self._load(self.path)
 
     # -- recording --------------------------------------------------------------------------
 
@@ -240,6 +261,7 @@ class CurvatureTracker:
         _check_epoch(epoch)
         values = self._checked_values(scores)
         self._check_order(epoch)
+        self._warn_unscored(epoch, values["curvature"])
         if any(v.dtype == torch.float64 for v in values.values()):
             self._dtype = torch.float64
         if self.keep_history:
@@ -252,6 +274,26 @@ class CurvatureTracker:
             self._last = (epoch, values)
         if self.path is not None and is_main_process():
             self.save()
+
+    def _warn_unscored(self, epoch: int, curvature: Tensor) -> None:
+        """Warns when an epoch leaves ids without a curvature, once per distinct count: a
+        loader over part of the data (a Subset, a random_split part, drop_last) does so at every
+        epoch, and one warning says it; a change in the count is news and warns again."""
+        missing = int((~torch.isfinite(curvature)).sum())
+        if missing == 0 or missing in self._unscored_counts_warned:
+            return
+        self._unscored_counts_warned.add(missing)
+        first = int((~torch.isfinite(curvature)).nonzero()[0])
+        warnings.warn(
+            f"epoch {epoch} left {missing} of {self.num_samples} ids without a curvature (NaN; "
+            f"the first is id {first}): the loader did not yield them (a Subset, a random_split "
+            "part, drop_last=True) or their scores were refused with a SampleWarning. Means "
+            "skip them and tracker.top(k) ranks them last; torch's mean.topk(k) would rank "
+            "NaN first. Score every id to average all of them (this warning repeats only when "
+            "the count changes).",
+            UserWarning,
+            stacklevel=_outside_caller_level(),
+        )
 
     def _check_writable(self) -> None:
         if self._read_only:
@@ -303,6 +345,7 @@ class CurvatureTracker:
                     f"scores were made with n_probes = {int(outside[0])}, this tracker's scorer "
                     f"gives {expected}; scores of different settings do not average"
                 )
+        self._check_loss_of(scores)
         values = {}
         for name in SCORE_FIELDS:
             v = getattr(scores, name).detach().cpu()
@@ -363,8 +406,23 @@ class CurvatureTracker:
     def mean(self) -> Tensor:
         return self.field_mean("curvature")
 
+    def top(self, k: int, field: str = "curvature") -> TopK:
+        """The k ids of highest mean ``field`` (one of SCORE_FIELDS), highest first.
+
+        Ids never scored (NaN mean: outside the loader's Subset, random_split part or
+        drop_last remainder) rank after every scored id and are never returned, unlike
+        ``tracker.mean.topk(k)``, where torch ranks NaN first.
+
+        Returns:
+            ``(values, indices)``: (k,) means and the ids they belong to.
+        Raises:
+            ValueError: k outside [0, the number of scored ids].
+        """
+        return topk(self.field_mean(field), k)
+
     def baselines(self) -> dict[str, Tensor]:
-        """The training-dynamics scores of every sample, from the recorded epochs.
+        """The training-dynamics scores of every sample, from the recorded epochs (each one
+        defined in curvkern.baselines.BASELINES).
 
         They are measured at x in eval mode at the recorded epochs (the scoring pass), while
         the papers record them on the training minibatches in train mode (augmentation,
@@ -380,42 +438,11 @@ class CurvatureTracker:
             consecutive epochs where the sample was scored, +inf when never correct (Toneva et
             al. 2019); ``el2n`` mean ||softmax - onehot(y)|| (Paul et al. 2021).
         """
-        fields = tuple(dict.fromkeys(BASELINES.values()))
+        fields = tuple(dict.fromkeys(b.field for b in BASELINES.values()))
         stats = self._statistics(fields)
-        confidence = stats.mean("p_label")
-        square = torch.where(
-            stats.count["p_label"] > 0,
-            stats.extra["p_label_sq"] / stats.count["p_label"].clamp(min=1),
-            math.nan,
-        )
-        # E[p^2] - E[p]^2 in float64: rounding leaves |error| ~ 1e-16, clamped at 0.
-        variability = (square - confidence * confidence).clamp(min=0).sqrt()
-        forgetting = torch.where(
-            stats.extra["ever_correct"], stats.extra["forgotten"].double(), math.inf
-        )
-        forgetting = torch.where(stats.count["correct"] > 0, forgetting, math.nan)
-        out = {
-            "loss_mean": stats.mean("loss"),
-            "grad_norm_mean": stats.mean("grad_norm"),
-            "aum": stats.mean("margin"),
-            "confidence": confidence,
-            "variability": variability,
-            "forgetting": forgetting,
-            "el2n": stats.mean("el2n"),
-        }
-        return {k: v.to(self._dtype) for k, v in out.items()}
+        return {name: b.statistic(stats, b.field).to(self._dtype) for name, b in BASELINES.items()}
 
     # -- persistence ------------------------------------------------------------------------
-
-    def _metadata(self) -> dict:
-        return {
-            "format": io.FORMAT_VERSION,
-            "layout": "history" if self.keep_history else "running",
-            "num_samples": self.num_samples,
-            "settings": self._settings,
-            "fields": list(SCORE_FIELDS),
-            "dtype": str(self._dtype).removeprefix("torch."),
-        }
 
     def save(self) -> None:
         """Writes what is not yet on disk to ``path``, crash-safe (see curvkern.io).
@@ -425,195 +452,120 @@ class CurvatureTracker:
         """
         if self.path is None:
             raise ValueError("this tracker has no path to save to; construct it with path=...")
-        if self.keep_history:
-            folder = io.epochs_folder(self.path)
-            for epoch in sorted(self._unsaved):
-                io.write_arrays(
-                    folder / io.epoch_file_name(epoch),
-                    {"format": io.FORMAT_VERSION, "epoch": epoch, "num_samples": self.num_samples},
-                    self._epochs[epoch],
-                )
-            epochs = torch.tensor(self.epochs, dtype=torch.int64)
-            io.write_arrays(self.path, self._metadata(), {"epochs": epochs})
-            self._unsaved.clear()
-        else:
-            arrays = {f"state.{k}": v for k, v in self._folded.arrays().items()}
-            arrays["epochs"] = torch.tensor(self.epochs, dtype=torch.int64)
-            if self._last is not None:
-                arrays.update({f"last.{k}": v for k, v in self._last[1].items()})
-            io.write_arrays(self.path, self._metadata(), arrays)
+        with io.locked(self.path):
+            if self.keep_history:
+                self._save_history()
+            else:
+                self._save_running()
 
     def _load(self, path: Path) -> None:
-        metadata, arrays = io.read_arrays(path)
-        fmt = metadata.get("format")
-        if fmt not in (1, io.FORMAT_VERSION):
-            raise ValueError(
-                f"{path}: tracker file format {fmt!r}, this curvkern reads formats 1 and "
-                f"{io.FORMAT_VERSION}; it was written by another version of curvkern"
-            )
-        layout = metadata.get("layout", "history")  # format 1 kept the history
-        if (layout == "history") != self.keep_history:
-            raise ValueError(
-                f"{path} was written with keep_history={layout == 'history'}, this tracker has "
-                f"keep_history={self.keep_history}; use the same setting or another path"
-            )
-        if metadata["num_samples"] != self.num_samples:
-            raise ValueError(
-                f"{path} holds {metadata['num_samples']} samples, this tracker has "
-                f"num_samples = {self.num_samples}"
-            )
+        stored = io.read_tracker(
+            path, self.num_samples, self.keep_history, None if self._read_only else self._settings
+        )
+        self._dtype = stored.dtype
         if not self._read_only:
-            self._check_settings(path, _settings_in(metadata))
-        self._dtype = torch.float64 if metadata.get("dtype") == "float64" else torch.float32
-        epochs = arrays["epochs"].tolist()
-        if fmt == 1:  # (E, N) arrays in the one file; rewritten as format 2 at the next save
-            for i, epoch in enumerate(epochs):
-                self._epochs[epoch] = _complete({k: v[i] for k, v in arrays.items()}, self)
-                if self._epochs[epoch]["curvature"].dtype == torch.float64:
-                    self._dtype = torch.float64
-            self._unsaved = set(epochs)
-        elif self.keep_history:
-            folder = io.epochs_folder(path)
-            for epoch in epochs:
-                file = folder / io.epoch_file_name(epoch)
-                if not file.exists():
-                    raise ValueError(
-                        f"{path} lists epoch {epoch}, whose file {file} is missing; restore it, "
-                        "or start over with another path"
-                    )
-                _, values = io.read_arrays(file)
-                self._epochs[epoch] = _complete(values, self)
+            metadata = io.read_metadata(path)
+            unchecked = io.check_origin(path, metadata, self._origin, what="this tracker")
+            io.warn_unchecked(path, unchecked, stacklevel=5)
+            self._disk_id = metadata.get("save_id") or io.save_id(path)
+        if self.keep_history:
+            self._epochs.update(stored.history)
+            if stored.format == 1:  # rewritten as the current format at the next save
+                self._unsaved = set(stored.epochs)
+            else:
+                folder = io.epochs_folder(path)
+                for e in stored.epochs:
+                    self._file_ids[e] = io.file_identity(folder / io.epoch_file_name(e))
         else:
-            state = {
-                k.removeprefix("state."): v for k, v in arrays.items() if k.startswith("state.")
-            }
-            self._folded = _Running.from_arrays(SCORE_FIELDS, self.num_samples, state)
-            last = {k.removeprefix("last."): v for k, v in arrays.items() if k.startswith("last.")}
-            if epochs:
-                self._folded_epochs = epochs[:-1]
-                self._last = (epochs[-1], _complete(last, self))
+            self._folded = _Running.from_arrays(SCORE_FIELDS, self.num_samples, stored.state)
+            if stored.epochs:
+                self._folded_epochs = stored.epochs[:-1]
+                self._last = (stored.epochs[-1], stored.last)
 
-    def _check_settings(self, path: Path, stored: dict) -> None:
-        ours = self._settings
-        differ = {
-            k: (stored.get(k), ours[k])
-            for k in _SETTINGS
-            if k in stored and stored.get(k) != ours[k]
-        }
-        if differ:
-            detail = ", ".join(f"{k}: file {a!r}, scorer {b!r}" for k, (a, b) in differ.items())
-            raise ValueError(
-                f"{path} was written by a scorer with other settings ({detail}); scores of "
-                f"different settings do not average. Use another path, or the same settings."
+    # -- what made the scores, and other writers -------------------------------------------
+
+    @staticmethod
+    def _origin_of(scorer, model_factory, data_fingerprint) -> dict:
+        """The file's ``origin`` record of this tracker (see curvkern.io.ORIGIN)."""
+        if model_factory is not None and not isinstance(model_factory, str):
+            raise TypeError(f"model_factory must be a str or None, got {model_factory!r}")
+        if data_fingerprint is not None and not isinstance(data_fingerprint, dict):
+            raise TypeError(
+                "data_fingerprint must be a dict from curvkern.data.fingerprint or None, got "
+                f"{type(data_fingerprint).__name__}"
             )
+        loss_fn = scorer_setting(scorer, "loss_fn")
+        return {
+            "loss_fn": None if loss_fn is None else qualified_name(loss_fn),
+            "model": model_factory,
+            "data": data_fingerprint,
+        }
+
+    def _check_loss_of(self, scores: CurvatureScores) -> None:
+        """Scores made with another loss function are refused (scores built by hand, without
+        a loss_fn name, cannot be checked)."""
+        want, have = self._origin.get("loss_fn"), getattr(scores, "loss_fn", None)
+        if want is not None and have is not None and have != want:
+            raise ValueError(
+                f"scores were made with loss_fn {have}, this tracker's scorer has loss_fn "
+                f"{want}; scores of different losses do not average"
+            )
+
+    def _save_history(self) -> None:
+        """Under the lock: takes in the epochs other writers saved since this tracker last
+        looked, then writes this tracker's new epochs and the index of the union."""
+        self._take_other_writers_epochs()
+        metadata = io.tracker_metadata(
+            self.num_samples, True, self._settings, self._dtype, self._origin
+        )
+        new = {e: self._epochs[e] for e in self._unsaved}
+        io.write_history(self.path, metadata, self.epochs, new)
+        folder = io.epochs_folder(self.path)
+        for e in new:
+            self._file_ids[e] = io.file_identity(folder / io.epoch_file_name(e))
+        self._unsaved.clear()
+
+    def _take_other_writers_epochs(self) -> None:
+        if not self.path.exists():
+            return
+        metadata, arrays = io.read_arrays(self.path)
+        fmt = io.check_index(self.path, metadata, self.num_samples, True, self._settings)
+        io.check_origin(self.path, metadata, self._origin, what="this tracker")
+        if fmt == 1:  # not yet rewritten: every epoch of it was read when this tracker opened it
+            return
+        folder = io.epochs_folder(self.path)
+        for e in arrays["epochs"].tolist():
+            if e in self._unsaved:  # recorded again here: this save's replaces it
+                continue
+            identity = io.file_identity(folder / io.epoch_file_name(e))
+            if e in self._epochs and self._file_ids.get(e) == identity:
+                continue
+            values = io.read_epoch(self.path, e, self.num_samples)
+            self._epochs[e] = values
+            self._file_ids[e] = identity
+            if any(v.dtype == torch.float64 for v in values.values()):
+                self._dtype = torch.float64
+
+    def _save_running(self) -> None:
+        """Under the lock: refuses if another writer saved since this tracker last read or
+        wrote the file, then writes it with a new save_id."""
+        if io.save_id(self.path) != self._disk_id:
+            epoch = "" if self._last is None else f" (epoch {self._last[0]} was not saved)"
+            raise io.TrackerConflictError(
+                f"another writer has saved {self.path} since this tracker read it{epoch}: with "
+                "keep_history=False running statistics cannot take another writer's epochs; "
+                "score each job into its own file with keep_history=True and merge them with "
+                "curvkern.merge_trackers (or `curvkern merge`)"
+            )
+        metadata = io.tracker_metadata(
+            self.num_samples, False, self._settings, self._dtype, self._origin
+        )
+        metadata["save_id"] = io.new_save_id()
+        last = None if self._last is None else self._last[1]
+        io.write_running(self.path, metadata, self.epochs, self._folded.arrays(), last)
+        self._disk_id = metadata["save_id"]
 
 
 def _check_epoch(epoch) -> None:
     if isinstance(epoch, bool) or not isinstance(epoch, int):
         raise TypeError(f"epoch must be an int, got {epoch!r}")
-
-
-def _settings_in(metadata: dict) -> dict:
-    """The scorer settings stored in a file's metadata (format 1 kept them at the top)."""
-    stored = metadata.get("settings", metadata)
-    return {k: stored[k] for k in _SETTINGS if k in stored}
-
-
-def _complete(values: Mapping[str, Tensor], tracker: CurvatureTracker) -> dict[str, Tensor]:
-    """{field: (N,)} with every current field: NaN for fields an older file did not have."""
-    present = [values[name] for name in SCORE_FIELDS if name in values]
-    dtype = present[0].dtype if present else torch.float32
-    out = {}
-    for name in SCORE_FIELDS:
-        v = values.get(name)
-        if v is None:
-            v = torch.full((tracker.num_samples,), math.nan, dtype=dtype)
-        elif v.shape != (tracker.num_samples,):
-            raise ValueError(
-                f"{tracker.path}: field {name} has shape {tuple(v.shape)}, expected "
-                f"({tracker.num_samples},)"
-            )
-        out[name] = v
-    return out
-
-
-def _checkpoint_epochs(checkpoints) -> list[tuple[int, str | os.PathLike]]:
-    """(epoch, path) pairs from a mapping {epoch: path} or a sequence of paths.
-
-    For a sequence, the epoch is the last number in each file name when every name has one and
-    they are distinct (ckpt_012.pt -> 12), else the position in the sequence.
-    """
-    if isinstance(checkpoints, Mapping):
-        return sorted((int(e), p) for e, p in checkpoints.items())
-    paths = list(checkpoints)
-    numbers = [re.findall(r"\d+", Path(p).stem) for p in paths]
-    if all(numbers) and len({int(n[-1]) for n in numbers}) == len(paths):
-        return sorted((int(n[-1]), p) for n, p in zip(numbers, paths, strict=True))
-    return list(enumerate(paths))
-
-
-def _state_dict_of(obj, path) -> Mapping[str, Tensor]:
-    if isinstance(obj, Mapping) and obj and all(isinstance(v, Tensor) for v in obj.values()):
-        return obj
-    if isinstance(obj, Mapping):
-        for key in ("state_dict", "model_state_dict", "model"):
-            if key in obj and isinstance(obj[key], Mapping):
-                return obj[key]
-    keys = list(obj) if isinstance(obj, Mapping) else type(obj).__name__
-    raise ValueError(
-        f"{path}: expected a state_dict, or a dict with one under 'state_dict', "
-        f"'model_state_dict' or 'model'; found {keys}"
-    )
-
-
-def score_checkpoints(
-    model: nn.Module,
-    checkpoints: Mapping[int, str | os.PathLike] | Sequence[str | os.PathLike],
-    loader: Iterable,
-    *,
-    num_samples: int | None = None,
-    path: str | os.PathLike | None = None,
-    keep_history: bool = True,
-    progress: bool = True,
-    device=None,
-    **scorer_kwargs,
-) -> CurvatureTracker:
-    """Scores a series of saved checkpoints, as the paper does, into a CurvatureTracker.
-
-    Each checkpoint is loaded with ``torch.load(..., weights_only=True)`` (no pickled code is
-    run) into ``model``, whose own state is restored at the end. Epochs already in the
-    tracker's file (``path``) are not scored again, so an interrupted run resumes.
-
-    Args:
-        model: the architecture the checkpoints belong to.
-        checkpoints: {epoch: file}, or a sequence of files (epochs from the numbers in their
-            names, e.g. ckpt_012.pt -> 12, else their positions).
-        loader: (x, y, ids) batches, as for score_dataset.
-        num_samples: N (default: as score_dataset finds it from loader.dataset).
-        path: optional file for the tracker (saved after every checkpoint).
-        keep_history: as for CurvatureTracker.
-        progress: progress bars.
-        device: where to score (default: the model's device).
-        **scorer_kwargs: CurvatureScorer arguments (loss_fn, h, n_probes, seed, method, ...).
-    Returns:
-        The CurvatureTracker holding one epoch per checkpoint.
-    """
-    from .dataset import _num_samples_of
-    from .scorer import CurvatureScorer
-
-    if num_samples is None:
-        num_samples = _num_samples_of(loader.dataset)
-    scorer = CurvatureScorer(model, **scorer_kwargs)
-    tracker = CurvatureTracker(scorer, num_samples, path, keep_history=keep_history)
-    done = set(tracker.epochs)
-    pending = [(e, p) for e, p in _checkpoint_epochs(checkpoints) if e not in done]
-    original = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    map_location = device if device is not None else _model_device(model) or "cpu"
-    try:
-        for epoch, file in pending:
-            state = torch.load(file, map_location=map_location, weights_only=True)
-            model.load_state_dict(_state_dict_of(state, file))
-            tracker.score_epoch(loader, epoch, progress=progress, device=device)
-    finally:
-        model.load_state_dict(original)
-    return tracker

@@ -20,7 +20,7 @@ Writes, under --out (default outputs/conflicting_duplicates), files named after 
     python3 examples/conflicting_duplicates.py --seeds 5                     # digits
     python3 examples/conflicting_duplicates.py --dataset mnist-5k --seeds 5  # 5,000 MNIST digits
 
-(the README's "Results on real data" gives the measured times and tables.)
+(docs/results.md, "Results on real data", gives the measured times and tables.)
 """
 
 from __future__ import annotations

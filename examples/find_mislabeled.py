@@ -23,7 +23,7 @@ Writes, under --out (default outputs/find_mislabeled), files named after the dat
     python3 examples/find_mislabeled.py --dataset fashion-mnist --seeds 5  # 10,000 images each
 
 (on an idle 2-core CPU, cleanlab's cross-validation included: about 24 s per digits seed and
-5 minutes per Fashion-MNIST seed; the README's "Results on real data" gives the tables.)
+5 minutes per Fashion-MNIST seed; docs/results.md, "Results on real data", gives the tables.)
 """
 
 from __future__ import annotations

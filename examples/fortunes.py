@@ -84,6 +84,7 @@ def pad_batch(seqs: list[list[int]], pad: int = 0) -> tuple[torch.Tensor, torch.
 
 def step_scale(model: torch.nn.Module, h: float) -> str:
     """The step h against the scale of the model's token embeddings, for the examples' logs:
-    "embedding entries' std 0.115 (h / std = 0.009)" (README: take h / std in 1e-3 .. 5e-2)."""
+    "embedding entries' std 0.115 (h / std = 0.009)" (docs/guide.md, "Choosing h": take h / std
+    in 1e-3 .. 5e-2)."""
     sigma = model.get_input_embeddings().weight.std().item()
     return f"embedding entries' std {sigma:.3f} (h / std = {h / sigma:.3f})"

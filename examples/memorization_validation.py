@@ -34,7 +34,7 @@ Writes, under --out (default outputs/memorization_validation), files named after
 
 mem is estimated once (with --seed); --seeds repeats the tracked network only. Digits is the
 data set where hundreds of networks are affordable on a CPU: minutes on 2 cores, seconds from
-the cache (the README's "Results on real data" gives the measured times and tables).
+the cache (docs/results.md, "Results on real data", gives the measured times and tables).
 """
 
 from __future__ import annotations

@@ -1,34 +1,17 @@
 """The per-sample scores the examples compare, all from one CurvatureTracker run.
 
 Curvature averaged over the scored epochs (the paper's memorization score) and at the last one,
-the final loss, and the training-dynamics baselines of ``tracker.baselines()``, all measured in
-eval mode at the scored epochs:
-
-  loss_mean       mean loss over epochs (cumulative loss)
-  grad_norm_mean  mean input-gradient norm
-  aum             area under the margin (Pleiss et al. 2020): mean of logit_y - max other logit
-  confidence      mean softmax probability of the label (dataset cartography, Swayamdipta et
-                  al. 2020)
-  variability     its standard deviation over epochs (dataset cartography)
-  forgetting      correct -> incorrect transitions between scored epochs, inf if never correct
-                  (Toneva et al. 2019)
-  el2n            mean ||softmax - onehot(y)|| (Paul et al. 2021)
+the final loss, and the training-dynamics baselines of ``tracker.baselines()`` (loss, input
+gradient norm, AUM, confidence, variability, forgetting, EL2N; their names, papers and which
+end flags a sample are in curvkern.baselines.BASELINES), all measured in eval mode at the
+scored epochs.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-# Display name, and +1 where a high value flags a sample, -1 where a low one does.
-BASELINES = {
-    "loss_mean": ("loss, mean over epochs", 1),
-    "grad_norm_mean": ("input-gradient norm, mean over epochs", 1),
-    "aum": ("AUM: margin, mean over epochs (low first)", -1),
-    "confidence": ("confidence: p(label), mean (low first)", -1),
-    "variability": ("variability: p(label), std over epochs", 1),
-    "forgetting": ("forgetting events", 1),
-    "el2n": ("EL2N, mean over epochs", 1),
-}
+from curvkern.baselines import BASELINES
 
 
 def compared(tracker) -> tuple[dict, dict, dict]:
@@ -50,9 +33,9 @@ def compared(tracker) -> tuple[dict, dict, dict]:
         "curvature_mean": f"curvature, mean over {epochs} epochs",
         "curvature_last": "curvature, last epoch",
         "loss_final": "loss, final",
-        **{key: name for key, (name, _) in BASELINES.items()},
+        **{key: baseline.title for key, baseline in BASELINES.items()},
     }
-    sign = {key: s for key, (_, s) in BASELINES.items()}
+    sign = {key: baseline.direction for key, baseline in BASELINES.items()}
     ranking = {key: sign.get(key, 1) * v for key, v in values.items()}
     return values, ranking, names
 

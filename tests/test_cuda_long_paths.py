@@ -1,4 +1,4 @@
-"""The kernels' long paths (issue 15.4): many probes, many probe blocks and chunks, D not a multiple
+"""The kernels' long paths: many probes, many probe blocks and chunks, D not a multiple
 of 128, huge outputs, huge batches, bad ids, side streams and CUDA graphs.
 
 Cases that fit in a few hundred MB run on every device (the CPU versions run everywhere); the ones

@@ -243,6 +243,65 @@ def test_all_zero_mask(device):
     assert torch.equal(stats, torch.zeros(2, 4, dtype=torch.float64, device=device))
 
 
+# (sample shape, mask prefix) whose masked-out elements fill whole 128-element probe blocks (runs of
+# 300: the CPU kernel skips such a block) or share blocks with kept ones (runs of 1 and of 7: it
+# weighs those element by element), so that both of its paths and the CUDA kernel are covered.
+MASKED_OUT_CASES = [((3, 300), (3,)), ((2, 7), (2, 7)), ((5, 7), (5,))]
+
+
+@pytest.mark.parametrize("backend", ["kernels", "twin"])
+@pytest.mark.parametrize("shape,prefix", MASKED_OUT_CASES)
+def test_masked_out_non_finite_never_contributes(device, dtype, shape, prefix, backend):
+    # One rule on every device and in the twin (csrc/mask.h): an element whose weight is 0 does
+    # not contribute, whatever it holds; NaN * 0 would be NaN, so the kernels select.
+    if backend == "kernels" and not ops.has_kernels():
+        pytest.skip("curvkern's compiled ops are not built")
+    reduce = ops.probe_reduce if backend == "kernels" else torch_ops.probe_reduce
+    gen = torch.Generator().manual_seed(3)
+    dim = torch.Size(shape).numel()
+    g0 = torch.randn(3, dim, generator=gen, dtype=torch.float64)
+    g = g0 + 1e-2 * torch.randn(4, 3, dim, generator=gen, dtype=torch.float64)
+    g0, g = g0.to(device, dtype), g.to(device, dtype)
+    keep = _mask(3, prefix, dtype, device, seed=4)
+    mask = torch_ops.as_mask(keep, g0.reshape(3, *shape))
+    weights = _expanded(keep, shape).reshape(3, dim)
+    out = weights == 0
+    assert bool(out.any()) and bool((~out).any())
+    bad_g0, bad_g = g0.clone(), g.clone()
+    bad_g0[out] = float("nan")
+    bad_g[:, out] = torch.tensor([float("inf"), float("nan")], dtype=dtype, device=device).repeat(
+        int(out.sum())
+    )[: int(out.sum())]
+    want = reduce(g0, g, None, 5, 1e-2, 0, mask)
+    got = reduce(bad_g0, bad_g, None, 5, 1e-2, 0, mask)
+    assert bool(torch.isfinite(want).all())
+    assert torch.equal(got, want)
+    # A non-finite value the mask keeps still reaches its sample's statistics, and only them.
+    kept = int((~out[1]).nonzero()[0, 0])
+    bad_g[0, 1, kept] = float("nan")
+    got = reduce(bad_g0, bad_g, None, 5, 1e-2, 0, mask)
+    assert bool(torch.isnan(got[1]).all())
+    assert torch.equal(got[[0, 2]], want[[0, 2]])
+
+
+@requires_kernels
+@pytest.mark.parametrize("shape,prefix", [((5, 48), (5,)), ((2, 129), (2, 129)), ((300,), ())])
+def test_fractional_mask_same_bits_as_twin(device, dtype, shape, prefix):
+    # The ops take any weights; with fractional ones, x + (h m) r is rounded twice (product, then
+    # sum) on every device: the CUDA kernels round the product on its own (no FMA contraction,
+    # which would round once and differ from the twin in the last bit).
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(3, *shape, generator=gen, dtype=dtype).to(device)
+    weights = torch.rand(3, *prefix, generator=gen, dtype=dtype).to(device)
+    weights.view(3, -1)[:, 0] = 0
+    mask = weights.reshape(3, -1).contiguous()
+    h = 0.37  # not a power of two: h * m is rounded
+    got = ops.perturb(x, None, 8, 4, h, 1, mask=mask)
+    assert torch.equal(got, torch_ops.perturb(x, None, 8, 4, h, 1, mask))
+    got_zo = ops.perturb_zo(x, None, 8, 2, h, 1, mask=mask)
+    assert torch.equal(got_zo, torch_ops.perturb_zo(x, None, 8, 2, h, 1, mask))
+
+
 @requires_kernels
 def test_op_mask_errors():
     x = torch.randn(3, 4, 10)

@@ -101,8 +101,8 @@ def test_reduced_precision_inside_forward_with_hvp_needs_precision_bf16():
     scorer = CurvatureScorer(AutocastInside(), method="hvp", n_probes=2)
     with pytest.raises(RuntimeError, match=r"precision='fp32'.*Pass precision='bf16'"):
         scorer.score(x, y)
-    scorer.precision = "bf16"  # the scorer's reduced-precision mode for hvp admits it
-    s = scorer.score(x, y)
+    # the scorer's reduced-precision mode for hvp admits it
+    s = CurvatureScorer(AutocastInside(), method="hvp", n_probes=2, precision="bf16").score(x, y)
     assert torch.isfinite(s.curvature).all()
 
 

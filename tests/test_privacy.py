@@ -172,6 +172,20 @@ def test_no_samples_give_an_empty_result():
         assert got.shape == (0,) and got.dtype == torch.float64
 
 
+def test_one_sample_alone_equals_it_among_others():
+    # Per-sample fits: a sample's ratio does not depend on the other samples (N = 1 included).
+    rng = np.random.default_rng(3)
+    scores = rng.normal(size=(6, 3))
+    keep = np.array([[1, 0, 1], [1, 0, 0], [1, 1, 0], [0, 1, 1], [0, 1, 0], [0, 0, 1]], bool)
+    target = rng.normal(size=3)
+    for fn in (privacy.likelihood_ratio, privacy.nll_ratio):
+        every = fn(scores, keep, target)
+        for n in range(3):
+            alone = fn(scores[:, n : n + 1], keep[:, n : n + 1], target[n : n + 1])
+            assert alone.shape == (1,)
+            torch.testing.assert_close(alone, every[n : n + 1], rtol=1e-12, atol=0)
+
+
 def test_zero_variance_warns_and_uses_lira_floor():
     scores = np.array([[1.0], [1.0], [2.0], [3.0]])
     keep = np.array([[True], [True], [False], [False]])

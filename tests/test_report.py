@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from curvkern.cli import Data
+from curvkern.data import Data
 from curvkern.report import TABLE_ROWS, ReportScores, build_report
 
 webdriver = pytest.importorskip("selenium.webdriver")

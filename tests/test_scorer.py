@@ -445,7 +445,8 @@ def test_full_float32_precision_while_differencing():
             assert set(seen) == {("ieee", "ieee")}, method
             assert backends.mkldnn.matmul.fp32_precision == "tf32"
         seen.clear()
-        CurvatureScorer(recording, method="hvp", n_probes=2).score(x, y)  # exact: no change
-        assert set(seen) == {(before["mkldnn.conv"], "tf32")}
+        CurvatureScorer(recording, method="hvp", n_probes=2).score(x, y)  # precision="fp32"
+        assert set(seen) == {("ieee", "ieee")}
+        assert backends.mkldnn.matmul.fp32_precision == "tf32"
     finally:
         backends.mkldnn.matmul.fp32_precision = before["mkldnn.matmul"]

@@ -3,10 +3,10 @@
 import math
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -17,7 +17,6 @@ from curvkern import (
     CurvatureScorer,
     CurvatureScores,
     CurvatureTracker,
-    score_checkpoints,
 )
 from curvkern.io import epoch_file_name, epochs_folder
 from curvkern.scores import SCORE_FIELDS
@@ -74,7 +73,8 @@ def test_tracker_mean_ignores_unscored_epochs_per_sample(data):
     scorer = CurvatureScorer(smooth_classifier(), n_probes=2)
     tracker = CurvatureTracker(scorer, N)
     full = tracker.score_epoch(indexed_loader(data), 0, progress=False)
-    tracker.score_epoch(indexed_loader(Subset(data, [1, 2])), 1, progress=False)
+    with pytest.warns(UserWarning, match="without a curvature"):
+        tracker.score_epoch(indexed_loader(Subset(data, [1, 2])), 1, progress=False)
     # samples scored only at epoch 0 keep their epoch-0 curvature as their mean
     torch.testing.assert_close(tracker.mean[5:], full.curvature[5:])
     assert tracker.history.shape == (2, N) and torch.isnan(tracker.history[1, 5:]).all()
@@ -186,78 +186,6 @@ def test_killed_during_saves_leaves_a_loadable_file(tmp_path, keep_history):
     assert torch.equal(tracker.mean, torch.full((400_000,), (count - 1) / 2))
 
 
-# --- score_checkpoints ------------------------------------------------------------------------
-
-
-def test_score_checkpoints(data, tmp_path):
-    model = smooth_classifier()
-    states = {}
-    for epoch in (1, 5, 9):
-        _train_step(model)
-        states[epoch] = {k: v.clone() for k, v in model.state_dict().items()}
-        torch.save(states[epoch], tmp_path / f"ckpt_{epoch:03d}.pt")
-    torch.save({"model_state_dict": states[9], "epoch": 9}, tmp_path / "wrapped.pt")
-    final = {k: v.clone() for k, v in model.state_dict().items()}
-
-    files = sorted(tmp_path.glob("ckpt_*.pt"))
-    tracker = score_checkpoints(
-        model, files, indexed_loader(data), n_probes=2, progress=False, path=tmp_path / "series.npz"
-    )
-    assert tracker.epochs == [1, 5, 9]
-    for epoch, state in states.items():
-        reference = smooth_classifier()
-        reference.load_state_dict(state)
-        want = CurvatureScorer(reference, n_probes=2).score(*data.dataset.tensors)
-        torch.testing.assert_close(tracker.history[tracker.epochs.index(epoch)], want.curvature)
-    for k, v in model.state_dict().items():  # the model's own weights are back
-        assert torch.equal(v, final[k])
-
-    # a dict with the state under a common key; explicit epochs
-    wrapped = score_checkpoints(
-        model, {9: tmp_path / "wrapped.pt"}, indexed_loader(data), n_probes=2, progress=False
-    )
-    torch.testing.assert_close(wrapped.history[0], tracker.history[2])
-
-    # resuming from the tracker's file skips the epochs already scored
-    calls = []
-
-    class CountingLoader:
-        dataset = data
-
-        def __iter__(self):
-            calls.append(1)
-            return iter(indexed_loader(data))
-
-    files.append(tmp_path / "ckpt_011.pt")
-    torch.save(states[9], files[-1])
-    resumed = score_checkpoints(
-        model, files, CountingLoader(), n_probes=2, progress=False, path=tmp_path / "series.npz"
-    )
-    assert resumed.epochs == [1, 5, 9, 11] and len(calls) == 1
-
-
-def test_score_checkpoints_refuses_pickled_code(data, tmp_path):
-    bad = tmp_path / "bad.pt"
-    torch.save({"state_dict": smooth_classifier().state_dict(), "extra": CurvatureScorer}, bad)
-    with pytest.raises(Exception, match="Weights only load failed"):
-        score_checkpoints(smooth_classifier(), [bad], indexed_loader(data), progress=False)
-    plain = tmp_path / "plain.pt"
-    torch.save([1, 2], plain)
-    with pytest.raises(ValueError, match="expected a state_dict"):
-        score_checkpoints(smooth_classifier(), [plain], indexed_loader(data), progress=False)
-
-
-def test_checkpoint_epochs_from_names():
-    from curvkern.tracker import _checkpoint_epochs
-
-    assert _checkpoint_epochs(["a/run3_ep10.pt", "a/run3_ep2.pt"]) == [
-        (2, "a/run3_ep2.pt"),
-        (10, "a/run3_ep10.pt"),
-    ]
-    assert _checkpoint_epochs(["last.pt", "best.pt"]) == [(0, "last.pt"), (1, "best.pt")]
-    assert _checkpoint_epochs({3: "x.pt", 1: "y.pt"}) == [(1, "y.pt"), (3, "x.pt")]
-
-
 @pytest.mark.parametrize("keep_history", [True, False])
 def test_saved_file_permissions_follow_the_umask(data, tmp_path, keep_history):
     old = os.umask(0o022)
@@ -272,78 +200,46 @@ def test_saved_file_permissions_follow_the_umask(data, tmp_path, keep_history):
         assert (epochs_folder(path) / epoch_file_name(0)).stat().st_mode & 0o777 == 0o644
 
 
-# --- baselines, keep_history=False, load --------------------------------------------------------
+def test_never_scored_ids_rank_last_and_warn_once_per_count(data):
+    tracker = CurvatureTracker(CurvatureScorer(smooth_classifier(), n_probes=2), N)
+    part = Subset(data, list(range(6, 16)))  # 10 of the N = 23 ids, as a random_split part
+    with pytest.warns(UserWarning, match=f"epoch 0 left 13 of {N} ids without a curvature") as w:
+        scores = tracker.score_epoch(indexed_loader(part), 0, progress=False)
+    assert sum("without a curvature" in str(m.message) for m in w) == 1
+    assert w[0].filename == __file__  # points at the caller's line
+    # the same count at the next epochs: no second warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tracker.score_epoch(indexed_loader(part), 1, progress=False)
+        tracker.record(2, scores)
+    # torch ranks NaN first: the idiom the docs used to show gave only never-scored ids
+    assert set(tracker.mean.topk(5).indices.tolist()) <= set(range(6)) | set(range(16, N))
+    top = tracker.top(10)
+    assert sorted(top.indices.tolist()) == list(range(6, 16))
+    order = torch.argsort(tracker.mean[6:16], descending=True) + 6
+    assert top.indices.tolist() == order.tolist()
+    torch.testing.assert_close(top.values, tracker.mean[top.indices].double())
+    assert tracker.top(3, "loss").indices.tolist() == (
+        (torch.argsort(tracker.field_mean("loss")[6:16], descending=True) + 6)[:3].tolist()
+    )
+    with pytest.raises(ValueError, match=r"k must lie in \[0, 10\]"):
+        tracker.top(11)
+    # another count is news: warned again; a full epoch is not warned about
+    with pytest.warns(UserWarning, match=f"epoch 3 left {N - 2} of {N} ids"):
+        tracker.score_epoch(indexed_loader(Subset(data, [1, 2])), 3, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tracker.score_epoch(indexed_loader(data), 4, progress=False)
+    # drop_last leaves the remainder of the last batch unscored (N = 23, batches of 5)
+    dropped = CurvatureTracker(CurvatureScorer(smooth_classifier(), n_probes=2), N)
+    with pytest.warns(UserWarning, match=f"epoch 0 left 3 of {N} ids"):
+        dropped.score_epoch(indexed_loader(data, drop_last=True), 0, progress=False)
+    assert not set(dropped.top(20).indices.tolist()) & {20, 21, 22}
+
+
+# --- keep_history=False, load --------------------------------------------------------
 
 NAN = math.nan
-# Three samples over four epochs; sample 2 is not scored at epoch 2 (NaN in every field).
-HAND = {
-    "p_label": [[0.9, 0.8, 0.6, 0.7], [0.2, 0.1, 0.3, 0.2], [0.6, 0.7, NAN, 0.4]],
-    "correct": [[1, 1, 0, 1], [0, 0, 0, 0], [1, 1, NAN, 0]],
-    "margin": [[2.0, 1.5, -0.5, 0.5], [-1.0, -2.0, -0.5, -1.5], [0.5, 1.0, NAN, -0.25]],
-    "loss": [[0.1, 0.2, 0.5, 0.35], [1.6, 2.3, 1.2, 1.6], [0.5, 0.36, NAN, 0.9]],
-    "grad_norm": [[1.0, 2.0, 3.0, 4.0], [0.5, 0.5, 0.5, 0.5], [2.0, 4.0, NAN, 9.0]],
-    "el2n": [[0.1, 0.3, 0.6, 0.4], [1.1, 1.2, 1.0, 1.1], [0.5, 0.4, NAN, 0.8]],
-}
-
-
-def _hand_scores(epoch):
-    scores = CurvatureScores.empty(1e-3, "fd", dtype=torch.float64, size=3)
-    for name, rows in HAND.items():
-        getattr(scores, name).copy_(torch.tensor([r[epoch] for r in rows], dtype=torch.float64))
-    scores.curvature.copy_(scores.loss * 10)
-    scores.n_probes.fill_(10)
-    return scores
-
-
-def _mean(values):
-    finite = [v for v in values if not math.isnan(v)]
-    return sum(finite) / len(finite)
-
-
-@pytest.mark.parametrize("keep_history", [True, False])
-def test_baselines_against_hand_computed_values(tmp_path, keep_history):
-    tracker = CurvatureTracker(_plain_scorer(), 3, tmp_path / "t.npz", keep_history=keep_history)
-    for epoch in range(4):
-        tracker.record(epoch, _hand_scores(epoch))
-    p = HAND["p_label"]
-    expected = {
-        "loss_mean": [_mean(r) for r in HAND["loss"]],
-        "grad_norm_mean": [2.5, 0.5, 5.0],
-        "aum": [0.875, -1.25, 1.25 / 3],
-        "confidence": [0.75, 0.2, 1.7 / 3],
-        "variability": [
-            statistics.pstdev(p[0]),
-            statistics.pstdev(p[1]),
-            statistics.pstdev([0.6, 0.7, 0.4]),
-        ],
-        # sample 0: 1 1 0 1 forgets once; sample 1 is never correct; sample 2: 1 1 (unscored)
-        # 0 forgets once, between the consecutive epochs at which it was scored
-        "forgetting": [1.0, math.inf, 1.0],
-        "el2n": [0.35, 1.1, 1.7 / 3],
-    }
-    for source in (tracker, CurvatureTracker.load(tmp_path / "t.npz")):
-        got = source.baselines()
-        assert set(got) == set(expected)
-        for name, want in expected.items():
-            torch.testing.assert_close(
-                got[name],
-                torch.tensor(want, dtype=torch.float64),
-                rtol=1e-12,
-                atol=1e-12,
-                msg=name,
-            )
-        torch.testing.assert_close(
-            source.mean,
-            torch.tensor([_mean(r) * 10 for r in HAND["loss"]], dtype=torch.float64),
-            rtol=1e-12,
-            atol=1e-12,
-        )
-
-
-def test_baselines_are_nan_without_classification_outputs():
-    tracker = CurvatureTracker(_plain_scorer(), 4, keep_history=False)
-    tracker.record(0, CurvatureScores.empty(1e-3, "fd", size=4))  # every field NaN
-    assert all(torch.isnan(v).all() for v in tracker.baselines().values())
 
 
 def test_running_statistics_equal_the_history():

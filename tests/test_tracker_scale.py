@@ -97,7 +97,7 @@ def test_imagenet_size_running_statistics(tmp_path):
     assert r["exact"]  # a tracker resumed from the last save has the same means
 
 
-if __name__ == "__main__":  # the figures of the README: python3 -m tests.test_tracker_scale
+if __name__ == "__main__":  # the figures of docs/guide.md: python3 -m tests.test_tracker_scale
     epochs = int(sys.argv[1]) if len(sys.argv) > 1 else EPOCHS
     for keep in (False, True):
         with tempfile.TemporaryDirectory(dir=".") as folder:

@@ -57,9 +57,11 @@ def _score(model, x, y, h, record=None):
 def _perturbed_losses(record):
     """The (4, N_PROBES, BATCH) float64 losses at the four points of every pair: the calls
     after the unperturbed pass (the last call of BATCH rows; the model checks of the first
-    score() call come before it) hold them, rows ordered (point, probe, sample)."""
+    score() call come before it) hold them, one call per chunk of probes, each call's rows
+    ordered (point, probe, sample)."""
     base = max(i for i, loss in enumerate(record) if loss.shape == (BATCH,))
-    return torch.cat(record[base + 1 :]).double().reshape(4, N_PROBES, BATCH)
+    chunks = [loss.double().reshape(4, -1, BATCH) for loss in record[base + 1 :]]
+    return torch.cat(chunks, dim=1)  # (4, N_PROBES, BATCH)
 
 
 def _floor(scores, h, eps=EPS32):

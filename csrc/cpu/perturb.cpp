@@ -1,6 +1,5 @@
 // CPU kernel of curvkern::perturb.
 #include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "common.h"
@@ -29,45 +28,39 @@ inline void add_masked_step(const scalar_t* __restrict__ x, const scalar_t* __re
   for (int i = 0; i < cpu::kSignsPerByte; ++i) out[i] = x[i] + sign[i] * h * m[i];
 }
 
-// Work items are (sample b, probe block) pairs; each writes that block of every perturbed copy,
-// so x is read once and every output element written once.
+// x + h * m * r for every probe, block by block (cpu::for_each_sample_block).
 template <typename scalar_t, bool kMasked>
 void perturb_cpu_kernel(const scalar_t* x,   // (B, D)
                         const int64_t* ids,  // (B,)
                         scalar_t* out,       // (n, B, D)
                         MaskView<scalar_t> mask, uint64_t seed, int64_t n, int64_t batch,
                         int64_t dim, scalar_t h, int64_t offset) {
-  const int64_t nblk = (dim + kProbeBlock - 1) / kProbeBlock;
-  at::parallel_for(0, batch * nblk, 16, [&](int64_t begin, int64_t end) {
-    alignas(64) scalar_t m[kProbeBlock];  // (128,) mask weights of the block
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / nblk, blk = item % nblk;
-      const int64_t j0 = blk * kProbeBlock;
-      const int len = static_cast<int>(std::min(kProbeBlock, dim - j0));
-      const scalar_t* xb = x + b * dim + j0;
-      if (kMasked) cpu::block_weights(mask, b, j0, len, m);
-      for (int64_t k = 0; k < n; ++k) {
-        const ProbeWords r = probe_block(seed, 0, ids[b], offset + k, blk);
-        scalar_t* o = out + (k * batch + b) * dim + j0;
-        if (len == kProbeBlock) {
-          for (int byte = 0; byte < cpu::kBytesPerBlock; ++byte) {
-            const int j = byte * cpu::kSignsPerByte;
-            const scalar_t* sign = cpu::signs_of_byte<scalar_t>(r, byte);
-            if (kMasked) {
-              add_masked_step(xb + j, sign, h, m + j, o + j);
-            } else {
-              add_signed_step(xb + j, sign, h, o + j);
+  cpu::for_each_sample_block<scalar_t, kMasked>(
+      mask, batch, dim, [&](int64_t b, int64_t blk, int64_t j0, int len, const scalar_t* m) {
+        const scalar_t* xb = x + b * dim + j0;
+        for (int64_t k = 0; k < n; ++k) {
+          const ProbeWords r = probe_block(seed, 0, ids[b], offset + k, blk);
+          scalar_t* o = out + (k * batch + b) * dim + j0;
+          if (len == kProbeBlock) {
+            for (int byte = 0; byte < cpu::kBytesPerBlock; ++byte) {
+              const int j = byte * cpu::kSignsPerByte;
+              const scalar_t* sign = cpu::signs_of_byte<scalar_t>(r, byte);
+              if (kMasked) {
+                add_masked_step(xb + j, sign, h, m + j, o + j);
+              } else {
+                add_signed_step(xb + j, sign, h, o + j);
+              }
+            }
+          } else {
+            alignas(64) scalar_t sign[kProbeBlock];  // (len,) signs of the partial block
+            cpu::block_signs(r, len, sign);
+            for (int j = 0; j < len; ++j) {
+              const scalar_t step = sign[j] * h;
+              o[j] = xb[j] + (kMasked ? step * m[j] : step);
             }
           }
-        } else {
-          for (int j = 0; j < len; ++j) {
-            const scalar_t step = probe_sign_at<scalar_t>(r, j) * h;
-            o[j] = xb[j] + (kMasked ? step * m[j] : step);
-          }
         }
-      }
-    }
-  });
+      });
 }
 
 at::Tensor perturb_cpu(const at::Tensor& x, const at::Tensor& ids, int64_t seed, int64_t n_probes,

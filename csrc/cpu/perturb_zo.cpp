@@ -1,6 +1,5 @@
 // CPU kernel of curvkern::perturb_zo: the four perturbed copies of the zeroth-order estimator.
 #include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "common.h"
@@ -19,36 +18,29 @@ void perturb_zo_cpu_kernel(const scalar_t* x,   // (B, D)
                            scalar_t* out,       // (4, n, B, D)
                            MaskView<scalar_t> mask, uint64_t seed, int64_t n, int64_t batch,
                            int64_t dim, scalar_t h, int64_t offset) {
-  const int64_t nblk = (dim + kProbeBlock - 1) / kProbeBlock;
   const int64_t copy_stride = n * batch * dim;
-  at::parallel_for(0, batch * nblk, 16, [&](int64_t begin, int64_t end) {
-    alignas(64) scalar_t m[kProbeBlock];  // (128,) mask weights of the block
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / nblk, blk = item % nblk;
-      const int64_t j0 = blk * kProbeBlock;
-      const int len = static_cast<int>(std::min(kProbeBlock, dim - j0));
-      const scalar_t* xb = x + b * dim + j0;
-      if (kMasked) cpu::block_weights(mask, b, j0, len, m);
-      for (int64_t k = 0; k < n; ++k) {
-        const ProbeWords r = probe_block(seed, 0, ids[b], offset + k, blk);
-        const ProbeWords s = probe_block(seed, 1, ids[b], offset + k, blk);
-        scalar_t* o = out + (k * batch + b) * dim + j0;
-        for (int j = 0; j < len; ++j) {
-          scalar_t hr = probe_sign_at<scalar_t>(r, j) * h;
-          scalar_t hs = probe_sign_at<scalar_t>(s, j) * h;
-          if (kMasked) {
-            hr *= m[j];
-            hs *= m[j];
+  cpu::for_each_sample_block<scalar_t, kMasked>(
+      mask, batch, dim, [&](int64_t b, int64_t blk, int64_t j0, int len, const scalar_t* m) {
+        const scalar_t* xb = x + b * dim + j0;
+        for (int64_t k = 0; k < n; ++k) {
+          const ProbeWords r = probe_block(seed, 0, ids[b], offset + k, blk);
+          const ProbeWords s = probe_block(seed, 1, ids[b], offset + k, blk);
+          scalar_t* o = out + (k * batch + b) * dim + j0;
+          for (int j = 0; j < len; ++j) {
+            scalar_t hr = probe_sign_at<scalar_t>(r, j) * h;
+            scalar_t hs = probe_sign_at<scalar_t>(s, j) * h;
+            if (kMasked) {
+              hr *= m[j];
+              hs *= m[j];
+            }
+            const scalar_t plus = xb[j] + hr, minus = xb[j] - hr;
+            o[j] = plus + hs;
+            o[copy_stride + j] = minus + hs;
+            o[2 * copy_stride + j] = plus - hs;
+            o[3 * copy_stride + j] = minus - hs;
           }
-          const scalar_t plus = xb[j] + hr, minus = xb[j] - hr;
-          o[j] = plus + hs;
-          o[copy_stride + j] = minus + hs;
-          o[2 * copy_stride + j] = plus - hs;
-          o[3 * copy_stride + j] = minus - hs;
         }
-      }
-    }
-  });
+      });
 }
 
 at::Tensor perturb_zo_cpu(const at::Tensor& x, const at::Tensor& ids, int64_t seed,

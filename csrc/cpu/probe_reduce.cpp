@@ -21,7 +21,7 @@ namespace {
 // Pass 1, one work item per row (k, b): ||dg|| / h and r . dg / h, with dg = m * (g - g0). The
 // difference is taken in the input dtype (as the twin does). The standard error of the
 // statistics comes from sums of c and c^2 that cancel, so per-row values need more precision
-// than float32 sums give (issue 15.1): the sums over one 128-element probe block are in the
+// than float32 sums give: the sums over one 128-element probe block are in the
 // input's precision (a float32 sum of 128 terms in any order is within 127 * 2^-24 = 7.6e-6 of
 // exact, relative to the sum of magnitudes), and the sums of blocks, the rows' c and t and the
 // sums over probes are in double. Summing each element in double instead costs 35-60% more CPU
@@ -47,7 +47,7 @@ void block_sums_double(const scalar_t* gb, const scalar_t* g0b, const acc_t* sig
   double s = 0, r = 0;
   for (int j = 0; j < len; ++j) {
     double d = static_cast<double>(static_cast<scalar_t>(gb[j] - g0b[j]));
-    if (weight != nullptr) d *= static_cast<double>(weight[j]);
+    if (weight != nullptr) d = weight[j] != 0 ? d * static_cast<double>(weight[j]) : 0.0;
     s += d * d;
     r += static_cast<double>(sign[j]) * d;
   }
@@ -77,7 +77,9 @@ void row_norms_cpu(const scalar_t* g0,  // (B, D)
         const int64_t j0 = blk * kProbeBlock;
         const int len = static_cast<int>(std::min(kProbeBlock, dim - j0));
         // A block inside one run of the mask is weighted as a whole: (m r) . (m dg) = m^2 r . dg
-        // and ||m dg||^2 = m^2 ||dg||^2; a masked-out block is not read.
+        // and ||m dg||^2 = m^2 ||dg||^2; a masked-out block is not read. A masked-out element
+        // never contributes, a NaN there included (csrc/mask.h): skipped here, selected away
+        // (not multiplied by 0) in a block with several weights.
         scalar_t run_weight = 1;
         const bool per_element = kMasked && !cpu::block_in_one_run(mask, b, j0, len, &run_weight);
         if (kMasked && !per_element && run_weight == scalar_t(0)) continue;
@@ -94,7 +96,8 @@ void row_norms_cpu(const scalar_t* g0,  // (B, D)
           for (int j = 0; j < len; ++j) sign[j] *= weight[j];
 #pragma omp simd reduction(+ : sq, rd)
           for (int j = 0; j < len; ++j) {
-            const acc_t d = static_cast<acc_t>(static_cast<scalar_t>(gb[j] - g0b[j])) * weight[j];
+            const acc_t diff = static_cast<acc_t>(static_cast<scalar_t>(gb[j] - g0b[j]));
+            const acc_t d = weight[j] != acc_t(0) ? diff * weight[j] : acc_t(0);
             sq += d * d;
             rd += sign[j] * d;
           }

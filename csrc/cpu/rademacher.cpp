@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "common.h"
+#include "cpu/sign_table.h"
 #include "probes.h"
 
 namespace curvkern {
@@ -24,7 +25,7 @@ void rademacher_cpu_kernel(const int64_t* ids,  // (B,)
       const int64_t j0 = blk * kProbeBlock;
       const int len = static_cast<int>(std::min(kProbeBlock, dim - j0));
       scalar_t* o = out + row * dim + j0;
-      for (int j = 0; j < len; ++j) o[j] = probe_sign_at<scalar_t>(r, j);
+      cpu::block_signs(r, len, o);
     }
   });
 }

@@ -39,11 +39,26 @@ __device__ __forceinline__ uint32_t shfl_word(const ProbeWords& words, int src) 
 }
 
 // Blocks of kThreads for a grid-stride loop over `warp_items` items of one warp each: enough to
-// fill the device a few times over, no more than there are items.
-inline int grid_for_warp_items(int64_t warp_items, int sm_count) {
+// fill the device a few times over, no more than there are items. `blocks_per_sm`: how many
+// blocks of the kernel an SM holds at once (resident_blocks_per_sm); by default the 2048 threads
+// of an SM, which holds for kernels of at most 32 registers per thread.
+inline int grid_for_warp_items(int64_t warp_items, int sm_count,
+                               int blocks_per_sm = 2048 / kThreads) {
   const int64_t needed = (warp_items + kWarpsPerBlock - 1) / kWarpsPerBlock;
-  const int64_t resident = int64_t{sm_count} * 2048 / kThreads;
+  const int64_t resident = int64_t{sm_count} * std::max(blocks_per_sm, 1);
   return static_cast<int>(std::max<int64_t>(1, std::min(needed, 4 * resident)));
+}
+
+// Blocks of kThreads threads of `kernel` that one SM holds at once, as its registers and shared
+// memory allow (a kernel of 73-100 registers per thread fits 2-3 blocks, not 8). On failure 1, and
+// the error stays pending for the caller's launch check (cudaGetLastError) to report.
+template <typename Kernel>
+inline int resident_blocks_per_sm(Kernel kernel) {
+  int blocks = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, 0) != cudaSuccess) {
+    return 1;
+  }
+  return std::max(blocks, 1);
 }
 
 // Probes per warp in the perturb kernels, whose items are (sample, probe block, group of probes):
@@ -56,6 +71,13 @@ inline int probes_per_warp(int64_t sample_blocks, int64_t n, int sm_count) {
   while (group > 1 && sample_blocks * ((n + group - 1) / group) < resident_warps) group /= 2;
   return group;
 }
+
+// a * b rounded on its own, never contracted with a following addition into one FMA (nvcc
+// contracts by default). The perturb kernels add x + (sign * h) * m with a mask weight m: fused,
+// the sum would be rounded once instead of twice, and a fractional mask would give results that
+// differ in the last bit from the CPU kernels and the Python twin, which round the product first.
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
 
 // min(remaining, 32): how many of the next 32 items (probes, blocks) exist.
 __device__ __forceinline__ int warp_span(int64_t remaining) {

@@ -46,7 +46,7 @@ __global__ void __launch_bounds__(kThreads)
       for (int q = 0; q < kWordsPerBlock; ++q) {
         const int64_t j = j0 + q * kWarpSize;
         const scalar_t step = probe_sign<scalar_t>(w[q], lane) * h;
-        if (j < dim) o[j] = xv[q] + (kMasked ? step * mv[q] : step);
+        if (j < dim) o[j] = xv[q] + (kMasked ? mul_rn(step, mv[q]) : step);
       }
     }
   }

@@ -51,8 +51,8 @@ __global__ void __launch_bounds__(kThreads)
           scalar_t hr = probe_sign<scalar_t>(wr[q], lane) * h;
           scalar_t hs = probe_sign<scalar_t>(ws[q], lane) * h;
           if (kMasked) {
-            hr *= mv[q];
-            hs *= mv[q];
+            hr = mul_rn(hr, mv[q]);  // rounded before the additions, as on the CPU
+            hs = mul_rn(hs, mv[q]);
           }
           const scalar_t plus = xv[q] + hr, minus = xv[q] - hr;
           o[j] = plus + hs;

@@ -1,6 +1,6 @@
 // CUDA kernels of curvkern::probe_reduce: per-sample probe statistics in one pass over g.
 //
-// Two stages, so that a few samples with large inputs still fill the device (issue 15.3):
+// Two stages, so that a few samples with large inputs still fill the device:
 //   1. partials: one warp per (row (k, b), chunk of 1024 elements): sum of dg^2 and of
 //      (m r) . dg over the chunk, in double, written to a (n, B, chunks, 2) workspace;
 //   2. stats: one block per sample: each row's chunks summed in chunk order (||dg|| / h and
@@ -82,8 +82,10 @@ __global__ void __launch_bounds__(kThreads)
           double d = static_cast<double>(static_cast<scalar_t>(gv[u][q] - g0v[u][q]));
           double sign = probe_sign<double>(w[q], lane);
           if (kMasked) {
+            // A masked-out element never contributes, a NaN there included (select, not
+            // multiply: NaN * 0 is NaN), on every device (csrc/mask.h).
             const double m = static_cast<double>(mv[u][q]);
-            d *= m;
+            d = m != 0 ? d * m : 0.0;
             sign *= m;
           }
           sq += d * d;
@@ -160,17 +162,19 @@ void launch_probe_reduce(const scalar_t* g0, const scalar_t* g, const int64_t* i
   const int64_t chunks = reduce_chunks(dim);
   const int64_t items = n * batch * chunks;
   if (items > 0) {  // D == 0: no chunks, every row's sums are 0
-    const int grid = grid_for_warp_items(items, sm_count);
-    if (mask.values != nullptr) {
-      probe_reduce_partial_kernel<scalar_t, true><<<grid, kThreads, 0, stream>>>(
-          g0, g, ids, partial, mask, seed, n, batch, dim, nblk, chunks, offset);
-    } else {
-      probe_reduce_partial_kernel<scalar_t, false><<<grid, kThreads, 0, stream>>>(
-          g0, g, ids, partial, mask, seed, n, batch, dim, nblk, chunks, offset);
-    }
+    // Stage 1 holds many loads in flight per lane (72-100 registers per thread on sm_90), so
+    // an SM fits fewer of its blocks than its 2048 threads would: the grid is sized from the
+    // occupancy the compiled kernel actually has, not from an assumed 8 blocks per SM.
+    // (__launch_bounds__ with a minimum of 3 blocks makes ptxas spill the masked variants.)
+    const auto kernel = mask.values != nullptr ? probe_reduce_partial_kernel<scalar_t, true>
+                                               : probe_reduce_partial_kernel<scalar_t, false>;
+    const int grid = grid_for_warp_items(items, sm_count, resident_blocks_per_sm(kernel));
+    kernel<<<grid, kThreads, 0, stream>>>(g0, g, ids, partial, mask, seed, n, batch, dim, nblk,
+                                          chunks, offset);
   }
   // A few blocks per SM; more samples are taken by the grid-stride loop.
-  const int stats_grid = static_cast<int>(std::min<int64_t>(batch, int64_t{sm_count} * 8));
+  const int stats_grid = static_cast<int>(std::min<int64_t>(
+      batch, int64_t{sm_count} * resident_blocks_per_sm(probe_reduce_stats_kernel)));
   probe_reduce_stats_kernel<<<stats_grid, kThreads, 0, stream>>>(partial, stats, n, batch, chunks,
                                                                  h);
 }

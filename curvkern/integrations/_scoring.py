@@ -105,6 +105,7 @@ class ScoringCallback:
         **scorer_kwargs,
     ) -> None:
         super().__init__()
+        self._dataset = dataset
         self._scoring = EpochScoring(
             self._items(dataset),
             batch_size=batch_size,
@@ -118,6 +119,11 @@ class ScoringCallback:
     @staticmethod
     def _items(dataset: Dataset) -> Dataset:
         return dataset
+
+    @property
+    def dataset(self) -> Dataset:
+        """The data set to score, as given (its items before ``_items`` adapts them)."""
+        return self._dataset
 
     @property
     def tracker(self) -> CurvatureTracker | None:
