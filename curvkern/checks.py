@@ -573,7 +573,7 @@ class ModelCheck:
                 f"as a keyword of score(). Bind it to the model instead, e.g. "
                 f"functools.partial(model, y=...) or a small module that passes it."
             )
-        if batch.inputs:
+        if _per_sample_note(batch):
             return _rewrap(
                 error,
                 f"the model failed on its check pass ({type(error).__name__}: {text})."
@@ -731,9 +731,10 @@ def _random_message(what: str) -> str:
 def _per_sample_note(batch: Batch) -> str:
     """For a refusal where the model has per-sample keyword inputs: which were taken as
     per-sample (their first dimension is B) and how to pass one that is shared."""
-    if not batch.inputs:
+    inputs = {k: v for k, v in batch.inputs.items() if not k.startswith("\0")}  # not ours
+    if not inputs:
         return ""
-    names = ", ".join(f"{k!r} (shape {tuple(v.shape)})" for k, v in batch.inputs.items())
+    names = ", ".join(f"{k!r} (shape {tuple(v.shape)})" for k, v in inputs.items())
     return (
         f" Note: the keyword input(s) {names} were taken as per-sample, because their first "
         f"dimension equals the batch size B = {batch.size}: their rows were selected and "

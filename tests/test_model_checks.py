@@ -291,6 +291,24 @@ def test_in_place_ops_on_x_leave_it_and_the_scores_right(method):
     torch.testing.assert_close(got.trace, want.trace, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_in_place_ops_on_x_at_a_layer_leave_it(method):
+    body = smooth_classifier()
+
+    class Halving(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = body
+
+        def forward(self, x):
+            return self.body(x.mul_(0.5))
+
+    x, y = labelled_batch(8)
+    kept = x.clone()
+    CurvatureScorer(Halving(), method=method, n_probes=2, at="body.2").score(x, y)
+    assert torch.equal(x, kept)
+
+
 # --- an all-zero probe mask -----------------------------------------------------------------
 
 
