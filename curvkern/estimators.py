@@ -53,6 +53,15 @@ ZO_NOISE_WARN = 20.0
 ZO_MAX_H = 3e-2
 
 
+# torch.compile's backward frees ("donates") its saved buffers, so it cannot be differentiated
+# again: the error autograd gives names donated buffers.
+_COMPILED_NO_DOUBLE_BACKWARD = (
+    "method='hvp' differentiates the model's backward pass again, and this model was compiled "
+    "with torch.compile, whose backward frees ('donates') its buffers and cannot be "
+    "differentiated. Score the uncompiled module (model._orig_mod for a compiled nn.Module), "
+    "set torch._functorch.config.donated_buffer = False before compiling, or use method='fd'."
+)
+
 # The relative rounding of one operation in each reduced precision (2^-11 and 2^-8: TF32 and
 # bfloat16 keep 10 and 7 stored mantissa bits).
 _ROUNDING = {"tf32": "4.9e-4", "bf16": "3.9e-3"}
@@ -191,6 +200,11 @@ class Objective:
     def output(self, xp: Tensor, batch: Batch, copies: int):
         """The model's output on xp, (copies * B, ...) rows of ``batch``."""
         keywords = batch.keywords(copies)
+        # A copy: a model that writes into its input (x.mul_(0.5)) must not change the
+        # caller's x or the unperturbed rows later passes are built from, and autograd refuses
+        # in-place writes into a leaf that requires grad. One copy of the rows, small next to
+        # the activations of the pass.
+        xp = xp.clone()
         if self.input_key is None:
             return self.model(xp, **keywords)
         return self.model(**{self.input_key: xp}, **keywords)
@@ -230,6 +244,30 @@ class Objective:
         if grad is None:
             raise RuntimeError(_NO_INPUT_GRADIENT)
         return loss, grad, output
+
+
+# cross_entropy's default ignore_index: a sample whose labels are all of it has loss 0 at any x.
+IGNORE_INDEX = -100
+
+_IGNORED_REASON = (
+    f"their labels are all {IGNORE_INDEX} (cross-entropy's ignore_index), so their loss is 0 "
+    f"at every x: there is no curvature to measure. Leave them out of the scored data (or "
+    f"give them labels)."
+)
+_CONSTANT_REASON = (
+    "their input gradient at x is exactly 0 while their loss is not: the model's output does "
+    "not change with x there (e.g. a zero-initialized last layer, as torchvision's ViT has "
+    "before training, weights that were never loaded, or every path from x cut, e.g. by "
+    "inactive ReLUs). More precision would not change that: check that the model is the "
+    "trained one."
+)
+
+
+def _all_ignored(y: Tensor) -> Tensor:
+    """Which samples' integer labels are all IGNORE_INDEX, (B,) bool."""
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        return torch.zeros(y.shape[0], dtype=torch.bool, device=y.device)
+    return (y == IGNORE_INDEX).reshape(y.shape[0], -1).all(1)
 
 
 def _masked_norm(g: Tensor, m: Tensor | None) -> Tensor:
@@ -352,6 +390,11 @@ class Estimator:
         # subnormal, which the step does not move).
         return base.loss == 0
 
+    def constant_at_x(self, base: Base) -> Tensor:
+        """Which samples' output does not change with x at all, (B,) bool: a gradient exactly 0
+        where the loss is not (nothing for a method without gradients)."""
+        return torch.zeros_like(base.loss, dtype=torch.bool)
+
     def flat_reason(self, dtype: torch.dtype) -> str:
         """The zero-differences warning's text for samples flat at x (:meth:`flat_at_x`), for
         a model computing in ``dtype``: why their differences are zero and what resolves them."""
@@ -377,14 +420,22 @@ class Estimator:
         if not bool(zero.any()):
             return
         dtype = batch.x.dtype
-        flat_at_x, what, flat = self.flat_at_x(base), self.differences, self.flat_reason(dtype)
+        what, flat = self.differences, self.flat_reason(dtype)
+        ignored = zero & _all_ignored(batch.y)
+        constant = zero & ~ignored & self.constant_at_x(base)
+        flat_at_x = zero & ~ignored & ~constant & self.flat_at_x(base)
         other = (
             f"either h = {h} is lost to rounding at these inputs (x + h r == x), or the "
-            f"loss is linear in x around them. Check h against the scale of x."
+            f"loss does not change with x around them, or only linearly (a constant output, "
+            f"e.g. from a zero-initialized last layer as torchvision's ViT has before "
+            f"training, or weights that were never loaded, also gives this). Check h against "
+            f"the scale of x, and that the model's weights are the trained ones."
         )
         for cause, rows, text in (
-            ("flat", zero & flat_at_x, flat),
-            ("other", zero & ~flat_at_x, other),
+            ("ignored labels", ignored, _IGNORED_REASON),
+            ("constant output", constant, _CONSTANT_REASON),
+            ("flat", flat_at_x, flat),
+            ("other", zero & ~ignored & ~constant & ~flat_at_x, other),
         ):
             n_rows = int(rows.sum())
             if not n_rows:
@@ -434,6 +485,11 @@ class FiniteDifference(Estimator):
     def flat_at_x(self, base):
         # Or a gradient exactly 0 at x: the step does not move it either.
         return super().flat_at_x(base) | (base.grad_norm == 0)
+
+    def constant_at_x(self, base):
+        # A cross-entropy's gradient (softmax - one-hot) stays nonzero while its loss does: a
+        # gradient exactly 0 at a nonzero loss is an output that x does not move.
+        return (base.grad_norm == 0) & (base.loss != 0)
 
     def flat_reason(self, dtype):
         return (
@@ -490,7 +546,12 @@ class HessianVector(Estimator):
         v = r.reshape(n * batch.size, *x.shape[1:]).to(x.dtype)
         xr = repeat_rows(x, n).detach().requires_grad_(True)
         with torch.enable_grad():
-            _, grad, _ = objective.loss_and_grad(xr, batch, n, create_graph=True)
+            try:
+                _, grad, _ = objective.loss_and_grad(xr, batch, n, create_graph=True)
+            except RuntimeError as e:
+                if "donated buffer" not in str(e):
+                    raise
+                raise RuntimeError(_COMPILED_NO_DOUBLE_BACKWARD) from e
             if not grad.requires_grad:  # the loss is at most linear in x here
                 return torch.zeros(n, batch.size, x[0].numel(), dtype=dtype, device=x.device)
             if _has_error_node(grad):

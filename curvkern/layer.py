@@ -275,7 +275,9 @@ class LayerObjective(Objective):
 
     def output(self, xp: Tensor, batch: Batch, copies: int):
         keywords = dict(batch.keywords(copies))
-        x = keywords.pop(MODEL_INPUT)
+        x = keywords.pop(
+            MODEL_INPUT
+        ).clone()  # a model that writes into x must not reach the caller's
         with self.tap.replacing(xp):
             if self.input_key is None:
                 return self.model(x, **keywords)
@@ -308,10 +310,10 @@ def capture_activation(
     if MODEL_INPUT in model_inputs:
         raise ValueError("model_inputs holds the scorer's own key for the model input")
 
-    def run():
+    def run():  # on a copy of x: a model that writes into its input must not change the caller's
         if input_key is None:
-            return model(x, **model_inputs)
-        return model(**{input_key: x}, **model_inputs)
+            return model(x.clone(), **model_inputs)
+        return model(**{input_key: x.clone()}, **model_inputs)
 
     with contextlib.ExitStack() as stack:
         if torch.is_inference_mode_enabled():

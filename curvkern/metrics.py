@@ -7,6 +7,7 @@ was not finite) are left out, together with their labels.
 
 from __future__ import annotations
 
+import numbers
 from typing import NamedTuple
 
 import numpy as np
@@ -149,7 +150,11 @@ def tpr_at_fpr(scores, positives, fpr: float) -> float:
     Returns:
         The TPR, in [0, 1].
     """
-    if isinstance(fpr, bool) or not isinstance(fpr, (int, float)) or not 0 <= fpr <= 1:
+    # numbers.Real: Python and numpy numbers alike (np.float32(0.01) is one).
+    if isinstance(fpr, bool | np.bool_) or not isinstance(fpr, numbers.Real):
+        raise ValueError(f"fpr must be a number in [0, 1], got {type(fpr).__name__} {fpr!r}")
+    fpr = float(fpr)
+    if not 0 <= fpr <= 1:
         raise ValueError(f"fpr must be a number in [0, 1], got {fpr!r}")
     curve = roc_curve(scores, positives)
     return float(curve.tpr[curve.fpr <= fpr].max())

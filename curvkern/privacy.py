@@ -35,11 +35,11 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ._model_state import scoring_mode
 from .diagnostics import PassWarnings
+from .losses import cross_entropy, logits_of
 from .scorer import CurvatureScorer
 
 __all__ = [
@@ -381,8 +381,10 @@ def _batches(x: Tensor, batch_size: int):
 
 @torch.no_grad()
 def _outputs(model, x: Tensor, batch_size: int) -> Tensor:
+    """The model's logits on x, in passes of ``batch_size``: from any output the scorer's
+    default loss takes (a tensor, a tuple's first element, a mapping's or object's logits)."""
     with scoring_mode(model):
-        return torch.cat([model(x[part]) for part in _batches(x, batch_size)])
+        return torch.cat([logits_of(model(x[part])) for part in _batches(x, batch_size)])
 
 
 def confidence_signal(model, x: Tensor, y: Tensor, *, batch_size: int = 1024) -> Tensor:
@@ -416,7 +418,7 @@ def loss_signal(
     Returns:
         (N,) float64 tensor, lower on members.
     """
-    fn = loss_fn or (lambda out, t: F.cross_entropy(out, t, reduction="none"))
+    fn = loss_fn or cross_entropy  # per-sample, on the logits of any output form
     with torch.no_grad(), scoring_mode(model):
         parts = [fn(model(x[p]), y[p]).double() for p in _batches(x, batch_size)]
     return torch.cat(parts).cpu()

@@ -24,7 +24,14 @@ from . import losses, torch_ops
 from . import ops as kernel_ops
 from ._extension import kernels_available, missing_kernels_message
 from ._model_state import PRECISIONS, ieee_float32, reduced_precision_passes, scoring_mode
-from .checks import ModelCheck, StepCheck, check_batch_options, check_inputs, check_settings
+from .checks import (
+    ModelCheck,
+    StepCheck,
+    check_batch_options,
+    check_inputs,
+    check_placement,
+    check_settings,
+)
 from .diagnostics import SampleWarning
 from .estimators import ESTIMATORS, METHODS, Base, Batch, Objective
 from .layer import LayerObjective, LayerTap, capture_activation
@@ -173,7 +180,13 @@ class CurvatureScorer:
         self._halving = _OutOfMemoryHalving()
         self._warned_fallback: set[str] = set()
         self._step_check = StepCheck(self.h)
-        self._model_check = ModelCheck(self.model, self._objective, self._estimator)
+        self._model_check = ModelCheck(
+            self.model,
+            self._objective,
+            self._estimator,
+            self.h,
+            precision=lambda: getattr(self, "precision", "fp32"),
+        )
 
     def __repr__(self) -> str:
         adaptive = "" if self.rtol is None else f", rtol={self.rtol}, max_probes={self.max_probes}"
@@ -221,6 +234,7 @@ class CurvatureScorer:
         Returns:
             CurvatureScores with (B,) fields, on x's device.
         """
+        check_placement(self.model, x, y)
         if self._layer is not None:  # at a layer: x is the activation, the model input rides along
             x, model_inputs = capture_activation(
                 self._layer, self.model, self.input_key, self._estimator, x, model_inputs, self.h
@@ -506,6 +520,7 @@ class CurvatureScorer:
         if self._estimator.takes_differences:
             self._estimator.warn_zero_differences(sums, bad, batch, base, self.h)
         self._estimator.warn_rounding(curvature, base, bad, batch, self.h)
+        count = _unmeasured(table, names, count, cmap, batch)
         # (F, B): each field a contiguous row
         columns = table.t().to(dtype, memory_format=torch.contiguous_format)
         return CurvatureScores(
@@ -531,6 +546,49 @@ _TABLE_FIELDS = (
     "grad_norm",
     *CLASSIFICATION_FIELDS,
 )
+
+
+# The fields a probe measures: NaN for a sample whose probe mask is all zero.
+_PROBED = ("curvature", "curvature_stderr", "trace", "trace_stderr", "frobenius_sq", "grad_norm")
+
+
+def _unmeasured(
+    table: Tensor, names: Sequence[str], count: Tensor, cmap: Tensor | None, batch: Batch
+) -> Tensor:
+    """Makes the probed fields (columns ``names`` of the (B, F) ``table``) and the curvature
+    map NaN for samples whose probe mask is all zero, with one SampleWarning; returns the
+    probe counts, 0 for those samples.
+
+    Such a sample has no coordinate to probe: its differences are 0 by construction, and a
+    curvature of 0 would rank it lowest and halve its running mean in a tracker.
+    """
+    if batch.mask is None:
+        return count
+    empty = batch.mask.sum(1) == 0
+    n_empty = int(empty.sum())
+    if not n_empty:
+        return count
+    probed = torch.tensor([name in _PROBED for name in names], device=table.device)
+    table[empty.unsqueeze(1) & probed] = math.nan
+    if cmap is not None:
+        cmap[empty] = math.nan
+    count = count.clone()
+    count[empty] = 0
+    warnings.warn(
+        SampleWarning(
+            "all-zero probe mask",
+            n_empty,
+            empty.numel(),
+            int(batch.ids[int(empty.nonzero()[0, 0])]),
+            lambda count, total, first, _: (
+                f"{count} of {total} samples (first: id {first}) have an all-zero probe_mask: "
+                f"no coordinate to probe, so their scores are NaN with n_probes 0 (leave them "
+                f"out, or give them at least one masked-in coordinate)"
+            ),
+        ),
+        stacklevel=4,  # score() -> _finalize -> here: point at the caller
+    )
+    return count
 
 
 def _outside_inference(batch: Batch) -> Batch:

@@ -93,9 +93,14 @@ def test_tpr_at_fpr_step_convention_on_a_hand_made_case():
     assert metrics.tpr_at_fpr([5, 5, 1, 0], [1, 0, 1, 0], 0.5) == 1.0
     # NaN scores are left out with their labels
     assert metrics.tpr_at_fpr([10, math.nan, 9, 1], [1, 0, 0, 1], 0.0) == 0.5
-    for bad in (-0.1, 1.5, math.nan, True):
+    for bad in (-0.1, 1.5, math.nan, True, "0.1", np.float32(1.5)):
         with pytest.raises(ValueError, match=r"fpr must be a number in \[0, 1\]"):
             metrics.tpr_at_fpr(scores, labels, bad)
+    # numpy's numbers are numbers (a value read from an array)
+    for fpr in (np.float32(1 / 6), np.float64(0.49), np.int64(1)):
+        assert metrics.tpr_at_fpr(scores, labels, fpr) == metrics.tpr_at_fpr(
+            scores, labels, float(fpr)
+        )
 
 
 def test_balanced_accuracy_on_a_hand_made_case():

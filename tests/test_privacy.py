@@ -307,6 +307,24 @@ def test_confidence_and_loss_signals_restore_the_model():
     torch.testing.assert_close(loss, torch.nn.functional.softplus(-conf))
 
 
+def test_confidence_and_loss_signals_take_the_outputs_the_scorer_takes():
+    # a tuple whose first element is the logits, a mapping with "logits", an object's .logits
+    model = small_model()
+    x = torch.randn(9, 5, dtype=torch.float64)
+    y = torch.randint(0, 3, (9,))
+    conf = privacy.confidence_signal(model, x, y, batch_size=4)
+    loss = privacy.loss_signal(model, x, y, batch_size=4)
+
+    class Output:
+        def __init__(self, logits):
+            self.logits = logits
+
+    for wrap in (lambda t: (t, t.sum(1)), lambda t: {"logits": t, "aux": t}, Output):
+        wrapped = lambda v, wrap=wrap: wrap(model(v))  # noqa: E731
+        torch.testing.assert_close(privacy.confidence_signal(wrapped, x, y, batch_size=4), conf)
+        torch.testing.assert_close(privacy.loss_signal(wrapped, x, y, batch_size=4), loss)
+
+
 def test_curvature_signal_is_h_times_curvkerns_on_the_papers_scale():
     """The Curvature Clues score: |L(x+v+u) - L(x-v+u) - L(x+v-u) + L(x-v-u)| / (4h) with
     v = h r, u = h s, averaged over probe pairs; here r, s are curvkern's probes (streams 0, 1)."""

@@ -228,9 +228,12 @@ class _CountingModel(nn.Module):
 
 
 def test_buffers_restored():
+    # A forward that changes a buffer is refused, naming it (every pass would see another
+    # model), and the buffer is put back.
     model = _CountingModel()
     x, y = labelled_batch(3, classes=3)
-    CurvatureScorer(model, n_probes=2).score(x, y)
+    with pytest.raises(RuntimeError, match=r"changed its buffer 'calls' \(from 1 to 3\)"):
+        CurvatureScorer(model, n_probes=2).score(x, y)
     assert model.calls.item() == 0
 
 
