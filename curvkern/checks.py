@@ -613,19 +613,20 @@ class ModelCheck:
 def check_placement(model: Callable[..., Any], x: Any, y: Any) -> None:
     """Refuses, in one sentence each, a model or x on the meta device (no values) and a y on
     another device than x."""
-    if isinstance(model, nn.Module):
+    # Unnamed tensors first (every call; named_parameters builds each name), named on failure.
+    if isinstance(model, nn.Module) and any(
+        t.is_meta for t in itertools.chain(model.parameters(), model.buffers())
+    ):
         meta = next(
-            (n for n, t in itertools.chain(model.named_parameters(), model.named_buffers())
-             if t.is_meta),
-            None,
+            n for n, t in itertools.chain(model.named_parameters(), model.named_buffers())
+            if t.is_meta
         )  # fmt: skip
-        if meta is not None:
-            raise ValueError(
-                f"the model's parameter {meta!r} is on the meta device: it has a shape but no "
-                f"values (a model built under torch.device('meta') or init_empty_weights). "
-                f"Load its weights first (model.to_empty(device=...) then load_state_dict, or "
-                f"from_pretrained without a meta device)."
-            )
+        raise ValueError(
+            f"the model's parameter {meta!r} is on the meta device: it has a shape but no "
+            f"values (a model built under torch.device('meta') or init_empty_weights). "
+            f"Load its weights first (model.to_empty(device=...) then load_state_dict, or "
+            f"from_pretrained without a meta device)."
+        )
     if isinstance(x, Tensor) and x.is_meta:
         raise ValueError(
             "x is on the meta device: it has a shape but no values to score; give x on the "

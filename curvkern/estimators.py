@@ -196,15 +196,19 @@ class Objective:
         self.model = model
         self.loss_fn = loss_fn
         self.input_key = input_key
+        # Set once a model wrote into rows the scorer owns (see loss_and_grad): copied since.
+        self.copy_owned = False
 
     def output(self, xp: Tensor, batch: Batch, copies: int):
         """The model's output on xp, (copies * B, ...) rows of ``batch``."""
-        keywords = batch.keywords(copies)
         # A copy: a model that writes into its input (x.mul_(0.5)) must not change the
         # caller's x or the unperturbed rows later passes are built from, and autograd refuses
         # in-place writes into a leaf that requires grad. One copy of the rows, small next to
         # the activations of the pass.
-        xp = xp.clone()
+        return self._call(xp.clone(), batch, copies)
+
+    def _call(self, xp: Tensor, batch: Batch, copies: int):
+        keywords = batch.keywords(copies)
         if self.input_key is None:
             return self.model(xp, **keywords)
         return self.model(**{self.input_key: xp}, **keywords)
@@ -220,22 +224,47 @@ class Objective:
             )
         return loss
 
-    def loss(self, xp: Tensor, batch: Batch, copies: int) -> tuple[Tensor, Any]:
-        """Per-row losses (R,) at xp (R = copies * B rows), and the model's output."""
-        output = self.output(xp, batch, copies)
+    def loss(
+        self, xp: Tensor, batch: Batch, copies: int, owned: bool = False
+    ) -> tuple[Tensor, Any]:
+        """Per-row losses (R,) at xp (R = copies * B rows), and the model's output.
+
+        ``owned``: xp is a leaf that requires grad, made for this pass and used by nothing
+        else, so the model may take it without the copy :meth:`output` makes (a subclass that
+        overrides :meth:`output` is always called through it)."""
+        if owned and type(self).output is Objective.output:
+            output = self._call(xp, batch, copies)
+        else:
+            output = self.output(xp, batch, copies)
         return self.losses(output, batch.targets(copies), xp.shape[0]), output
 
     def loss_and_grad(
-        self, xp: Tensor, batch: Batch, copies: int, create_graph: bool = False
+        self,
+        xp: Tensor,
+        batch: Batch,
+        copies: int,
+        create_graph: bool = False,
+        owned: bool = False,
     ) -> tuple[Tensor, Tensor, Any]:
         """Per-row losses (R,), input gradients (R, ...) at xp, and the model's output.
 
         With ``create_graph`` the gradient keeps its graph, for a second backward with respect
-        to xp: xp must then be a leaf that requires grad.
+        to xp: xp must then be a leaf that requires grad. With ``owned`` (xp made for this
+        pass, e.g. perturb's rows) the rows reach the model without a copy: on a small model
+        the copy and its backward are a visible part of a pass. A model that writes into them
+        is then refused by autograd before anything is written (they are a leaf that requires
+        grad), and the pass runs again on a copy, as every later owned pass does.
         """
         xr = xp if create_graph else xp.detach().requires_grad_(True)
         with torch.enable_grad():
-            loss, output = self.loss(xr, batch, copies)
+            owned = owned and not self.copy_owned
+            try:
+                loss, output = self.loss(xr, batch, copies, owned=owned)
+            except RuntimeError as e:
+                if not owned or _LEAF_IN_PLACE not in str(e):
+                    raise
+                self.copy_owned = True
+                loss, output = self.loss(xr, batch, copies)
             grad = None
             if loss.requires_grad:
                 (grad,) = torch.autograd.grad(
@@ -244,6 +273,10 @@ class Objective:
         if grad is None:
             raise RuntimeError(_NO_INPUT_GRADIENT)
         return loss, grad, output
+
+
+# Autograd's refusal of an in-place write into a leaf (or a view of one) that requires grad.
+_LEAF_IN_PLACE = "leaf Variable that requires grad is being used in an in-place operation"
 
 
 # cross_entropy's default ignore_index: a sample whose labels are all of it has loss 0 at any x.
@@ -509,7 +542,7 @@ class FiniteDifference(Estimator):
     def run(self, ops, objective, batch, base, seed, h, offset, n):
         mask = _cast(batch.mask, batch.x.dtype)
         xp = ops.perturb(batch.x, batch.ids, seed, n, h, offset, mask)  # (n B, ...)
-        _, grad, _ = objective.loss_and_grad(xp, batch, n)
+        _, grad, _ = objective.loss_and_grad(xp, batch, n, owned=True)
         return grad.detach().reshape(n, batch.size, -1)  # (n, B, D)
 
     def reduce(self, ops, data, batch, base, seed, h, offset, per_position):
