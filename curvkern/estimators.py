@@ -434,7 +434,7 @@ class Estimator:
         raise NotImplementedError
 
     def warn_zero_differences(
-        self, sums: Tensor, bad: Tensor, batch: Batch, base: Base, h: float
+        self, sums: Tensor, bad: Tensor | None, batch: Batch, base: Base, h: float
     ) -> None:
         """Warns about samples whose differences were exactly zero for every probe: those whose
         loss is flat at x to the model's precision (:meth:`flat_at_x`), and the others (a step
@@ -442,12 +442,14 @@ class Estimator:
 
         Args:
             sums: (B, 4) float64 probe sums (the curvature's first).
-            bad: (B,) bool, samples already NaN.
+            bad: (B,) bool, samples already NaN (None: none is).
             batch: the scored samples.
             base: the unperturbed pass.
             h: the step.
         """
-        zero = (sums[:, 0] == 0) & ~bad
+        zero = sums[:, 0] == 0
+        if bad is not None:
+            zero &= ~bad
         if batch.mask is not None:
             zero &= batch.mask.sum(1) > 0  # a sample masked out entirely has curvature 0
         if not bool(zero.any()):
@@ -487,9 +489,12 @@ class Estimator:
                 stacklevel=4,  # score() -> _finalize -> here: point at the caller
             )
 
-    def warn_rounding(self, curvature: Tensor, base: Base, bad: Tensor, batch: Batch, h: float):
+    def warn_rounding(
+        self, curvature: Tensor, base: Base, bad: Tensor | None, batch: Batch, h: float
+    ):
         """Warns about samples whose curvature (B,) float64 is mostly rounding (``bad``: those
-        already NaN). Nothing by default: only zo has such a floor (see ZerothOrder)."""
+        already NaN, None if none is). Nothing by default: only zo has such a floor (see
+        ZerothOrder)."""
 
     def reduce(
         self,
@@ -665,13 +670,15 @@ class ZerothOrder(Estimator):
         Args:
             curvature: (B,) float64 mean |e| per sample.
             base: the unperturbed pass (its losses set the rounding floor, see rounding_floor).
-            bad: (B,) bool, samples already NaN.
+            bad: (B,) bool, samples already NaN (None: none is).
             batch: the scored samples.
             h: the step.
         """
         floor = self.rounding_floor(base, h, batch.x.dtype)
         # Exactly 0 is the zero-differences warning's case (a loss linear in x, or a step lost).
-        noisy = (curvature < ZO_NOISE_WARN * floor) & (curvature > 0) & ~bad
+        noisy = (curvature < ZO_NOISE_WARN * floor) & (curvature > 0)
+        if bad is not None:
+            noisy &= ~bad
         if batch.mask is not None:
             noisy &= batch.mask.sum(1) > 0  # a sample masked out entirely has curvature 0
         n_noisy = int(noisy.sum())

@@ -515,8 +515,6 @@ class CurvatureScorer:
                 ),
                 stacklevel=3,
             )
-        if bad is None:
-            bad = torch.zeros(table.shape[0], dtype=torch.bool, device=table.device)
         if self._estimator.takes_differences:
             self._estimator.warn_zero_differences(sums, bad, batch, base, self.h)
         self._estimator.warn_rounding(curvature, base, bad, batch, self.h)
