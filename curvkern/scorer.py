@@ -27,6 +27,7 @@ from ._model_state import ieee_float32, scoring_mode
 from .checks import ModelCheck, StepCheck, check_batch_options, check_inputs, check_settings
 from .diagnostics import SampleWarning
 from .estimators import ESTIMATORS, METHODS, Base, Batch, Objective
+from .layer import LayerObjective, LayerTap, capture_activation
 from .scores import CLASSIFICATION_FIELDS, CurvatureScores
 
 __all__ = ["CurvatureScorer", "METHODS", "BACKENDS", "ieee_float32"]
@@ -98,6 +99,14 @@ class CurvatureScorer:
         rtol: if set, probes are drawn in rounds of ``n_probes`` until each sample's
             curvature_stderr <= rtol * curvature, or it has had ``max_probes``.
         max_probes: cap on probes per sample with ``rtol`` (default 10 * n_probes).
+        at: None to score in the model's input space; a submodule of the model (or its
+            qualified name, e.g. "layer3.1") to score the curvature with respect to that
+            module's output a (the first floating tensor of a tuple or mapping output): the
+            probes perturb a -> a + h m*r inside the forward pass, the rest of the model runs
+            as it does, and x may be anything the model takes (token ids included). h, probe
+            masks and ``per_position`` are then in a's units and over its (B, T, ...) dims.
+        at_call: for a module called more than once in one forward (a shared embedding), the
+            call (0-based) whose output is perturbed; None refuses such a module.
     """
 
     def __init__(
@@ -114,6 +123,8 @@ class CurvatureScorer:
         backend: str = "auto",
         rtol: float | None = None,
         max_probes: int | None = None,
+        at: torch.nn.Module | str | None = None,
+        at_call: int | None = None,
     ) -> None:
         max_probes = check_settings(
             model, loss_fn, input_key, h, n_probes, seed, method, max_batch, backend, BACKENDS,
@@ -136,6 +147,14 @@ class CurvatureScorer:
         self.max_probes = self.n_probes if max_probes is None else int(max_probes)
         self._estimator = ESTIMATORS[method]
         self._objective = Objective(self.model, self.loss_fn, input_key)
+        # At a layer (curvkern.layer): the objective takes the activation of `at`.
+        self.at, self.at_call = at, at_call
+        self._layer: LayerTap | None = None
+        if at is not None:
+            self._layer = LayerTap(self.model, at, at_call)
+            self._objective = LayerObjective(self.model, self.loss_fn, input_key, self._layer)
+        elif at_call is not None:
+            raise ValueError(f"at_call={at_call!r} names a call of the module at, and at is None")
         self._halving = _OutOfMemoryHalving()
         self._warned_fallback: set[str] = set()
         self._step_check = StepCheck(self.h)
@@ -144,6 +163,10 @@ class CurvatureScorer:
     def __repr__(self) -> str:
         adaptive = "" if self.rtol is None else f", rtol={self.rtol}, max_probes={self.max_probes}"
         key = "" if self.input_key is None else f", input_key={self.input_key!r}"
+        if self._layer is not None:
+            key += f", at={self._layer.name!r}" + (
+                "" if self.at_call is None else f", at_call={self.at_call}"
+            )
         return (
             f"CurvatureScorer(method={self.method!r}, h={self.h}, n_probes={self.n_probes}, "
             f"seed={self.seed}, max_batch={self.max_batch}, backend={self.backend!r}"
@@ -166,7 +189,8 @@ class CurvatureScorer:
         """Scores one batch.
 
         Args:
-            x: (B, ...) floating input batch, as the model takes it.
+            x: (B, ...) floating input batch, as the model takes it (with ``at``: whatever
+                (B, ...) input the model takes, integer token ids included).
             y: (B, ...) targets for ``loss_fn``.
             ids: (B,) integer sample ids in [0, 2^56), which fix each sample's probes; None
                 means 0 .. B-1. Give dataset indices to make scores independent of batching.
@@ -181,6 +205,10 @@ class CurvatureScorer:
         Returns:
             CurvatureScores with (B,) fields, on x's device.
         """
+        if self._layer is not None:  # at a layer: x is the activation, the model input rides along
+            x, model_inputs = capture_activation(
+                self._layer, self.model, self.input_key, self._estimator, x, model_inputs, self.h
+            )
         x, y, ids = check_inputs(x, y, ids, self._estimator, self.h)
         batch = self._make_batch(x, y, ids, probe_mask, per_position, model_inputs)
         out_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32

@@ -1,14 +1,16 @@
 """TokenScorer: input curvature of token models, measured in token-embedding space.
 
 Token ids are integers, so a language model's loss has no derivative in its input. It has one in
-the embeddings the model looks up for them: :class:`TokenScorer` embeds the ids with the model's
-own input embedding (``model.get_input_embeddings()``, the Hugging Face convention), scores the
-loss as a function of those embeddings with :class:`curvkern.CurvatureScorer`, and perturbs only
-the tokens that count: padding never, and with ``probe_mask`` only the tokens asked for (e.g. a
-canary or a response, not its prompt).
+the embeddings the model looks up for them: :class:`TokenScorer` scores the loss as a function of
+the output of the model's own input embedding module (``model.get_input_embeddings()``, the
+Hugging Face convention) as the model itself calls it on ``input_ids``
+(``CurvatureScorer(model, at=embedding)``, see :mod:`curvkern.layer`), so whatever the model does
+after the lookup (a scale on the ``input_ids`` path, as Marian and Pegasus have) is the model's
+own. It perturbs only the tokens that count: padding never, and with ``probe_mask`` only the
+tokens asked for (e.g. a canary or a response, not its prompt).
 
 transformers is not imported here: any module with ``get_input_embeddings()`` and a forward that
-takes ``inputs_embeds`` and ``attention_mask`` works.
+takes ``input_ids`` and ``attention_mask`` works.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .estimators import ESTIMATORS, no_double_backward
+from .layer import Call
 from .scorer import CurvatureScorer
 from .scores import CurvatureScores
 
@@ -53,42 +56,87 @@ def _roll_rows(t: Tensor, shift: Tensor) -> Tensor:
     return t.gather(1, index)
 
 
+# Keyword inputs of an encoder-decoder model that belong to the decoder: never moved with the
+# encoder's padding.
+_DECODER_INPUTS = ("decoder_", "labels")
+
+
+def _input_embedding(model: nn.Module, encoder_decoder: bool) -> nn.Module:
+    """The module that embeds input_ids: an encoder-decoder's encoder's input embedding (in
+    recent transformers a module of its own, tied to ``model.get_input_embeddings()``'s
+    weights, which the model itself then never calls), else ``model.get_input_embeddings()``."""
+    get_encoder = getattr(model, "get_encoder", None)
+    if encoder_decoder and callable(get_encoder):
+        get = getattr(get_encoder(), "get_input_embeddings", None)
+        if callable(get) and isinstance(get(), nn.Module):
+            return get()
+    return model.get_input_embeddings()
+
+
+def _call_on_input_ids(calls: list[Call], input_ids: Tensor) -> int:
+    """Which call of the input embedding TokenScorer scores: the only one, or the first whose
+    input is ``input_ids`` (the encoder's, where an encoder-decoder calls one shared embedding
+    on its decoder's ids too; checked, not assumed to be the first)."""
+    if len(calls) == 1:
+        return 0
+    for k, call in enumerate(calls):
+        for arg in (*call.args, *call.kwargs.values()):
+            if isinstance(arg, Tensor) and arg.shape == input_ids.shape:
+                if torch.equal(arg, input_ids):
+                    return k
+                break
+    raise RuntimeError(
+        f"the model's input embedding (get_input_embeddings()) is called {len(calls)} time(s) "
+        f"in its forward pass, never on input_ids (of shape {tuple(input_ids.shape)}); "
+        f"TokenScorer scores at the embeddings of input_ids. For another layout, use "
+        f"CurvatureScorer(model, at=..., at_call=...)"
+    )
+
+
 class TokenScorer:
     """Curvature of a token model's per-sequence loss with respect to its input embeddings.
 
-    ``score(input_ids, y)`` embeds the ids with ``model.get_input_embeddings()`` and scores
-    ``loss_fn(model(inputs_embeds=e, attention_mask=m, **model_inputs), y)`` as a function of
-    the embeddings e (B, T, E), as :class:`curvkern.CurvatureScorer` does for any input:
+    ``score(input_ids, y)`` calls ``model(input_ids=..., attention_mask=..., **model_inputs)``
+    and scores ``loss_fn(output, y)`` as a function of e (B, T, E), the output of the model's
+    input embedding module (``model.get_input_embeddings()``; an encoder-decoder's encoder's)
+    where the model calls it on ``input_ids``, as :class:`curvkern.CurvatureScorer` does at any
+    layer (``at``):
     ``curvature`` = mean_k ||m * (g(e + h m*r_k) - g(e))|| / h, where g is the gradient in e and
     the 0/1 token mask m (attention_mask times ``probe_mask``) keeps padding (and whatever
-    ``probe_mask`` leaves out) unperturbed and uncounted.
+    ``probe_mask`` leaves out) unperturbed and uncounted. What the model does after the lookup
+    (Marian and Pegasus scale the embeddings on the input_ids path) is part of the function.
+
+    Decoder-only, encoder-only and encoder-decoder models: an encoder-decoder's encoder tokens
+    are scored (where encoder and decoder share the embedding module, its call on input_ids),
+    its decoder inputs and labels are passed as they are.
 
     A sequence's scores do not depend on its padding: padded tokens are never perturbed nor
     counted, probes are indexed from the sequence's first token, and a left-padded batch is moved
-    to the right before the model sees it (its per-token inputs and labels with it), since a
-    model's position embeddings count from the first position of the row. The per-token map of
-    ``per_position=True`` is given back in the caller's layout.
+    to the right before the model sees it (its per-token inputs with it, and its labels for a
+    model without a separate decoder), since a model's position embeddings count from the first
+    position of the row. The per-token map of ``per_position=True`` is given back in the
+    caller's layout.
 
     ``method="hvp"`` works through torch's scaled_dot_product_attention (the scorer runs it on
     its math kernel: the fused kernels have no double backward). Attention implementations
     outside it (e.g. flash_attention_2) fail with a message that names the fix:
     ``attn_implementation="eager"``, or ``method="fd"``.
 
-    Models that do not take ``inputs_embeds``/``attention_mask`` (no Hugging Face convention):
-    score the embeddings with ``CurvatureScorer(model, input_key=...)`` directly.
+    Models that do not take ``input_ids``/``attention_mask`` (no Hugging Face convention):
+    use ``CurvatureScorer(model, at=<the embedding module>)`` directly.
 
     Args:
-        model: a module with ``get_input_embeddings()`` (returning an nn.Embedding-like module
-            that maps (B, T) ids to (B, T, E) vectors) and a forward taking ``inputs_embeds``
-            and ``attention_mask``: any Hugging Face model (BERT-like classifiers, GPT-2-like
-            causal LMs, ...).
+        model: a module with ``get_input_embeddings()`` (the module that maps (B, T) ids to
+            (B, T, E) vectors, called by the model's forward) and a forward taking
+            ``input_ids`` and ``attention_mask``: any Hugging Face model (BERT-like
+            classifiers, GPT-2-like causal LMs, T5/BART-like encoder-decoders, ...).
         loss_fn: ``loss_fn(output, y)`` -> (B,) per-sequence losses. Default: cross entropy of
             the output's logits (a sequence classifier). For a causal LM pass
             :func:`curvkern.losses.sequence_cross_entropy` with y = the labels (the input ids,
             -100 at padding).
         **scorer_kwargs: h, n_probes, seed, method, max_batch, backend, rtol, max_probes of
-            :class:`curvkern.CurvatureScorer`. h is in embedding units: see docs/guide.md on
-            choosing it relative to the scale of the embedding entries.
+            :class:`curvkern.CurvatureScorer`. h is in the units of the embedding module's
+            output: see docs/guide.md on choosing it relative to the scale of its entries.
     """
 
     def __init__(
@@ -101,15 +149,25 @@ class TokenScorer:
         if not callable(get):
             raise TypeError(
                 f"model must have get_input_embeddings() (the Hugging Face convention), and "
-                f"{type(model).__name__} has none; for other models, embed the tokens yourself "
-                f"and use CurvatureScorer(model, input_key=...) on the embeddings"
+                f"{type(model).__name__} has none; for other models, use "
+                f"CurvatureScorer(model, at=<its embedding module>)"
             )
-        if "input_key" in scorer_kwargs:
-            raise TypeError(
-                "TokenScorer passes the embeddings as inputs_embeds; input_key is not an option"
-            )
+        for key in ("input_key", "at", "at_call"):
+            if key in scorer_kwargs:
+                raise TypeError(
+                    f"TokenScorer passes the tokens as input_ids and scores at the model's input "
+                    f"embedding; {key} is not an option (use CurvatureScorer(model, at=...) for "
+                    f"another layer)"
+                )
         self.model = model
-        self.scorer = CurvatureScorer(model, loss_fn, input_key="inputs_embeds", **scorer_kwargs)
+        config = getattr(model, "config", None)
+        self.encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
+        self.embedding = _input_embedding(model, self.encoder_decoder)
+        self.scorer = CurvatureScorer(
+            model, loss_fn, input_key="input_ids", at=self.embedding, **scorer_kwargs
+        )
+        # Its call on input_ids (a model may call a shared embedding on other ids too).
+        self.scorer._layer.choose = _call_on_input_ids
 
     def __repr__(self) -> str:
         return f"TokenScorer({type(self.model).__name__}, {self.scorer!r})"
@@ -134,7 +192,7 @@ class TokenScorer:
     def embed(self, input_ids: Tensor) -> Tensor:
         """The model's input embeddings of ``input_ids`` (B, T) -> (B, T, E), detached."""
         with torch.no_grad():
-            return self.model.get_input_embeddings()(input_ids).detach()
+            return self.embedding(input_ids).detach()
 
     def score(
         self,
@@ -150,19 +208,21 @@ class TokenScorer:
         """Scores one batch of token sequences.
 
         Args:
-            input_ids: (B, T) integer token ids.
+            input_ids: (B, T) integer token ids (an encoder-decoder's encoder input).
             y: the targets ``loss_fn`` takes: (B,) class labels for a sequence classifier,
-                (B, T) labels for :func:`curvkern.losses.sequence_cross_entropy` (-100 at
-                padding and at tokens that must not count).
+                (B, T') labels for :func:`curvkern.losses.sequence_cross_entropy` (-100 at
+                padding and at tokens that must not count; an encoder-decoder's decoder
+                labels).
             ids: (B,) sample ids fixing each sequence's probes (None: 0 .. B-1).
             attention_mask: (B, T) 1 for real tokens, 0 for padding; None: all real.
             probe_mask: (B, T) bool or 0/1: the tokens to perturb and count (e.g. the response
                 but not its prompt); combined with attention_mask.
             per_position: also return ``curvature_map`` (B, T), each token's share
                 mean_k ||dg_k[t]|| / h (0 at tokens masked out).
-            **model_inputs: further keyword inputs of the model (e.g. token_type_ids); tensors
-                whose first dimension is B are per-sequence (repeated with the probes), and
-                those of shape (B, T, ...) are per-token (moved with a left-padded row).
+            **model_inputs: further keyword inputs of the model (e.g. token_type_ids,
+                decoder_input_ids); tensors whose first dimension is B are per-sequence
+                (repeated with the probes), and those of shape (B, T, ...) are per-token (moved
+                with a left-padded row, except an encoder-decoder's decoder_* and labels).
         Returns:
             CurvatureScores with (B,) fields (and ``curvature_map`` (B, T) with per_position).
         """
@@ -170,28 +230,26 @@ class TokenScorer:
         batch, length = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        real = attention_mask.bool()
-        if isinstance(y, Tensor) and y.shape == input_ids.shape and not y.is_floating_point():
-            self._check_padding_labels(y, real)
+        self._check_padding_labels(y, attention_mask.bool(), model_inputs)
 
-        shift = _left_aligned(real) if batch and length else None
+        shift = _left_aligned(attention_mask.bool()) if batch and length else None
         if shift is not None:
 
             def per_token(t):
                 is_token = isinstance(t, Tensor) and t.dim() >= 2 and t.shape[:2] == (batch, length)
                 return _roll_rows(t, shift) if is_token else t
 
-            input_ids, attention_mask, mask, y = map(
-                per_token, (input_ids, attention_mask, mask, y)
-            )
-            model_inputs = {k: per_token(v) for k, v in model_inputs.items()}
+            input_ids, attention_mask, mask = map(per_token, (input_ids, attention_mask, mask))
+            if not self.encoder_decoder:
+                y = per_token(y)
+            model_inputs = {
+                k: v if self._decoder_side(k) else per_token(v) for k, v in model_inputs.items()
+            }
 
-        embeds = self.embed(input_ids)
-        self._check_dtype(embeds)
         try:
             # hvp: the scorer runs torch's fused attention on its math kernel (double backward).
             scores = self.scorer.score(
-                embeds, y, ids, probe_mask=mask, per_position=per_position,
+                input_ids, y, ids, probe_mask=mask, per_position=per_position,
                 attention_mask=attention_mask, **model_inputs,
             )  # fmt: skip
         except RuntimeError as error:
@@ -210,6 +268,10 @@ class TokenScorer:
             # Back to the caller's layout: position t of the moved row is t + shift there.
             scores.curvature_map = _roll_rows(scores.curvature_map, -shift)
         return scores
+
+    def _decoder_side(self, key: str) -> bool:
+        """Whether model input ``key`` is an encoder-decoder's decoder input (not moved)."""
+        return self.encoder_decoder and key.startswith(_DECODER_INPUTS)
 
     # ------------------------------------------------------------------------------------------
     # Checks
@@ -243,26 +305,27 @@ class TokenScorer:
             mask &= given.to(mask.device).bool()
         return input_ids, mask
 
-    @staticmethod
-    def _check_padding_labels(y: Tensor, real: Tensor) -> None:
-        """Token labels at padding must not count: a loss over them depends on the padding."""
-        if bool((y[~real] != -100).any()):
+    def _check_padding_labels(self, y, real: Tensor, model_inputs: dict) -> None:
+        """Token labels at padding must not count: a loss over them depends on the padding.
+
+        Labels aligned with input_ids (a model without a separate decoder) are checked against
+        attention_mask; an encoder-decoder's decoder labels against decoder_attention_mask,
+        where given (the encoder's padding does not reach them).
+        """
+        if self.encoder_decoder:
+            real = model_inputs.get("decoder_attention_mask")
+            if not isinstance(real, Tensor):
+                return
+            real, name = real.bool(), "decoder_attention_mask"
+        else:
+            name = "attention_mask"
+        if not isinstance(y, Tensor) or y.shape != real.shape or y.is_floating_point():
+            return
+        if bool((y[~real.to(y.device)] != -100).any()):
             warnings.warn(
-                "y has token labels other than -100 at padding positions (attention_mask 0): "
-                "a loss that counts them makes a sequence's score depend on its padding. Set "
-                "labels[attention_mask == 0] = -100 (the ignore index of "
-                "curvkern.losses.sequence_cross_entropy).",
+                f"y has token labels other than -100 at padding positions ({name} 0): "
+                f"a loss that counts them makes a sequence's score depend on its padding. Set "
+                f"labels[{name} == 0] = -100 (the ignore index of "
+                f"curvkern.losses.sequence_cross_entropy).",
                 stacklevel=3,
             )
-
-    def _check_dtype(self, embeds: Tensor) -> None:
-        if embeds.dtype in (torch.float32, torch.float64):
-            return
-        if not ESTIMATORS[self.method].takes_differences:
-            return
-        raise TypeError(
-            f"method={self.method!r} needs a float32 or float64 model; its input embeddings "
-            f"are {embeds.dtype}, in which the finite differences (about h = {self.h} times "
-            f"smaller than the gradients) are rounding noise. Score a float32 copy "
-            f"(copy.deepcopy(model).float()), or use method='hvp' on this model."
-        )

@@ -302,8 +302,8 @@ class FusedAttentionLM(torch.nn.Module):
     def get_input_embeddings(self):
         return self.embed
 
-    def forward(self, inputs_embeds, attention_mask=None):
-        q = inputs_embeds.unsqueeze(1)  # (B, 1, T, E): one head
+    def forward(self, input_ids, attention_mask=None):
+        q = self.embed(input_ids).unsqueeze(1)  # (B, 1, T, E): one head
         out = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, q, q, is_causal=True)[0]
         return self.head(out.squeeze(1))
 
@@ -355,3 +355,266 @@ def test_errors_name_the_argument():
         scorer.score(input_ids, input_ids, probe_mask=torch.full((2, 5), 2))
     with pytest.raises(TypeError, match="input_key is not an option"):
         TokenScorer(model, input_key="x")
+
+
+# ---------------------------------------------------------------------------------------------
+# Across Hugging Face architectures (small random configs, float64)
+#
+# TokenScorer scores at the embedding module the model itself calls on input_ids, so its loss is
+# the model's own, and its curvature is that of the model's own function of that module's output
+# a. Plain autograd reaches the same function through inputs_embeds: the model computes
+# inputs_embeds = a on that path, except the four architectures that scale the embeddings only on
+# the input_ids path (their encoders: embed_tokens(input_ids) * embed_scale), where it is
+# inputs_embeds = a * embed_scale.
+
+_DECODER = dict(
+    vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=32, num_hidden_layers=2,
+    num_attention_heads=2, max_position_embeddings=32, pad_token_id=PAD, bos_token_id=1,
+    eos_token_id=2,
+)  # fmt: skip
+_SEQ2SEQ = dict(
+    vocab_size=VOCAB, d_model=HIDDEN, encoder_layers=1, decoder_layers=1,
+    encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+    decoder_ffn_dim=32, max_position_embeddings=32, pad_token_id=PAD, bos_token_id=1,
+    eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=None,
+)  # fmt: skip
+# name: (kind, config class, model class, config arguments, scales on the input_ids path only)
+ARCHITECTURES = {
+    "gpt2": ("causal", "GPT2Config", "GPT2LMHeadModel", dict(
+        vocab_size=VOCAB, n_embd=HIDDEN, n_layer=2, n_head=2, n_positions=32, pad_token_id=PAD,
+        bos_token_id=1, eos_token_id=2), False),
+    "llama": ("causal", "LlamaConfig", "LlamaForCausalLM", dict(_DECODER, num_key_value_heads=1),
+              False),
+    "mistral": ("causal", "MistralConfig", "MistralForCausalLM",
+                dict(_DECODER, num_key_value_heads=1), False),
+    "gemma": ("causal", "GemmaConfig", "GemmaForCausalLM",
+              dict(_DECODER, num_key_value_heads=1, head_dim=8), False),
+    "qwen2": ("causal", "Qwen2Config", "Qwen2ForCausalLM", dict(_DECODER, num_key_value_heads=1),
+              False),
+    "phi": ("causal", "PhiConfig", "PhiForCausalLM", _DECODER, False),
+    "opt": ("causal", "OPTConfig", "OPTForCausalLM", dict(
+        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2, ffn_dim=32,
+        num_attention_heads=2, max_position_embeddings=32, word_embed_proj_dim=HIDDEN,
+        pad_token_id=PAD, bos_token_id=1, eos_token_id=2), False),
+    "bloom": ("causal", "BloomConfig", "BloomForCausalLM", dict(
+        vocab_size=VOCAB, hidden_size=HIDDEN, n_layer=2, n_head=2, pad_token_id=PAD,
+        bos_token_id=1, eos_token_id=2), False),
+    "gpt_neox": ("causal", "GPTNeoXConfig", "GPTNeoXForCausalLM", _DECODER, False),
+    "falcon": ("causal", "FalconConfig", "FalconForCausalLM", dict(
+        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=2,
+        pad_token_id=PAD, bos_token_id=1, eos_token_id=2), False),
+    "xglm": ("causal", "XGLMConfig", "XGLMForCausalLM", dict(
+        vocab_size=VOCAB, d_model=HIDDEN, num_layers=2, attention_heads=2, ffn_dim=32,
+        max_position_embeddings=32, pad_token_id=PAD, bos_token_id=1, eos_token_id=2), False),
+    "bert": ("masked", "BertConfig", "BertForMaskedLM", _DECODER, False),
+    "roberta": ("masked", "RobertaConfig", "RobertaForMaskedLM", dict(_DECODER, pad_token_id=1),
+                False),
+    "t5": ("seq2seq", "T5Config", "T5ForConditionalGeneration", dict(
+        vocab_size=VOCAB, d_model=HIDDEN, d_kv=8, d_ff=32, num_layers=1, num_decoder_layers=1,
+        num_heads=2, pad_token_id=PAD, eos_token_id=2, decoder_start_token_id=PAD), False),
+    "bart": ("seq2seq", "BartConfig", "BartForConditionalGeneration", _SEQ2SEQ, False),
+    "marian": ("seq2seq", "MarianConfig", "MarianMTModel", dict(_SEQ2SEQ, scale_embedding=True),
+               True),
+    "pegasus": ("seq2seq", "PegasusConfig", "PegasusForConditionalGeneration",
+                dict(_SEQ2SEQ, scale_embedding=True), True),
+    "mvp": ("seq2seq", "MvpConfig", "MvpForConditionalGeneration",
+            dict(_SEQ2SEQ, scale_embedding=True), True),
+    "blenderbot_small": ("seq2seq", "BlenderbotSmallConfig",
+                         "BlenderbotSmallForConditionalGeneration",
+                         dict(_SEQ2SEQ, scale_embedding=True), True),
+}  # fmt: skip
+
+
+@pytest.fixture
+def float64_default():
+    # XGLM's attention builds torch.full((), finfo(float64).min) in the default dtype: a float64
+    # model needs float64 as the default.
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+def architecture(name):
+    """(model, kind, the embedding's scale on the input_ids path only)."""
+    kind, config, cls, kwargs, scaled = ARCHITECTURES[name]
+    torch.manual_seed(0)
+    model = getattr(transformers, cls)(getattr(transformers, config)(**kwargs)).double().eval()
+    scale = model.get_encoder().embed_scale if scaled else 1.0
+    return model, kind, scale
+
+
+def token_loss(kind):
+    def loss_fn(output, y):
+        return sequence_cross_entropy(output, y, shift=kind == "causal")
+
+    return loss_fn
+
+
+def decoder_labels(lengths, length=None, seed=7):
+    """(B, T') decoder labels, right-padded with -100 (and the unpadded label lists)."""
+    seqs = sequences(lengths, seed=seed)
+    ids, mask = pad(seqs, "right", length)
+    return ids.masked_fill(mask == 0, -100), seqs
+
+
+def targets(kind, input_ids, attention_mask, dec):
+    """y and the model inputs for an architecture of ``kind``: a causal LM's labels are its
+    input ids, a masked LM's too (no shift), an encoder-decoder's its decoder labels (which
+    also make its decoder inputs)."""
+    if kind == "seq2seq":
+        return dec, {"labels": dec}
+    return lm_labels(input_ids, attention_mask), {}
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_loss_is_the_models_own_loss(name, side, float64_default):
+    """Each sequence's loss in a padded batch equals the model's own loss on its input_ids."""
+    model, kind, _ = architecture(name)
+    seqs = sequences([7, 4], seed=11)
+    dec, dec_seqs = decoder_labels([5, 3])
+    input_ids, attention_mask = pad(seqs, side)
+    y, inputs = targets(kind, input_ids, attention_mask, dec)
+    scorer = TokenScorer(model, token_loss(kind), h=H, n_probes=1, backend="torch")
+    out = scorer.score(input_ids, y, attention_mask=attention_mask, **inputs)
+    for b, s in enumerate(seqs):
+        labels = dec_seqs[b] if kind == "seq2seq" else s
+        with torch.no_grad():
+            own = model(input_ids=s[None], labels=labels[None]).loss
+        # Bloom returns its own loss in float32 even for a float64 model: a few float32 ulps of
+        # a loss of order one then.
+        tol = EXACT if own.dtype == torch.float64 else {"rtol": 8 * 2.0**-23, "atol": 0}
+        torch.testing.assert_close(out.loss[b], own.double(), **tol, msg=f"{name}, seq. {b}")
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_curvature_is_that_of_the_models_own_function(name, float64_default):
+    """Curvature at the embedding module's output, against plain autograd of the model's own
+    function of it (reached through inputs_embeds, scaled where the model scales only the
+    input_ids path: Marian, Pegasus, MVP, BlenderbotSmall)."""
+    model, kind, scale = architecture(name)
+    input_ids, attention_mask = pad(sequences([6, 6], seed=12))
+    dec, _ = decoder_labels([4, 3])
+    y, inputs = targets(kind, input_ids, attention_mask, dec)
+    loss_fn = token_loss(kind)
+    scorer = TokenScorer(model, loss_fn, h=H, n_probes=2, backend="torch")
+    out = scorer.score(input_ids, y, **inputs)
+    e = scorer.embed(input_ids)
+
+    def grad(v):
+        v = v.detach().requires_grad_(True)
+        loss = loss_fn(model(inputs_embeds=v * scale, **inputs), y)
+        return torch.autograd.grad(loss.sum(), v)[0]
+
+    r = torch_ops.rademacher(0, torch.arange(2), 2, e.shape[1:], 0, 0, e.dtype)
+    g0 = grad(e)
+    want = torch.stack(
+        [torch.linalg.vector_norm((grad(e + H * r[k]) - g0).flatten(1), dim=1) / H
+         for k in range(2)]
+    ).mean(0)  # fmt: skip
+    torch.testing.assert_close(out.curvature, want, **EXACT)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("name", ["t5", "marian", "pegasus", "bart"])
+def test_encoder_decoder_scores_do_not_depend_on_padding(name, side, float64_default):
+    """Encoder padded on either side, decoder inputs and labels of the same length (which must
+    not move with the encoder's padding): each sequence alone equals it in the batch."""
+    model, kind, _ = architecture(name)
+    seqs = sequences([8, 3, 5], seed=13)
+    dec, dec_seqs = decoder_labels([4, 6, 2], length=10)
+    input_ids, attention_mask = pad(seqs, side, length=10)
+    ids = torch.tensor([4, 9, 1])
+    scorer = TokenScorer(model, token_loss(kind), h=H, n_probes=2, backend="torch")
+    batch = scorer.score(input_ids, dec, ids, attention_mask=attention_mask, per_position=True,
+                         labels=dec)  # fmt: skip
+    for b, s in enumerate(seqs):
+        labels = dec_seqs[b][None]
+        alone = scorer.score(s[None], labels, ids[b : b + 1], per_position=True, labels=labels)
+        for field in ("curvature", "trace", "loss", "grad_norm"):
+            torch.testing.assert_close(getattr(batch, field)[b], getattr(alone, field)[0],
+                                       **EXACT, msg=f"{field} of sequence {b}")  # fmt: skip
+        real = attention_mask[b].bool()
+        torch.testing.assert_close(batch.curvature_map[b, real], alone.curvature_map[0], **EXACT)
+        assert bool((batch.curvature_map[b, ~real] == 0).all())
+
+
+def test_padding_label_warning_only_where_padding_reaches_the_loss(float64_default):
+    model, kind, _ = architecture("t5")
+    input_ids, attention_mask = pad(sequences([6, 3], seed=14), "left")
+    dec = torch.randint(3, VOCAB, (2, 6))  # real decoder labels under the encoder's padding
+    scorer = TokenScorer(model, token_loss(kind), n_probes=1, backend="torch")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scorer.score(input_ids, dec, attention_mask=attention_mask, labels=dec)
+    decoder_mask = torch.ones_like(dec)
+    decoder_mask[1, 4:] = 0
+    with pytest.raises(UserWarning, match=r"labels\[decoder_attention_mask == 0\] = -100"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            scorer.score(input_ids, dec, attention_mask=attention_mask, labels=dec,
+                         decoder_attention_mask=decoder_mask)  # fmt: skip
+
+
+class SharedEmbedding(torch.nn.Module):
+    """An encoder-decoder whose one embedding module embeds the decoder's ids first, then the
+    encoder's: TokenScorer must find the call on input_ids, not assume it is the first."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(5)
+        self.embed = torch.nn.Embedding(VOCAB, HIDDEN)
+        self.mix = torch.nn.Linear(2 * HIDDEN, HIDDEN)
+        self.head = torch.nn.Linear(HIDDEN, VOCAB)
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    def forward(self, input_ids, attention_mask=None, decoder_input_ids=None):
+        return self.decode(self.embed(decoder_input_ids), self.embed(input_ids), attention_mask)
+
+    def decode(self, d, e, attention_mask):
+        m = attention_mask[:, :, None].to(e.dtype)
+        pooled = (torch.tanh(e) * m).sum(1, keepdim=True) / m.sum(1, keepdim=True)
+        return self.head(torch.tanh(self.mix(torch.cat([d, pooled.expand_as(d)], -1))))
+
+
+def test_shared_embedding_is_scored_at_its_call_on_input_ids():
+    model = SharedEmbedding().double().eval()
+    input_ids, attention_mask = pad(sequences([5, 3], seed=15))
+    dec = torch.randint(1, VOCAB, (2, 4))
+    loss_fn = token_loss("masked")
+    scorer = TokenScorer(model, loss_fn, h=H, n_probes=2, backend="torch")
+    out = scorer.score(input_ids, dec, attention_mask=attention_mask, decoder_input_ids=dec)
+    d = model.embed(dec).detach()
+    e = model.embed(input_ids).detach()
+    m = attention_mask[:, :, None].double()
+
+    def grad(v):
+        v = v.detach().requires_grad_(True)
+        loss = loss_fn(model.decode(d, v, attention_mask), dec)
+        return torch.autograd.grad(loss.sum(), v)[0]
+
+    r = torch_ops.rademacher(0, torch.arange(2), 2, e.shape[1:], 0, 0, e.dtype)
+    g0 = grad(e)
+    want = torch.stack(
+        [torch.linalg.vector_norm((m * (grad(e + H * m * r[k]) - g0)).flatten(1), dim=1) / H
+         for k in range(2)]
+    ).mean(0)  # fmt: skip
+    torch.testing.assert_close(out.curvature, want, **EXACT)
+
+
+class NeverOnInputIds(SharedEmbedding):
+    def forward(self, input_ids, attention_mask=None, decoder_input_ids=None):
+        e = self.embed(input_ids.flip(1))
+        return self.decode(self.embed(decoder_input_ids), e, attention_mask.flip(1))
+
+
+def test_shared_embedding_never_called_on_input_ids_is_refused():
+    model = NeverOnInputIds().double().eval()
+    input_ids = torch.tensor([[3, 4, 5], [6, 7, 8]])
+    dec = torch.randint(1, VOCAB, (2, 4))
+    scorer = TokenScorer(model, token_loss("masked"), n_probes=1, backend="torch")
+    with pytest.raises(RuntimeError, match=r"called 2 time\(s\).*never on input_ids"):
+        scorer.score(input_ids, dec, decoder_input_ids=dec)
