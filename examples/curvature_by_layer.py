@@ -393,6 +393,14 @@ def read_seeds(parser, paths: list[str]) -> list[tuple]:
         unknown = {r[0] for r in rows} - set(SETTINGS)
         if unknown:
             parser.exit(2, f"{parser.prog}: --from-csv {path}: unknown settings {unknown}\n")
+    keys = [r[:4] for r in rows]
+    if len(set(keys)) < len(keys):
+        twice = next(k for k in keys if keys.count(k) > 1)
+        parser.exit(
+            2,
+            f"{parser.prog}: --from-csv: the files hold a setting, seed and layer more than "
+            f"once, e.g. {twice[:2]} {twice[3]!r}: pass each run once\n",
+        )
     return rows
 
 
