@@ -30,9 +30,16 @@ system:
 .install.stamp: $(SOURCES)
 	$(PIP) install --quiet $(TORCH) ninja setuptools wheel
 	$(PIP) install --quiet --no-build-isolation -e ".[dev]"
+	@touch .demo.stamp $@
+
+# The demo installs only what it needs: torch, the extension and the examples' extra (no
+# browser, no Debian packages, no test or lint tools).
+.demo.stamp: $(SOURCES)
+	$(PIP) install --quiet $(TORCH) ninja setuptools wheel
+	$(PIP) install --quiet --no-build-isolation -e ".[examples]"
 	@touch $@
 
-demo: install
+demo: .demo.stamp
 	$(PYTHON) examples/find_mislabeled.py
 
 test: install

@@ -11,6 +11,7 @@ from ._extension import has_cuda_kernels, has_kernels, kernels_available
 from .checkpoints import score_checkpoints
 from .dataset import IndexedDataset, score_dataset
 from .diagnostics import SampleWarning
+from .io import TrackerConflictError, merge_trackers
 from .scorer import CurvatureScorer
 from .scores import CurvatureScores
 from .tracker import CurvatureTracker
@@ -21,6 +22,8 @@ __all__ = [
     "CurvatureScorer",
     "CurvatureScores",
     "CurvatureTracker",
+    "TrackerConflictError",
+    "merge_trackers",
     "IndexedDataset",
     "SampleWarning",
     "score_checkpoints",

@@ -6,6 +6,7 @@
     curvkern score --model MODULE:FACTORY --checkpoints GLOB --data DATA --out PATH
                    [--n-probes N] [--h H] [--method M] [--batch-size B] [--device DEV]
     curvkern report PATH --data DATA --out REPORT.html [--top K]
+    curvkern merge A.npz B.npz ... --out ALL.npz
 
 DATA is an .npz file with ``x`` (N, ...) and ``y`` (N,) (and optionally ``classes``, the class
 names), or an image folder laid out for torchvision's ImageFolder (one sub-folder per class).
@@ -21,19 +22,24 @@ import argparse
 import glob
 import importlib
 import importlib.util
+import math
 import os
+import re
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
+from . import losses
 from .checkpoints import epoch_in_name, load_checkpoint, load_error_line, restored_state
-from .data import Data, DataError, load_data
+from .data import Data, DataError, fingerprint, load_data
 from .data import one_line as _one_line
 from .dataset import IndexedDataset
 from .estimators import METHODS
+from .io import TrackerConflictError
 from .report import build_report, format_ranges, load_scores
 from .scorer import CurvatureScorer
 from .tracker import CurvatureTracker
@@ -78,6 +84,11 @@ def load_factory(spec: str) -> Callable[[], torch.nn.Module]:
             module = importlib.import_module(module_name)
     except CliError:
         raise
+    except SystemExit as error:  # the user's module ended the program while importing
+        raise CliError(
+            f"--model: importing {module_name!r} called sys.exit({error.code!r}); a model "
+            "module must only define the factory when imported"
+        ) from None
     except ModuleNotFoundError as error:
         raise CliError(
             f"--model: cannot import {module_name!r} ({_one_line(error)}); run from the folder "
@@ -99,6 +110,11 @@ def _make_model(spec: str) -> torch.nn.Module:
     factory = load_factory(spec)
     try:
         model = factory()
+    except SystemExit as error:  # not an Exception: it would end curvkern without a word
+        raise CliError(
+            f"--model: calling {spec}() called sys.exit({error.code!r}) instead of returning "
+            "an nn.Module"
+        ) from None
     except Exception as error:
         raise CliError(
             f"--model: calling {spec}() failed: {type(error).__name__}: {_one_line(error)}"
@@ -179,12 +195,23 @@ def _check_fit(model: torch.nn.Module, data: Data, device: torch.device, spec: s
     try:
         with torch.no_grad():
             out = model(x.to(device))
-            torch.nn.functional.cross_entropy(out, y.to(device), reduction="none")
     except Exception as error:
         raise CliError(
             f"--data: the model from {spec} cannot take x of shape {tuple(x.shape[1:])} per "
             f"sample: {type(error).__name__}: {_one_line(error)}"
         ) from None
+    # The loss the scorer uses (cross entropy of the logits: a tensor, the first element of a
+    # tuple such as (logits, aux), or .logits), so that what it accepts is accepted here.
+    try:
+        logits = losses.logits_of(out)
+        losses.cross_entropy(out, y.to(device))
+    except Exception as error:
+        raise CliError(
+            f"--model: the model from {spec} returned {_describe(out)}, and the command line "
+            f"scores the cross entropy of (N, C) class scores (a tensor, or the first element "
+            f"of a tuple) with the labels: {type(error).__name__}: {_one_line(error)}"
+        ) from None
+    out = logits
     top = int(data.labels.max())
     if out.ndim == 2 and top >= out.shape[1]:
         raise CliError(
@@ -193,15 +220,65 @@ def _check_fit(model: torch.nn.Module, data: Data, device: torch.device, spec: s
         )
 
 
+def _describe(output) -> str:
+    """A model output in a few words: a tensor's shape, a tuple's length and first element."""
+    if isinstance(output, torch.Tensor):
+        return f"a tensor of shape {tuple(output.shape)}"
+    if isinstance(output, (tuple, list)):
+        first = _describe(output[0]) if output else "nothing"
+        return f"a {type(output).__name__} of {len(output)} whose first element is {first}"
+    return f"a {type(output).__name__}"
+
+
+def _scoring_error(error: Exception, epoch: int, file: str) -> CliError:
+    """A scoring pass's error as one line naming the argument that caused it."""
+    text = _one_line(error)
+    if text.startswith("h = "):  # the step is below x's resolution
+        return CliError(f"--h: {text}")
+    if text.startswith("x has non-finite values"):
+        return CliError(f"--data: {text}")
+    return CliError(f"scoring epoch {epoch} ({file}) failed: {type(error).__name__}: {text}")
+
+
+def _worker_message(error: DataError) -> str:
+    """A DataError's own message, also when a DataLoader worker raised it (torch then puts the
+    worker's traceback in the message, the original error on its last line)."""
+    lines = str(error).strip().splitlines()
+    last = re.match(r"(?:[\w.]+\.)?DataError: (.*)", lines[-1].strip())
+    return last.group(1) if len(lines) > 1 and last else str(error)
+
+
+def _open_tracker(scorer, num_samples, out, model_factory, data_fingerprint) -> CurvatureTracker:
+    """The tracker of `score`, recording the model factory and data; its warning that an
+    existing file cannot be checked (it does not record them) is printed as one line."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        tracker = CurvatureTracker(
+            scorer,
+            num_samples,
+            out,
+            model_factory=model_factory,
+            data_fingerprint=data_fingerprint,
+        )
+    for warning in caught:
+        print(f"curvkern: warning: {_one_line(warning.message)}", file=sys.stderr)
+    return tracker
+
+
 def cmd_score(args) -> int:
     from tqdm.auto import tqdm
 
     if args.n_probes < 1:
         raise CliError(f"--n-probes must be at least 1, got {args.n_probes}")
-    if not args.h > 0:
-        raise CliError(f"--h must be positive, got {args.h}")
+    if not (args.h > 0 and math.isfinite(args.h)):
+        raise CliError(f"--h must be a positive finite number, got {args.h}")
     if args.batch_size < 1:
         raise CliError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.workers < 0:
+        raise CliError(
+            f"--workers must be at least 0 (0 reads the data in the main process), got "
+            f"{args.workers}"
+        )
     try:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         torch.empty(0, device=device)
@@ -211,6 +288,7 @@ def cmd_score(args) -> int:
     checkpoints = checkpoint_epochs(args.checkpoints)
     transform = load_factory(args.transform) if args.transform else None
     data = load_data(args.data, transform)
+    data_fingerprint = fingerprint(data)  # of the data as stored, before any cast below
     model = _make_model(args.model).to(device)
     dtype = next(model.parameters(), torch.empty(0)).dtype
     if data.images is not None and data.images.dtype != dtype and dtype.is_floating_point:
@@ -222,8 +300,10 @@ def cmd_score(args) -> int:
     scorer_kwargs = {"h": args.h, "n_probes": args.n_probes, "method": args.method}
     # The tracker checks an existing --out file (its settings and N) before any long work.
     try:
-        tracker = CurvatureTracker(CurvatureScorer(model, **scorer_kwargs), len(data), out)
-    except ValueError as error:
+        tracker = _open_tracker(
+            CurvatureScorer(model, **scorer_kwargs), len(data), out, args.model, data_fingerprint
+        )
+    except (ValueError, TimeoutError) as error:
         raise CliError(f"--out: {_one_line(error)}") from None
     except (OSError, KeyError) as error:
         raise CliError(
@@ -275,12 +355,18 @@ def cmd_score(args) -> int:
                 for epoch, file in pending.items():
                     begin = time.perf_counter()
                     load_checkpoint(model, file, device)
-                    tracker.score_epoch(loader, epoch, progress=show, device=device)
+                    try:
+                        tracker.score_epoch(loader, epoch, progress=show, device=device)
+                    except DataError as error:
+                        raise DataError(_worker_message(error)) from None
+                    except (ValueError, TypeError) as error:
+                        raise _scoring_error(error, epoch, file) from None
                     bar.update()
                     tqdm.write(f"epoch {epoch} ({file}): {time.perf_counter() - begin:.1f} s")
-    except ValueError as error:  # e.g. scores the tracker's file refuses
+    except (TimeoutError, TrackerConflictError) as error:  # another writer holds the file
         raise CliError(f"--out: {_one_line(error)}") from None
-    print(f"done in {time.perf_counter() - start:.1f} s: {out} ({len(done) + len(pending)} epochs)")
+    # Other writers' epochs count too: the tracker took them in when it saved.
+    print(f"done in {time.perf_counter() - start:.1f} s: {out} ({len(tracker.epochs)} epochs)")
     return 0
 
 
@@ -302,11 +388,50 @@ def cmd_report(args) -> int:
             f"--data: {args.data} has {len(data):,} samples but {path} scored "
             f"{scores.num_samples:,}; give the data the scores were made on"
         )
+    _check_report_data(path, data)
     start = time.perf_counter()
     size = build_report(scores, data, args.out, top=args.top, title=args.title)
     print(
         f"wrote {args.out} ({size / 1e6:.2f} MB, {time.perf_counter() - start:.1f} s): "
         f"{len(data):,} samples, {len(scores.epochs)} epochs"
+    )
+    return 0
+
+
+def _check_report_data(path: Path, data: Data) -> None:
+    """Other data of the same N than the tracker file was scored on is refused, naming what
+    differs; a file that recorded no fingerprint (older, or written from Python without one)
+    gets a warning that it cannot be checked."""
+    from . import io
+
+    metadata = io.read_metadata(path)
+    if (metadata.get("origin") or {}).get("data") is None:
+        print(
+            f"curvkern: warning: {path} does not record which data it was scored on, so --data "
+            "cannot be checked against it: make sure it is the data that was scored",
+            file=sys.stderr,
+        )
+        return
+    try:
+        io.check_origin(path, metadata, {"data": fingerprint(data)}, what=f"--data {data.source}")
+    except ValueError as error:
+        raise CliError(f"--data: {_one_line(error)}") from None
+
+
+def cmd_merge(args) -> int:
+    from . import io
+
+    out = Path(args.out)
+    for file in args.paths:
+        if not Path(file).is_file():
+            raise CliError(f"PATHS: tracker file {file} does not exist")
+    try:
+        epochs = io.merge_trackers(args.paths, out)
+    except (ValueError, KeyError, TimeoutError) as error:
+        raise CliError(f"merge: {_one_line(error)}") from None
+    print(
+        f"merged {len(args.paths)} files into {out}: {len(epochs)} epochs "
+        f"({format_ranges(epochs) if epochs else 'none'})"
     )
     return 0
 
@@ -393,12 +518,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--top", type=int, default=12, metavar="K", help="samples shown per class (default 12)"
     )
     report.add_argument("--title", default=None, help="page title (default: the tracker file)")
+    _add_merge_parser(sub)
     return parser
+
+
+def _add_merge_parser(sub) -> None:
+    merge = sub.add_parser(
+        "merge",
+        help="merge tracker files of one data set and the same settings (a job array's parts)",
+        description="Merges tracker files written with the same settings, model and data (e.g. "
+        "one per job of a job array) into one; an epoch in several files must have the same "
+        "scores in each. --out may be one of the inputs (the others are added to it).",
+    )
+    merge.add_argument("paths", nargs="+", metavar="PATHS", help="tracker files to merge")
+    merge.add_argument("--out", required=True, metavar="ALL.npz", help="the merged tracker file")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``curvkern`` console script; returns the exit status."""
-    commands = {"info": cmd_info, "score": cmd_score, "report": cmd_report}
+    commands = {"info": cmd_info, "score": cmd_score, "report": cmd_report, "merge": cmd_merge}
     try:
         args = build_parser().parse_args(argv)
         return commands[args.command](args)

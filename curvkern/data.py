@@ -7,7 +7,9 @@ ImageFolder (one sub-folder of images per class).
 
 from __future__ import annotations
 
+import hashlib
 import os
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["Data", "DataError", "load_data"]
+__all__ = ["Data", "DataError", "fingerprint", "load_data"]
 
 
 class DataError(ValueError):
@@ -69,11 +71,7 @@ def load_data(source: str | os.PathLike, transform: Callable | None = None) -> D
         return _image_folder(path, transform)
     if path.suffix != ".npz":
         raise DataError(f"--data: expected an .npz file or an image folder, got {source}")
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-    except (OSError, ValueError) as error:
-        raise DataError(f"--data: cannot read {source} as .npz ({one_line(error)})") from None
+    arrays = _read_npz(path, str(source))
     missing = [k for k in ("x", "y") if k not in arrays]
     if missing:
         raise DataError(
@@ -93,6 +91,14 @@ def load_data(source: str | os.PathLike, transform: Callable | None = None) -> D
         )
     if x.ndim < 2:
         raise DataError(f"--data: x in {source} must have shape (N, ...), got {x.shape}")
+    finite = np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+    if not finite.all():
+        first = int(np.flatnonzero(~finite)[0])
+        raise DataError(
+            f"--data: x in {source} has non-finite values (NaN or inf) in "
+            f"{int((~finite).sum())} samples, the first sample {first}; curvature is only "
+            "defined at finite inputs: fix or drop those samples"
+        )
     labels = y.astype(np.int64)
     if "classes" in arrays:
         classes = [str(c) for c in arrays["classes"].tolist()]
@@ -107,6 +113,59 @@ def load_data(source: str | os.PathLike, transform: Callable | None = None) -> D
     return Data(dataset, labels, classes, str(source), images=x)
 
 
+_NPZ_ADVICE = "write it with numpy.savez(path, x=x, y=y)"
+
+
+def _read_npz(path: Path, source: str) -> dict[str, np.ndarray]:
+    """The arrays of an .npz file, or a DataError saying what the file is instead."""
+    size = path.stat().st_size
+    if size == 0:
+        raise DataError(f"--data: {source} is empty (0 bytes); {_NPZ_ADVICE}")
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as f:
+            head = f.read(6)
+        kind = (
+            "a single .npy array, not an .npz archive of x and y"
+            if head == b"\x93NUMPY"
+            else "a pickle, which curvkern does not load (it can run code)"
+            if head[:1] == b"\x80"
+            else "not a complete .npz archive (truncated or another format)"
+        )
+        raise DataError(f"--data: {source} ({size:,} bytes) is {kind}; {_NPZ_ADVICE}")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except ValueError as error:
+        if "pickle" in str(error):  # an object array inside the archive
+            raise DataError(
+                f"--data: {source} holds an array of Python objects, which curvkern does not "
+                "load (it can run code); save x and y as numeric arrays"
+            ) from None
+        raise DataError(f"--data: cannot read {source} as .npz ({one_line(error)})") from None
+    except (OSError, EOFError, zipfile.BadZipFile) as error:
+        raise DataError(
+            f"--data: {source} is a damaged .npz archive ({type(error).__name__}: "
+            f"{one_line(error)}); {_NPZ_ADVICE}"
+        ) from None
+    return arrays
+
+
+class _ImageLoader:
+    """torchvision's image loader, with the file named when an image cannot be read (a class,
+    not a closure, so that DataLoader workers can pickle it)."""
+
+    def __call__(self, file: str):
+        from torchvision.datasets.folder import default_loader
+
+        try:
+            return default_loader(file)
+        except Exception as error:
+            raise DataError(
+                f"--data: cannot read the image {file} ({type(error).__name__}: "
+                f"{one_line(error)}); remove or replace it"
+            ) from None
+
+
 def _image_folder(path: Path, transform: Callable | None) -> Data:
     try:
         from torchvision import datasets, transforms
@@ -115,12 +174,58 @@ def _image_folder(path: Path, transform: Callable | None) -> Data:
             "--data: an image folder needs torchvision (pip install torchvision)"
         ) from None
     try:
-        folder = datasets.ImageFolder(str(path), transform=transform or transforms.ToTensor())
+        folder = datasets.ImageFolder(
+            str(path), transform=transform or transforms.ToTensor(), loader=_ImageLoader()
+        )
     except (FileNotFoundError, OSError) as error:
         raise DataError(f"--data: {path} is not an image folder ({one_line(error)})") from None
     files = [file for file, _ in folder.samples]
     labels = np.asarray(folder.targets, dtype=np.int64)
     return Data(folder, labels, list(folder.classes), str(path), files=files)
+
+
+# How many samples of x the fingerprint hashes: evenly spaced ids, so the cost does not grow with
+# N (a few kB of an .npz's x, a few image files of a folder).
+FINGERPRINT_SAMPLES = 64
+
+
+def fingerprint(data: Data) -> dict:
+    """A cheap fingerprint of DATA, which a tracker file records so that scores of other data
+    are refused: N, the sample shape and dtype (.npz) and SHA-256 hashes of all labels and of
+    x at a fixed set of ids (FINGERPRINT_SAMPLES ids spread evenly over 0 .. N-1; for an image
+    folder, the bytes and relative names of those files, not the decoded pictures, so that a
+    random transform does not change it).
+
+    Another data file of the same N with other labels, or other values at one of the hashed ids,
+    is told apart; a change confined to ids that are not hashed is not.
+
+    Returns:
+        {"num_samples", "sample_shape", "dtype", "labels_sha256", "x_sha256"}, JSON-able
+        (sample_shape and dtype None for an image folder).
+    """
+    n = len(data)
+    ids = sorted(set(np.linspace(0, n - 1, FINGERPRINT_SAMPLES).round().astype(int).tolist()))
+    ids = ids if n else []
+    labels = hashlib.sha256(np.ascontiguousarray(data.labels, dtype="<i8").tobytes()).hexdigest()
+    x = hashlib.sha256()
+    if data.images is not None:
+        shape, dtype = list(data.images.shape[1:]), str(data.images.dtype)
+        x.update(np.ascontiguousarray(data.images[ids]).tobytes())
+    else:
+        shape = dtype = None
+        root = Path(data.source)
+        for i in ids:
+            file = Path(data.files[i])
+            name = file.relative_to(root) if file.is_relative_to(root) else file.name
+            x.update(str(name).encode() + b"\0")
+            x.update(file.read_bytes())
+    return {
+        "num_samples": n,
+        "sample_shape": shape,
+        "dtype": dtype,
+        "labels_sha256": labels,
+        "x_sha256": x.hexdigest(),
+    }
 
 
 def one_line(error: BaseException) -> str:

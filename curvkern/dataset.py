@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import itertools
+import math
 import sys
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
 
-from .diagnostics import PassWarnings
-from .distributed import all_gather_rows, is_main_process, widest_dtype
-from .scores import SCORE_FIELDS, CurvatureScores
+from .diagnostics import PassWarnings, _outside_caller_level
+from .distributed import all_gather_rows, is_distributed, is_main_process, widest_dtype
+from .scores import SCORE_FIELDS, CurvatureScores, qualified_name
 
 __all__ = ["IndexedDataset", "score_dataset", "scorer_setting"]
 
@@ -131,7 +134,55 @@ def _split_batch(batch) -> tuple[Tensor, Tensor, Tensor, dict]:
 _DUPLICATE_COLUMNS = ("loss", "grad_norm", "margin", "p_label", "correct", "el2n")
 
 
-def _check_duplicate_ids(ids: Tensor, values: Tensor, dtype: torch.dtype) -> None:
+# A fixed quasi-random weight per element (frac(i * golden ratio) + 1/2, in [1/2, 3/2)): two
+# rows of one shape get the same weighted sum only if they are equal, up to rounding, or differ
+# along a direction orthogonal to the weights (probability 0 for any natural perturbation).
+_GOLDEN = 0.6180339887498949
+_FINGERPRINT_COLUMNS = 6  # per tensor (x, y): weighted sum, weighted sum of |values|, row size
+
+
+def _fingerprint(x, y, batch: int) -> Tensor:
+    """(B, 6) float64 on the CPU: per row of x and of y, a weighted sum of its values (weights
+    of _GOLDEN), the weighted sum of their magnitudes (its rounding scale) and its size; NaN
+    where the tensor has no row per sample. Costs one pass over x, on x's device."""
+    out = torch.full((batch, _FINGERPRINT_COLUMNS), math.nan, dtype=torch.float64)
+    for k, t in enumerate((x, y)):
+        if not isinstance(t, Tensor) or t.dim() == 0 or t.shape[0] != batch or t.is_complex():
+            continue
+        rows = t.detach().reshape(batch, -1).to(torch.float64)
+        size = rows.shape[1]
+        w = torch.arange(size, device=rows.device, dtype=torch.float64)
+        w = w.mul_(_GOLDEN).frac_().add_(0.5)
+        out[:, 3 * k] = (rows @ w).cpu()
+        out[:, 3 * k + 1] = (rows.abs() @ w).cpu()
+        out[:, 3 * k + 2] = size
+    return out
+
+
+def _different_inputs(a: Tensor, b: Tensor) -> Tensor:
+    """(R,) bool: rows of _fingerprint that cannot come from one sample: x (or y) of one size
+    whose weighted sums differ by more than their rounding (a sum of ``size`` products in
+    float64 is off by at most size * eps * the sum of magnitudes). Rows of another size (e.g.
+    token sequences padded to other lengths in other batches) are not compared."""
+    eps = torch.finfo(torch.float64).eps
+    differ = torch.zeros(a.shape[0], dtype=torch.bool)
+    for k in range(2):
+        fa, fb = a[:, 3 * k], b[:, 3 * k]
+        scale = torch.maximum(a[:, 3 * k + 1], b[:, 3 * k + 1])
+        size = a[:, 3 * k + 2]
+        comparable = (size == b[:, 3 * k + 2]) & fa.isfinite() & fb.isfinite()
+        differ |= comparable & ((fa - fb).abs() > 2 * size * eps * scale)
+    return differ
+
+
+def _check_duplicate_ids(
+    ids: Tensor,
+    values: Tensor,
+    dtype: torch.dtype,
+    inputs: Tensor | None = None,
+    num_samples: int | None = None,
+    padding: int = 0,
+) -> None:
     """Refuses one id arriving with two different rows (two samples sharing an id).
 
     A DistributedSampler's padding repeats samples: same id, same values (up to the rounding of
@@ -140,6 +191,10 @@ def _check_duplicate_ids(ids: Tensor, values: Tensor, dtype: torch.dtype) -> Non
     Rows agree when every column of _DUPLICATE_COLUMNS differs by at most
     1000 eps (|a| + |b| + the column's largest |value|): rounding noise of a model pass is a few
     eps times the magnitudes involved, while different samples differ by O(1) in at least one.
+    A near copy of a sample can agree with it to that tolerance, so ``inputs`` (the rows'
+    _fingerprint of x and y) must agree too. Repeated ids while some of the ``num_samples`` ids
+    never arrived (beyond ``padding`` repeats, a DistributedSampler's) are warned about: the
+    rows left NaN are likely the other part's samples.
     """
     order = torch.argsort(ids, stable=True)
     sorted_ids = ids[order]
@@ -162,6 +217,29 @@ def _check_duplicate_ids(ids: Tensor, values: Tensor, dtype: torch.dtype) -> Non
             f"{int(bad.sum())} ids in all: two samples share an id. A ConcatDataset of "
             "IndexedDatasets numbers each part from 0; index the concatenation instead: "
             "IndexedDataset(ConcatDataset([a, b]))."
+        )
+    if inputs is not None:
+        differ = _different_inputs(inputs[order[:-1][repeat]], inputs[order[1:][repeat]])
+        if bool(differ.any()):
+            row = int(differ.nonzero()[0])
+            raise ValueError(
+                f"id {int(sorted_ids[1:][repeat][row])} arrived twice with different inputs "
+                f"(x or y differ), {int(differ.sum())} ids in all: two samples share an id, "
+                "e.g. a ConcatDataset of IndexedDatasets, which numbers each part from 0; "
+                "index the concatenation instead: IndexedDataset(ConcatDataset([a, b]))."
+            )
+    repeats = int(repeat.sum())
+    unseen = 0 if num_samples is None else num_samples - int(torch.unique(ids).numel())
+    if repeats > padding and unseen > 0:
+        warnings.warn(
+            f"{repeats} rows repeated an id already scored while {unseen} of the "
+            f"{num_samples} ids never arrived (left NaN): if the repeats are other samples "
+            "sharing ids (a ConcatDataset of IndexedDatasets numbers each part from 0; a copy "
+            "of a part has the same scores), index the concatenation instead, "
+            "IndexedDataset(ConcatDataset([a, b])); a sampler that draws with replacement "
+            "repeats ids by design.",
+            UserWarning,
+            stacklevel=_outside_caller_level(),
         )
 
 
@@ -211,6 +289,7 @@ def score_dataset(
     total = len(sampler) if sampler is not None and hasattr(sampler, "__len__") else num_samples
 
     parts: list[CurvatureScores] = []
+    fingerprints: list[Tensor] = []  # (B, 6) per batch: what tells near copies apart
     with _progress_bar(total, progress, "curvature") as bar, PassWarnings() as caught:
         for batch in loader:
             x, y, ids, inputs = _split_batch(batch)
@@ -222,18 +301,26 @@ def score_dataset(
                 }
             with caught.batch(len(ids)):
                 parts.append(scorer.score(x, y, ids, **inputs).to("cpu"))
+            fingerprints.append(_fingerprint(x, y, len(ids)))
             bar.update(len(ids))
 
     if parts:
         local = CurvatureScores.cat(parts)
         ids, values = local.to_rows()
-        dtype, h, method = local.curvature.dtype, local.h, local.method
+        dtype, h, method, loss_fn = local.curvature.dtype, local.h, local.method, local.loss_fn
     else:
         ids = torch.empty(0, dtype=torch.int64)
         values = torch.empty(0, len(SCORE_FIELDS) + 1, dtype=torch.float64)
         dtype = torch.float32
         h, method = scorer_setting(scorer, "h"), scorer_setting(scorer, "method")
-    ids, values = all_gather_rows(ids, values)
+        loss_fn = scorer_setting(scorer, "loss_fn")
+        loss_fn = None if loss_fn is None else qualified_name(loss_fn)
+    columns = values.shape[1]
+    fingerprint = torch.cat(
+        [torch.empty(0, _FINGERPRINT_COLUMNS, dtype=torch.float64), *fingerprints]
+    )
+    ids, values = all_gather_rows(ids, torch.cat([values, fingerprint], dim=1))
+    values, fingerprint = values[:, :columns], values[:, columns:]
     dtype = widest_dtype(dtype)  # ranks agree on the dtype: the widest of theirs
 
     if num_samples is None:
@@ -244,5 +331,8 @@ def score_dataset(
             f"ids must lie in [0, num_samples = {num_samples}), got id {int(bad)}. "
             "IndexedDataset(Subset(ds, idx)) yields ds's indices: num_samples is len(ds)."
         )
-    _check_duplicate_ids(ids, values, dtype)
-    return CurvatureScores.from_rows(ids, values, size=num_samples, h=h, method=method, dtype=dtype)
+    world = dist.get_world_size() if is_distributed() else 1
+    _check_duplicate_ids(ids, values, dtype, fingerprint, num_samples, padding=world - 1)
+    return CurvatureScores.from_rows(
+        ids, values, size=num_samples, h=h, method=method, dtype=dtype, loss_fn=loss_fn
+    )

@@ -28,7 +28,7 @@ from .checks import ModelCheck, StepCheck, check_batch_options, check_inputs, ch
 from .diagnostics import SampleWarning
 from .estimators import ESTIMATORS, METHODS, Base, Batch, Objective
 from .layer import LayerObjective, LayerTap, capture_activation
-from .scores import CLASSIFICATION_FIELDS, CurvatureScores
+from .scores import CLASSIFICATION_FIELDS, CurvatureScores, qualified_name
 
 __all__ = ["CurvatureScorer", "METHODS", "BACKENDS", "ieee_float32"]
 
@@ -213,7 +213,9 @@ class CurvatureScorer:
         batch = self._make_batch(x, y, ids, probe_mask, per_position, model_inputs)
         out_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         if x.shape[0] == 0:
-            empty = CurvatureScores.empty(self.h, self.method, out_dtype, x.device)
+            empty = CurvatureScores.empty(
+                self.h, self.method, out_dtype, x.device, loss_fn=qualified_name(self.loss_fn)
+            )
             if per_position:
                 empty.curvature_map = x.new_zeros((0, x.shape[1]), dtype=out_dtype)
             return empty
@@ -469,6 +471,7 @@ class CurvatureScorer:
             h=self.h,
             method=self.method,
             curvature_map=None if cmap is None else cmap.to(dtype),
+            loss_fn=qualified_name(self.loss_fn),
         )
 
 

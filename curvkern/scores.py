@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["CurvatureScores", "SCORE_FIELDS", "CLASSIFICATION_FIELDS"]
+__all__ = ["CurvatureScores", "SCORE_FIELDS", "CLASSIFICATION_FIELDS", "qualified_name"]
 
 # The fields computed from the model's output at x when it is (B, C) logits with integer labels
 # (NaN otherwise): the training-dynamics baselines curvature is compared with.
@@ -44,6 +45,9 @@ class CurvatureScores:
         curvature_map: (B, T) per-position curvature mean_k ||dg_k[t]|| / h when scored with
             ``per_position=True`` (masked-out positions 0); None otherwise. Not a (B,) field, so
             not in :meth:`to_dict`; it follows the rows in indexing, ``to`` and ``cat``.
+        loss_fn: the qualified name of the loss function the scores were made with (see
+            :func:`qualified_name`), so that a tracker can refuse scores of another loss; None
+            for scores built by hand.
     """
 
     curvature: Tensor
@@ -62,6 +66,7 @@ class CurvatureScores:
     h: float
     method: str
     curvature_map: Tensor | None = None
+    loss_fn: str | None = None
 
     def __len__(self) -> int:
         return self.ids.shape[0]
@@ -113,6 +118,7 @@ class CurvatureScores:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         size: int = 0,
+        loss_fn: str | None = None,
     ) -> CurvatureScores:
         """``size`` rows of NaN scores, ids 0 .. size-1 and no probes."""
         nan = torch.full((size,), math.nan, dtype=dtype, device=device)
@@ -122,6 +128,7 @@ class CurvatureScores:
             n_probes=torch.zeros(size, dtype=torch.int64, device=device),
             h=h,
             method=method,
+            loss_fn=loss_fn,
         )
 
     def to_rows(self) -> tuple[Tensor, Tensor]:
@@ -145,6 +152,7 @@ class CurvatureScores:
         h: float,
         method: str,
         dtype: torch.dtype = torch.float32,
+        loss_fn: str | None = None,
     ) -> CurvatureScores:
         """Scores of ids 0 .. size-1 from rows made by :meth:`to_rows` (the inverse).
 
@@ -154,6 +162,7 @@ class CurvatureScores:
             size: N, the number of rows of the result.
             h, method: the scorer's step and method.
             dtype: the float fields' dtype.
+            loss_fn: the qualified name of the loss function (CurvatureScores.loss_fn).
         Returns:
             CurvatureScores of ``size`` rows on the CPU; NaN and n_probes 0 for ids not in ids.
         """
@@ -162,7 +171,7 @@ class CurvatureScores:
                 f"values must have shape (R, {len(SCORE_FIELDS) + 1}) with R = {ids.shape[0]} "
                 f"(SCORE_FIELDS then n_probes), got {tuple(values.shape)}"
             )
-        result = cls.empty(h, method, dtype=dtype, size=size)
+        result = cls.empty(h, method, dtype=dtype, size=size, loss_fn=loss_fn)
         for i, name in enumerate(SCORE_FIELDS):
             getattr(result, name)[ids] = values[:, i].to(dtype)
         result.n_probes[ids] = values[:, -1].long()
@@ -170,7 +179,7 @@ class CurvatureScores:
 
     @classmethod
     def cat(cls, parts: Sequence[CurvatureScores]) -> CurvatureScores:
-        """The rows of ``parts`` one after the other (all from the same h and method).
+        """The rows of ``parts`` one after the other (all from the same h, method and loss_fn).
 
         Curvature maps (all parts have one, or none has) of different lengths T are padded on
         the right with NaN to the longest: those positions do not exist in the shorter parts.
@@ -184,11 +193,22 @@ class CurvatureScores:
                     "cannot concatenate scores of different h or method: "
                     f"(h={first.h}, {first.method}) and (h={p.h}, {p.method})"
                 )
+            if p.loss_fn != first.loss_fn:
+                raise ValueError(
+                    "cannot concatenate scores of different loss functions: "
+                    f"{first.loss_fn!r} and {p.loss_fn!r}"
+                )
         tensors = {
             name: torch.cat([getattr(p, name) for p in parts])
             for name in (*SCORE_FIELDS, "ids", "n_probes")
         }
-        return cls(**tensors, h=first.h, method=first.method, curvature_map=_cat_maps(parts))
+        return cls(
+            **tensors,
+            h=first.h,
+            method=first.method,
+            curvature_map=_cat_maps(parts),
+            loss_fn=first.loss_fn,
+        )
 
 
 # The (B,) float fields: the fields declared as Tensor, other than ids and n_probes. Derived from
@@ -198,6 +218,17 @@ SCORE_FIELDS = tuple(
     for f in dataclasses.fields(CurvatureScores)
     if f.type == "Tensor" and f.name not in ("ids", "n_probes")
 )
+
+
+def qualified_name(fn) -> str:
+    """``module.qualname`` of a function, a bound method or a callable object (its class), the
+    way a tracker file records the loss function; a functools.partial is named for the function
+    it wraps. Two lambdas of one module share a name: a tracker cannot tell them apart."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    if not hasattr(fn, "__qualname__"):  # a callable object, e.g. nn.CrossEntropyLoss()
+        fn = type(fn)
+    return f"{getattr(fn, '__module__', None) or '?'}.{fn.__qualname__}"
 
 
 def _cat_maps(parts: Sequence[CurvatureScores]) -> Tensor | None:

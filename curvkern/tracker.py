@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -16,8 +17,10 @@ from torch import Tensor
 from . import io
 from .baselines import BASELINES
 from .dataset import score_dataset, scorer_setting
+from .diagnostics import _outside_caller_level
 from .distributed import is_main_process
-from .scores import SCORE_FIELDS, CurvatureScores
+from .metrics import TopK, topk
+from .scores import SCORE_FIELDS, CurvatureScores, qualified_name
 
 __all__ = ["CurvatureTracker"]
 
@@ -122,18 +125,33 @@ class CurvatureTracker:
     With ``path`` set the state is saved after every epoch, crash-safe (each file written to a
     temporary name, synced, then renamed; NumPy .npz, never pickles; see curvkern.io), and a
     tracker constructed on an existing file resumes from it exactly. The file must have been
-    written by a scorer with the same settings and the same ``keep_history``.
+    written by a scorer with the same settings and the same ``keep_history``. The file also
+    records what made its scores: the loss function's qualified name, and where given the model
+    factory and a fingerprint of the data; a tracker with other ones refuses it, naming the
+    field (a file of an older curvkern, which did not record them, loads with a warning).
+
+    Several processes may write one path (see "Several writers" in docs/guide.md): each save
+    holds a lock on ``<path>.lock``; with keep_history=True it merges its epochs with those
+    other writers saved (the file ends with the union; an epoch both recorded keeps the later
+    save's), with keep_history=False a save that finds the file changed by another writer
+    raises TrackerConflictError and saves nothing (running sums cannot take another writer's
+    epochs): score into separate files and merge them (curvkern.merge_trackers).
 
     Args:
         scorer: the CurvatureScorer (or any scorer with its ``score`` signature) to apply.
         num_samples: N, the number of samples (ids 0 .. N-1).
         path: optional file to save to and resume from (e.g. "curvature.npz").
         keep_history: keep every epoch's scores (True) or only running statistics (False).
+        model_factory: what made the model (the command line gives MODULE:FACTORY), recorded
+            in the file and checked when resuming; None: not recorded or checked.
+        data_fingerprint: curvkern.data.fingerprint of the data, recorded in the file and
+            checked when resuming; None: not recorded or checked.
 
     Attributes:
         epochs: the recorded epochs, ascending.
         history: (E, N) curvature per recorded epoch (keep_history=True only).
-        mean: (N,) curvature averaged over the recorded epochs (NaN where never scored).
+        mean: (N,) curvature averaged over the recorded epochs (NaN where never scored; rank
+            with ``top(k)``, which puts never-scored ids last).
     """
 
     def __init__(
@@ -143,6 +161,8 @@ class CurvatureTracker:
         path: str | os.PathLike | None = None,
         *,
         keep_history: bool = True,
+        model_factory: str | None = None,
+        data_fingerprint: dict | None = None,
     ) -> None:
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 0:
             raise ValueError(f"num_samples must be a non-negative int, got {num_samples!r}")
@@ -150,6 +170,7 @@ class CurvatureTracker:
             raise TypeError(f"keep_history must be a bool, got {keep_history!r}")
         self.scorer = scorer
         settings = {k: scorer_setting(scorer, k) for k in io.SETTINGS}
+        self._origin = self._origin_of(scorer, model_factory, data_fingerprint)
         self._setup(num_samples, path, keep_history, settings, read_only=False)
 
     @classmethod
@@ -170,6 +191,7 @@ class CurvatureTracker:
         tracker.scorer = None
         keep_history = metadata.get("layout", "history") == "history"
         settings = io.settings_in(metadata)
+        tracker._origin = {k: (metadata.get("origin") or {}).get(k) for k in io.ORIGIN}
         tracker._setup(int(metadata["num_samples"]), path, keep_history, settings, read_only=True)
         return tracker
 
@@ -187,8 +209,18 @@ class CurvatureTracker:
         self._folded = None if keep_history else _Running(SCORE_FIELDS, num_samples)
         self._folded_epochs: list[int] = []
         self._last: tuple[int, dict[str, Tensor]] | None = None
+        self._unscored_counts_warned: set[int] = set()
+        # Which version of the file this tracker last read or wrote, so that a save sees what
+        # other writers did since: keep_history=False its save_id, keep_history=True the
+        # identity of each epoch's file.
+        self._disk_id: str | None = None
+        self._file_ids: dict[int, tuple[int, int, int]] = {}
         if self.path is not None and self.path.exists():
-            self._load(self.path)
+            if read_only:  # no lock file: a read-only folder must stay readable
+                self._load(self.path)
+            else:
+                with io.locked(self.path):
+                    self._load(self.path)
 
     # -- recording --------------------------------------------------------------------------
 
@@ -229,6 +261,7 @@ class CurvatureTracker:
         _check_epoch(epoch)
         values = self._checked_values(scores)
         self._check_order(epoch)
+        self._warn_unscored(epoch, values["curvature"])
         if any(v.dtype == torch.float64 for v in values.values()):
             self._dtype = torch.float64
         if self.keep_history:
@@ -241,6 +274,26 @@ class CurvatureTracker:
             self._last = (epoch, values)
         if self.path is not None and is_main_process():
             self.save()
+
+    def _warn_unscored(self, epoch: int, curvature: Tensor) -> None:
+        """Warns when an epoch leaves ids without a curvature, once per distinct count: a
+        loader over part of the data (a Subset, a random_split part, drop_last) does so at every
+        epoch, and one warning says it; a change in the count is news and warns again."""
+        missing = int((~torch.isfinite(curvature)).sum())
+        if missing == 0 or missing in self._unscored_counts_warned:
+            return
+        self._unscored_counts_warned.add(missing)
+        first = int((~torch.isfinite(curvature)).nonzero()[0])
+        warnings.warn(
+            f"epoch {epoch} left {missing} of {self.num_samples} ids without a curvature (NaN; "
+            f"the first is id {first}): the loader did not yield them (a Subset, a random_split "
+            "part, drop_last=True) or their scores were refused with a SampleWarning. Means "
+            "skip them and tracker.top(k) ranks them last; torch's mean.topk(k) would rank "
+            "NaN first. Score every id to average all of them (this warning repeats only when "
+            "the count changes).",
+            UserWarning,
+            stacklevel=_outside_caller_level(),
+        )
 
     def _check_writable(self) -> None:
         if self._read_only:
@@ -292,6 +345,7 @@ class CurvatureTracker:
                     f"scores were made with n_probes = {int(outside[0])}, this tracker's scorer "
                     f"gives {expected}; scores of different settings do not average"
                 )
+        self._check_loss_of(scores)
         values = {}
         for name in SCORE_FIELDS:
             v = getattr(scores, name).detach().cpu()
@@ -352,6 +406,20 @@ class CurvatureTracker:
     def mean(self) -> Tensor:
         return self.field_mean("curvature")
 
+    def top(self, k: int, field: str = "curvature") -> TopK:
+        """The k ids of highest mean ``field`` (one of SCORE_FIELDS), highest first.
+
+        Ids never scored (NaN mean: outside the loader's Subset, random_split part or
+        drop_last remainder) rank after every scored id and are never returned, unlike
+        ``tracker.mean.topk(k)``, where torch ranks NaN first.
+
+        Returns:
+            ``(values, indices)``: (k,) means and the ids they belong to.
+        Raises:
+            ValueError: k outside [0, the number of scored ids].
+        """
+        return topk(self.field_mean(field), k)
+
     def baselines(self) -> dict[str, Tensor]:
         """The training-dynamics scores of every sample, from the recorded epochs (each one
         defined in curvkern.baselines.BASELINES).
@@ -384,31 +452,118 @@ class CurvatureTracker:
         """
         if self.path is None:
             raise ValueError("this tracker has no path to save to; construct it with path=...")
-        metadata = io.tracker_metadata(
-            self.num_samples, self.keep_history, self._settings, self._dtype
-        )
-        if self.keep_history:
-            new = {e: self._epochs[e] for e in self._unsaved}
-            io.write_history(self.path, metadata, self.epochs, new)
-            self._unsaved.clear()
-        else:
-            last = None if self._last is None else self._last[1]
-            io.write_running(self.path, metadata, self.epochs, self._folded.arrays(), last)
+        with io.locked(self.path):
+            if self.keep_history:
+                self._save_history()
+            else:
+                self._save_running()
 
     def _load(self, path: Path) -> None:
         stored = io.read_tracker(
             path, self.num_samples, self.keep_history, None if self._read_only else self._settings
         )
         self._dtype = stored.dtype
+        if not self._read_only:
+            metadata = io.read_metadata(path)
+            unchecked = io.check_origin(path, metadata, self._origin, what="this tracker")
+            io.warn_unchecked(path, unchecked, stacklevel=5)
+            self._disk_id = metadata.get("save_id") or io.save_id(path)
         if self.keep_history:
             self._epochs.update(stored.history)
             if stored.format == 1:  # rewritten as the current format at the next save
                 self._unsaved = set(stored.epochs)
+            else:
+                folder = io.epochs_folder(path)
+                for e in stored.epochs:
+                    self._file_ids[e] = io.file_identity(folder / io.epoch_file_name(e))
         else:
             self._folded = _Running.from_arrays(SCORE_FIELDS, self.num_samples, stored.state)
             if stored.epochs:
                 self._folded_epochs = stored.epochs[:-1]
                 self._last = (stored.epochs[-1], stored.last)
+
+    # -- what made the scores, and other writers -------------------------------------------
+
+    @staticmethod
+    def _origin_of(scorer, model_factory, data_fingerprint) -> dict:
+        """The file's ``origin`` record of this tracker (see curvkern.io.ORIGIN)."""
+        if model_factory is not None and not isinstance(model_factory, str):
+            raise TypeError(f"model_factory must be a str or None, got {model_factory!r}")
+        if data_fingerprint is not None and not isinstance(data_fingerprint, dict):
+            raise TypeError(
+                "data_fingerprint must be a dict from curvkern.data.fingerprint or None, got "
+                f"{type(data_fingerprint).__name__}"
+            )
+        loss_fn = scorer_setting(scorer, "loss_fn")
+        return {
+            "loss_fn": None if loss_fn is None else qualified_name(loss_fn),
+            "model": model_factory,
+            "data": data_fingerprint,
+        }
+
+    def _check_loss_of(self, scores: CurvatureScores) -> None:
+        """Scores made with another loss function are refused (scores built by hand, without
+        a loss_fn name, cannot be checked)."""
+        want, have = self._origin.get("loss_fn"), getattr(scores, "loss_fn", None)
+        if want is not None and have is not None and have != want:
+            raise ValueError(
+                f"scores were made with loss_fn {have}, this tracker's scorer has loss_fn "
+                f"{want}; scores of different losses do not average"
+            )
+
+    def _save_history(self) -> None:
+        """Under the lock: takes in the epochs other writers saved since this tracker last
+        looked, then writes this tracker's new epochs and the index of the union."""
+        self._take_other_writers_epochs()
+        metadata = io.tracker_metadata(
+            self.num_samples, True, self._settings, self._dtype, self._origin
+        )
+        new = {e: self._epochs[e] for e in self._unsaved}
+        io.write_history(self.path, metadata, self.epochs, new)
+        folder = io.epochs_folder(self.path)
+        for e in new:
+            self._file_ids[e] = io.file_identity(folder / io.epoch_file_name(e))
+        self._unsaved.clear()
+
+    def _take_other_writers_epochs(self) -> None:
+        if not self.path.exists():
+            return
+        metadata, arrays = io.read_arrays(self.path)
+        fmt = io.check_index(self.path, metadata, self.num_samples, True, self._settings)
+        io.check_origin(self.path, metadata, self._origin, what="this tracker")
+        if fmt == 1:  # not yet rewritten: every epoch of it was read when this tracker opened it
+            return
+        folder = io.epochs_folder(self.path)
+        for e in arrays["epochs"].tolist():
+            if e in self._unsaved:  # recorded again here: this save's replaces it
+                continue
+            identity = io.file_identity(folder / io.epoch_file_name(e))
+            if e in self._epochs and self._file_ids.get(e) == identity:
+                continue
+            values = io.read_epoch(self.path, e, self.num_samples)
+            self._epochs[e] = values
+            self._file_ids[e] = identity
+            if any(v.dtype == torch.float64 for v in values.values()):
+                self._dtype = torch.float64
+
+    def _save_running(self) -> None:
+        """Under the lock: refuses if another writer saved since this tracker last read or
+        wrote the file, then writes it with a new save_id."""
+        if io.save_id(self.path) != self._disk_id:
+            epoch = "" if self._last is None else f" (epoch {self._last[0]} was not saved)"
+            raise io.TrackerConflictError(
+                f"another writer has saved {self.path} since this tracker read it{epoch}: with "
+                "keep_history=False running statistics cannot take another writer's epochs; "
+                "score each job into its own file with keep_history=True and merge them with "
+                "curvkern.merge_trackers (or `curvkern merge`)"
+            )
+        metadata = io.tracker_metadata(
+            self.num_samples, False, self._settings, self._dtype, self._origin
+        )
+        metadata["save_id"] = io.new_save_id()
+        last = None if self._last is None else self._last[1]
+        io.write_running(self.path, metadata, self.epochs, self._folded.arrays(), last)
+        self._disk_id = metadata["save_id"]
 
 
 def _check_epoch(epoch) -> None:

@@ -30,7 +30,7 @@ from plots import markdown_table, mean_sd, write_csv
 from scores import compared
 
 from curvkern import CurvatureScores, CurvatureTracker
-from curvkern.metrics import auroc
+from curvkern.metrics import auroc, topk
 from curvkern.text import TokenScorer
 
 CATEGORIES = ["computers", "definitions", "zippy", "love"]
@@ -145,7 +145,7 @@ def run(data: dict[str, list[str]], args: argparse.Namespace, seed: int) -> dict
         "texts": texts, "truth": truth, "noisy": noisy, "flipped": flipped, "columns": columns,
         "names": names, "vocab_size": vocab_size, "scored": len(tracker.epochs),
         "auroc": {key: auroc(torch.from_numpy(v), flipped) for key, v in columns.items()},
-        "top": {key: int(flipped[torch.from_numpy(v).topk(top).indices].sum())
+        "top": {key: int(flipped[topk(v, top).indices].sum())
                 for key, v in columns.items()},
     }  # fmt: skip
 

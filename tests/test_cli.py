@@ -160,7 +160,25 @@ ERRORS = {
     "data the model cannot take": (["--data", "wide.npz"], "cannot take x of shape (5,)"),
     "labels past the model's classes": (["--data", "many_labels.npz"], "labels up to 7"),
     "zero probes": (["--n-probes", "0"], "--n-probes must be at least 1, got 0"),
-    "negative h": (["--h", "-1"], "--h must be positive"),
+    "negative h": (["--h", "-1"], "--h must be a positive finite number, got -1.0"),
+    "infinite h": (["--h", "inf"], "--h must be a positive finite number, got inf"),
+    "h below x's resolution": (["--h", "1e-12"], "--h: h = 1e-12 is below the floating-point"),
+    "NaN in the data": (["--data", "nan.npz"], "--data: x in nan.npz has non-finite values"),
+    "truncated data file": (["--data", "cut.npz"], "cut.npz (1,000 bytes) is not a complete"),
+    "negative workers": (["--workers", "-1"], "--workers must be at least 0"),
+    "factory calls sys.exit": (
+        ["--model", "odd_models:exits"],
+        "calling odd_models:exits() called sys.exit(3) instead of returning an nn.Module",
+    ),
+    "module calls sys.exit": (
+        ["--model", "exiting_models:f"],
+        "importing 'exiting_models' called sys.exit('no GPU here')",
+    ),
+    "output without class scores": (
+        ["--model", "odd_models:as_dict"],
+        "--model: the model from odd_models:as_dict returned a dict, and the command line "
+        "scores the cross entropy of (N, C) class scores",
+    ),
     "unknown method": (["--method", "exact"], "argument --method: invalid choice: 'exact'"),
     "unknown device": (["--device", "tpu"], "--device: cannot use 'tpu'"),
     "out written with other settings": (["--out", "other.npz"], "written by a scorer with other"),
@@ -183,7 +201,47 @@ ERRORS = {
 }
 
 
+ODD_MODELS = textwrap.dedent(
+    """
+    import sys
+
+    from torch import nn
+
+
+    class WithAux(nn.Sequential):
+        def forward(self, x):
+            logits = super().forward(x)
+            return logits, logits.sum()
+
+
+    class AsDict(nn.Sequential):
+        def forward(self, x):
+            return {"scores": super().forward(x)}
+
+
+    def with_aux():
+        return WithAux(nn.Flatten(), nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+    def as_dict():
+        return AsDict(nn.Flatten(), nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+    def exits():
+        sys.exit(3)
+    """
+)
+
+
 def _error_setup(workdir):
+    _write("odd_models.py", ODD_MODELS)
+    _write("exiting_models.py", "import sys\nsys.exit('no GPU here')\n")
+    for name in ("odd_models", "exiting_models"):
+        sys.modules.pop(name, None)
+    x = np.random.default_rng(0).random((N, 1, 4, 4), dtype=np.float32)
+    x[5, 0, 1, 2] = np.nan
+    np.savez("nan.npz", x=x, y=np.zeros(N, np.int64))
+    Path("cut.npz").write_bytes(Path("data.npz").read_bytes()[:1000])
     _write("broken_models.py", "raise RuntimeError('boom')\n")
     _write("broken_factory.py", "def f():\n    raise ValueError('no weights here')\n")
     torch.save(_model().state_dict(), "ckpt/final.pt")
@@ -215,6 +273,40 @@ def test_errors_are_one_line_with_status_2(workdir, capsys, case):
     assert code == 2
     assert len(lines) == 1 and lines[0].startswith("curvkern: error: "), captured.err
     assert phrase in lines[0], lines[0]
+
+
+def test_a_model_returning_logits_and_more_is_scored_on_its_logits(workdir, capsys):
+    _error_setup(workdir)
+    assert _score(out="plain.npz") == 0
+    assert _score("--model", "odd_models:with_aux", out="aux.npz") == 0, capsys.readouterr().err
+    plain, aux = CurvatureTracker.load("plain.npz"), CurvatureTracker.load("aux.npz")
+    torch.testing.assert_close(aux.history, plain.history, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_unreadable_image_is_named(tmp_path, monkeypatch, capsys, workers):
+    Image = pytest.importorskip("PIL.Image")
+    pytest.importorskip("torchvision")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    sys.modules.pop("user_models", None)
+    _write("user_models.py", "from torch import nn\n\ndef rgb():\n    return nn.Sequential("
+           "nn.Flatten(), nn.Linear(48, 3))\n")  # fmt: skip
+    torch.manual_seed(0)
+    torch.save(nn.Sequential(nn.Flatten(), nn.Linear(48, 3)).state_dict(), "epoch_1.pt")
+    pixels = np.random.default_rng(0).integers(0, 255, (4, 4, 3), dtype=np.uint8)
+    for c in ("cat", "dog"):
+        (tmp_path / "images" / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(pixels).save(tmp_path / "images" / c / f"{i}.png")
+    _write("images/dog/2.png", "not a picture")  # the last: after the fit check's samples
+    code = main(
+        ["score", "--model", "user_models:rgb", "--checkpoints", "epoch_*.pt", "--data", "images"]
+        + ["--out", "s.npz", "--device", "cpu", "--batch-size", "2", "--workers", str(workers)]
+    )
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, lines
+    assert "--data: cannot read the image images/dog/2.png (UnidentifiedImageError" in lines[0]
 
 
 def test_errors_from_the_console_entry_point(workdir):

@@ -2,6 +2,7 @@
 
 import re
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -163,6 +164,52 @@ def test_one_id_twice_with_other_scores_is_refused(data):
         score_dataset(scorer, indexed_loader(twice, batch_size=4), progress=False),
         score_dataset(scorer, indexed_loader(data), progress=False),
     )
+
+
+def test_near_copies_sharing_ids_are_refused_and_copies_warned_about(data):
+    from torch.utils.data import ConcatDataset
+
+    x, y = data.dataset.tensors
+    x = x.float()
+    data = IndexedDataset(TensorDataset(x, y))
+    scorer = CurvatureScorer(smooth_classifier(dtype=torch.float32), n_probes=2)
+    plain = score_dataset(scorer, indexed_loader(data), progress=False)
+    # A near copy scores within the rounding tolerance of the score check (that is how the two
+    # parts were merged into one row per pair, leaving the other N rows NaN without a word) ...
+    near = x + 1e-6 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    copy = scorer.score(near, y, torch.arange(N))
+    assert (copy.loss - plain.loss).abs().max() <= 1e-4 * plain.loss.abs().max()
+    # ... but its inputs differ: refused, naming the cause and the fix.
+    parts = ConcatDataset([data, IndexedDataset(TensorDataset(near, y))])
+    with pytest.raises(
+        ValueError,
+        match=rf"id 0 arrived twice with different inputs .*{N} ids in all.*"
+        r"IndexedDataset\(ConcatDataset",
+    ):
+        score_dataset(scorer, indexed_loader(parts, batch_size=7), progress=False)
+    relabeled = ConcatDataset([data, IndexedDataset(TensorDataset(x, (y + 1) % 4))])
+    with pytest.raises(ValueError, match="arrived twice with different"):
+        score_dataset(scorer, indexed_loader(relabeled), progress=False)
+    # An exact copy cannot be told apart by its values, but leaves the N rows of the
+    # concatenation's second half NaN: warned about.
+    doubled = ConcatDataset([data, data])
+    with pytest.warns(UserWarning, match=rf"{N} rows repeated an id .* {N} of the {2 * N} ids"):
+        result = score_dataset(scorer, indexed_loader(doubled), progress=False)
+    assert torch.isnan(result.curvature[N:]).all()
+    # Repeats that leave no id out (a sampler's padding), and ids left out without repeats (a
+    # Subset), are no such sign.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        score_dataset(scorer, indexed_loader(Subset(data, [*range(N), 0, 5])), progress=False)
+        score_dataset(scorer, indexed_loader(Subset(data, [3, 4, 9])), progress=False)
+    # The same sample in batches of other padded lengths (a token model's rows) is not compared
+    # by its inputs: tensors of another row size.
+    from curvkern.dataset import _different_inputs, _fingerprint
+
+    short = _fingerprint(torch.tensor([[5, 6, 0]]), torch.tensor([1]), 1)
+    long = _fingerprint(torch.tensor([[5, 6, 0, 0, 0]]), torch.tensor([1]), 1)
+    assert not _different_inputs(short, long).any()
+    assert _different_inputs(short, _fingerprint(torch.tensor([[5, 7, 0]]), torch.tensor([1]), 1))
 
 
 def test_batch_forms(data):

@@ -51,9 +51,10 @@ def _lightning_module(features=6, classes=3):
     return pl, Module()
 
 
-def _fit_lightning(pl, module, callback, x, y, epochs):
+def _fit_lightning(pl, module, callback, x, y, epochs, **trainer_kwargs):
     trainer = pl.Trainer(
         max_epochs=epochs,
+        **trainer_kwargs,
         accelerator="cpu",
         devices=1,
         logger=False,
@@ -64,6 +65,7 @@ def _fit_lightning(pl, module, callback, x, y, epochs):
     )
     loader = DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True)
     trainer.fit(module, loader)
+    return trainer
 
 
 def test_lightning_callback_last_epoch_equals_the_final_model(tmp_path):
@@ -86,6 +88,45 @@ def test_lightning_callback_last_epoch_equals_the_final_model(tmp_path):
     saved = CurvatureTracker.load(path)
     assert saved.epochs == [0, 1, 2]
     torch.testing.assert_close(saved.mean, callback.tracker.mean.to(saved.mean.dtype))
+
+
+def test_lightning_callback_scores_the_float32_module_in_bf16_mixed_training():
+    from curvkern.integrations.lightning import CurvatureCallback
+
+    torch.manual_seed(0)
+    x, y = _classification_data()
+    x = x.float()
+    pl, module = _lightning_module()
+    module.float()
+    callback = CurvatureCallback(TensorDataset(x, y), batch_size=48, n_probes=N_PROBES)
+    trainer = _fit_lightning(pl, module, callback, x, y, epochs=2, precision="bf16-mixed")
+    assert trainer.precision == "bf16-mixed"
+    # Lightning trains under autocast and calls the epoch-end hooks outside it, so the tracked
+    # epoch is the float32 module's: the same numbers as scoring it directly, batch for batch.
+    direct = CurvatureScorer(module, n_probes=N_PROBES).score(x, y, torch.arange(len(x)))
+    torch.testing.assert_close(callback.tracker.history[-1], direct.curvature, rtol=0, atol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = module(x)
+    assert out.dtype == torch.bfloat16  # what scoring inside training's autocast would see
+
+
+def test_lightning_callback_on_a_random_split_part_ranks_its_own_ids(recwarn):
+    from torch.utils.data import random_split
+
+    from curvkern.integrations.lightning import CurvatureCallback
+
+    torch.manual_seed(2)
+    x, y = _classification_data()
+    pl, module = _lightning_module()
+    part, _ = random_split(TensorDataset(x, y), [16, 32], torch.Generator().manual_seed(0))
+    callback = CurvatureCallback(part, batch_size=8, n_probes=2)
+    _fit_lightning(pl, module, callback, x, y, epochs=3)
+    # ids are the full data set's indices: 32 of the 48 rows are never scored, said once
+    unscored = [w for w in recwarn if "without a curvature" in str(w.message)]
+    assert len(unscored) == 1 and "left 32 of 48 ids" in str(unscored[0].message)
+    top = callback.tracker.top(10).indices
+    assert set(top.tolist()) <= set(part.indices)
+    assert torch.isnan(callback.tracker.mean[callback.tracker.mean.topk(10).indices]).all()
 
 
 def test_lightning_callback_every_n_epochs_and_no_history():
@@ -116,7 +157,7 @@ def test_lightning_callback_rejects_bad_arguments():
 # -- Hugging Face ------------------------------------------------------------------------------
 
 
-def _trainer(model, train_set, callback, output_dir, epochs=2):
+def _trainer(model, train_set, callback, output_dir, epochs=2, **training_args):
     transformers = pytest.importorskip("transformers")
 
     def collate(items):
@@ -141,6 +182,7 @@ def _trainer(model, train_set, callback, output_dir, epochs=2):
         logging_strategy="no",
         disable_tqdm=True,
         seed=0,
+        **training_args,
     )
     return transformers.Trainer(
         model=model,
@@ -199,6 +241,27 @@ def test_huggingface_callback_last_epoch_equals_the_final_model(tmp_path):
     assert torch.isfinite(callback.tracker.baselines()["aum"]).all()
 
 
+def test_huggingface_callback_scores_the_float32_model_in_bf16_training(tmp_path):
+    from curvkern.integrations.huggingface import CurvatureCallback, collate
+
+    items = _token_items()
+    model = _bert().float()
+    callback = CurvatureCallback(items, batch_size=12, n_probes=N_PROBES)
+    _trainer(model, items, callback, tmp_path, bf16=True).train()
+    # accelerate trained through an autocast wrapper of model.forward, and left it in place
+    assert model.__dict__["forward"] is not model.__dict__["_original_forward"]
+    with torch.no_grad():
+        x, y, ids, inputs = collate([(item, 0, i) for i, item in enumerate(items)])
+        assert model(x, **inputs).logits.dtype == torch.float32  # converted back to float32
+    # The same weights in a plain float32 model: the tracked epoch is its curvature, batch for
+    # batch the same computation (through the wrapper it was 7% off for a BERT, median).
+    plain = type(model)(model.config)
+    plain.load_state_dict(model.state_dict())
+    direct = TokenScorer(plain, n_probes=N_PROBES).score(x, y, ids, **inputs)
+    torch.testing.assert_close(callback.tracker.history[-1], direct.curvature, rtol=0, atol=0)
+    assert callback.tracker.epochs == [0, 1]
+
+
 def test_huggingface_callback_causal_lm_needs_a_sequence_loss(tmp_path):
     transformers = pytest.importorskip("transformers")
     from curvkern.integrations.huggingface import CurvatureCallback, collate
@@ -248,6 +311,85 @@ def test_huggingface_callback_image_items(tmp_path):
         pixels, labels, torch.arange(6)
     )
     torch.testing.assert_close(callback.tracker.history[-1], direct.curvature, **EQUAL)
+
+
+def _seq2seq(kind):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if kind == "t5":
+        config = transformers.T5Config(
+            vocab_size=40, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+            decoder_start_token_id=0, pad_token_id=0, dropout_rate=0.0,
+        )  # fmt: skip
+        return transformers.T5ForConditionalGeneration(config).double()
+    config = transformers.BartConfig(
+        vocab_size=40, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
+        max_position_embeddings=32, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+        decoder_start_token_id=2, dropout=0.0,
+    )  # fmt: skip
+    return transformers.BartForConditionalGeneration(config).double()
+
+
+@pytest.mark.parametrize("kind", ["t5", "bart"])
+def test_huggingface_callback_scores_encoder_decoder_models(kind):
+    transformers = pytest.importorskip("transformers")
+    from curvkern.integrations.huggingface import CurvatureCallback
+
+    model = _seq2seq(kind)
+    # targets of their own lengths (not the inputs'), padded with -100 by the callback
+    items = [
+        {"input_ids": i["input_ids"], "labels": i["input_ids"][: 2 + n % 3][::-1]}
+        for n, i in enumerate(_token_items(n=6))
+    ]
+    callback = CurvatureCallback(items, batch_size=4, n_probes=2)
+    callback.on_epoch_end(None, transformers.TrainerState(epoch=1.0), None, model=model)
+    tracked = callback.tracker.history[-1]
+    assert torch.isfinite(tracked).all() and (tracked > 0).all()
+    # The loss the callback scored is the model's own teacher-forced loss, item by item.
+    model.eval()
+    with torch.no_grad():
+        own = [
+            model(
+                input_ids=torch.tensor([i["input_ids"]]), labels=torch.tensor([i["labels"]])
+            ).loss.item()
+            for i in items
+        ]
+    torch.testing.assert_close(
+        callback.tracker.field_history("loss")[-1], torch.tensor(own, dtype=torch.float64)
+    )
+    # sequence_cross_entropy's causal shift would compare each logit with the next label
+    shifted = CurvatureCallback(items, batch_size=4, n_probes=2, loss_fn=sequence_cross_entropy)
+    with pytest.raises(ValueError, match="encoder-decoder model.*shift=False"):
+        shifted.on_epoch_end(None, transformers.TrainerState(epoch=1.0), None, model=model)
+
+
+def test_huggingface_callback_refuses_unclear_items_with_one_sentence():
+    transformers = pytest.importorskip("transformers")
+    from curvkern.integrations.huggingface import CurvatureCallback
+
+    def epoch_end(items, model, **kwargs):
+        callback = CurvatureCallback(items, batch_size=4, n_probes=2, **kwargs)
+        callback.on_epoch_end(None, transformers.TrainerState(epoch=1.0), None, model=model)
+
+    items, bert = _token_items(n=4), _bert()
+    with pytest.raises(TypeError, match=r"column 'text' holds str values.*remove_columns"):
+        epoch_end([dict(i, text="a review") for i in items], bert)
+    # a class label stored as a list of one
+    with pytest.raises(ValueError, match=r"labels of shape \(1,\) but 4 input_ids.*not \[3\]"):
+        epoch_end([dict(i, labels=[i["labels"]]) for i in items], bert)
+    with pytest.raises(ValueError, match=r"labels of shape \(1,\) but 4 input_ids"):
+        epoch_end([dict(i, labels=[i["labels"]]) for i in items], bert, loss_fn=lambda o, y: y)
+    config = transformers.ViTConfig(
+        image_size=8, patch_size=4, num_channels=1, hidden_size=16, num_hidden_layers=1,
+        num_attention_heads=2, intermediate_size=32, num_labels=3,
+    )  # fmt: skip
+    vit = transformers.ViTForImageClassification(config).double()
+    pixels = torch.randn(4, 1, 8, 8, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"labels of shape \(1,\).*label=3, not \[3\]"):
+        epoch_end([{"pixel_values": p, "labels": [1]} for p in pixels], vit)
+    with pytest.raises(ValueError, match="encoder-decoder model.*needs input_ids"):
+        epoch_end([{"pixel_values": p, "labels": [1]} for p in pixels], _seq2seq("t5"))
 
 
 def test_huggingface_callback_rejects_items_it_cannot_score():

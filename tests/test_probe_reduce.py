@@ -75,9 +75,10 @@ def _small_spread(n, batch, dim, spread, seed=0):
 
 
 def test_float32_keeps_a_small_spread(device):
-    # Issue 15.1: ||dg_k|| varying by 2e-4 relative between probes. The standard error comes from
-    # S2 - S1^2 / n with S2 ~ n c^2 and n var(c) ~ n (2e-4 c)^2: float32 sums (relative rounding
-    # 6e-8 of S2) would lose it entirely; float64 loses 2^-53 / 4e-8 ~ 3e-9 of it.
+    # A spread seen on real models: ||dg_k|| varying by 2e-4 relative between probes. The
+    # standard error comes from S2 - S1^2 / n with S2 ~ n c^2 and n var(c) ~ n (2e-4 c)^2:
+    # float32 sums (relative rounding 6e-8 of S2) would lose it entirely; float64 loses
+    # 2^-53 / 4e-8 ~ 3e-9 of it.
     n, batch, dim, h = 16, 4, 3072, 1e-3
     g0, g = _small_spread(n, batch, dim, 2e-4)
     g0_32, g_32 = g0.float().to(device), g.float().to(device)

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -72,7 +73,8 @@ def test_tracker_mean_ignores_unscored_epochs_per_sample(data):
     scorer = CurvatureScorer(smooth_classifier(), n_probes=2)
     tracker = CurvatureTracker(scorer, N)
     full = tracker.score_epoch(indexed_loader(data), 0, progress=False)
-    tracker.score_epoch(indexed_loader(Subset(data, [1, 2])), 1, progress=False)
+    with pytest.warns(UserWarning, match="without a curvature"):
+        tracker.score_epoch(indexed_loader(Subset(data, [1, 2])), 1, progress=False)
     # samples scored only at epoch 0 keep their epoch-0 curvature as their mean
     torch.testing.assert_close(tracker.mean[5:], full.curvature[5:])
     assert tracker.history.shape == (2, N) and torch.isnan(tracker.history[1, 5:]).all()
@@ -196,6 +198,43 @@ def test_saved_file_permissions_follow_the_umask(data, tmp_path, keep_history):
     assert path.stat().st_mode & 0o777 == 0o644
     if keep_history:
         assert (epochs_folder(path) / epoch_file_name(0)).stat().st_mode & 0o777 == 0o644
+
+
+def test_never_scored_ids_rank_last_and_warn_once_per_count(data):
+    tracker = CurvatureTracker(CurvatureScorer(smooth_classifier(), n_probes=2), N)
+    part = Subset(data, list(range(6, 16)))  # 10 of the N = 23 ids, as a random_split part
+    with pytest.warns(UserWarning, match=f"epoch 0 left 13 of {N} ids without a curvature") as w:
+        scores = tracker.score_epoch(indexed_loader(part), 0, progress=False)
+    assert sum("without a curvature" in str(m.message) for m in w) == 1
+    assert w[0].filename == __file__  # points at the caller's line
+    # the same count at the next epochs: no second warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tracker.score_epoch(indexed_loader(part), 1, progress=False)
+        tracker.record(2, scores)
+    # torch ranks NaN first: the idiom the docs used to show gave only never-scored ids
+    assert set(tracker.mean.topk(5).indices.tolist()) <= set(range(6)) | set(range(16, N))
+    top = tracker.top(10)
+    assert sorted(top.indices.tolist()) == list(range(6, 16))
+    order = torch.argsort(tracker.mean[6:16], descending=True) + 6
+    assert top.indices.tolist() == order.tolist()
+    torch.testing.assert_close(top.values, tracker.mean[top.indices].double())
+    assert tracker.top(3, "loss").indices.tolist() == (
+        (torch.argsort(tracker.field_mean("loss")[6:16], descending=True) + 6)[:3].tolist()
+    )
+    with pytest.raises(ValueError, match=r"k must lie in \[0, 10\]"):
+        tracker.top(11)
+    # another count is news: warned again; a full epoch is not warned about
+    with pytest.warns(UserWarning, match=f"epoch 3 left {N - 2} of {N} ids"):
+        tracker.score_epoch(indexed_loader(Subset(data, [1, 2])), 3, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tracker.score_epoch(indexed_loader(data), 4, progress=False)
+    # drop_last leaves the remainder of the last batch unscored (N = 23, batches of 5)
+    dropped = CurvatureTracker(CurvatureScorer(smooth_classifier(), n_probes=2), N)
+    with pytest.warns(UserWarning, match=f"epoch 0 left 3 of {N} ids"):
+        dropped.score_epoch(indexed_loader(data, drop_last=True), 0, progress=False)
+    assert not set(dropped.top(20).indices.tolist()) & {20, 21, 22}
 
 
 # --- keep_history=False, load --------------------------------------------------------
