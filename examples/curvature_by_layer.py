@@ -75,9 +75,9 @@ class Sizes:
 # CNNs, the costliest to score, are scored less often and with fewer probes.
 SIZES = {
     "digits-mlp": Sizes(subset=None, epochs=30, every=2, lr=3e-3, batch_size=64, probes=4),
-    "digits-cnn": Sizes(subset=None, epochs=30, every=3, lr=3e-3, batch_size=64, probes=4),
+    "digits-cnn": Sizes(subset=None, epochs=60, every=3, lr=3e-3, batch_size=64, probes=4),
     "fashion-mlp": Sizes(subset=2000, epochs=30, every=3, lr=1e-3, batch_size=64, probes=4),
-    "fashion-cnn": Sizes(subset=1000, epochs=20, every=4, lr=1e-3, batch_size=64, probes=2),
+    "fashion-cnn": Sizes(subset=1000, epochs=50, every=5, lr=2e-3, batch_size=64, probes=2),
     "canaries": Sizes(subset=500, epochs=12, every=2, lr=3e-3, batch_size=32, probes=4,
                       blocks=4, canaries=8),
 }  # fmt: skip
@@ -347,7 +347,8 @@ def plot(path: str, results: dict, title: str) -> None:
         ax.axhline(0.5, color="gray", lw=0.8, ls=":")
         ax.set_xticks(depth, layers, rotation=30, ha="right", fontsize=7)
         ax.set_ylim(0, 1.02)
-        ax.set_title(setting, fontsize=9)
+        task = "inserted vs held-out canaries" if setting == "canaries" else "flipped labels"
+        ax.set_title(f"{setting}: {task}", fontsize=9)
         ax.set_ylabel("AUROC", fontsize=8)
         ax.legend(fontsize=6, loc="lower left")
     fig.suptitle(title, fontsize=9)
