@@ -89,7 +89,6 @@ QUICK = {
     "canaries": Sizes(subset=100, epochs=4, every=2, lr=3e-3, batch_size=32, probes=2,
                       blocks=2, canaries=3),
 }  # fmt: skip
-REPEATS = (1, 4, 16)  # how often each group of canaries is inserted
 
 
 def image_layers(arch: str) -> list[tuple[str, str | None]]:
@@ -143,6 +142,10 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
         "--data-root", metavar="DIR",
         help="a folder with Fashion-MNIST's four gzipped IDX files (default: Debian's "
         "dataset-fashion-mnist, see examples/data.py)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--download", action="store_true",
+        help="download Fashion-MNIST with torchvision if it is not found (needs internet)",
     )  # fmt: skip
     parser.add_argument(
         "--fortunes", metavar="DIR", default=None,
@@ -200,7 +203,7 @@ def flipped_labels_run(data, arch: str, sizes: Sizes, args, seed: int) -> dict[s
                 model, at=at, method=args.method, h=args.h, n_probes=sizes.probes, seed=seed
             ),
             len(data),
-        )  # fmt: skip
+        )
         for name, at in image_layers(arch)
     }
     for epoch in range(1, sizes.epochs + 1):
@@ -270,7 +273,7 @@ def canary_run(texts: list[str], sizes: Sizes, args, seed: int) -> dict[tuple[in
                 seed=seed,
             ),
             len(scored),
-        )  # fmt: skip
+        )
         for name, at in layers
     }
     loader = [
@@ -297,7 +300,7 @@ def canary_run(texts: list[str], sizes: Sizes, args, seed: int) -> dict[tuple[in
           file=sys.stderr)  # fmt: skip
     return {
         (r, name): auroc(s[(role == r) | held].double(), (role == r)[(role == r) | held])
-        for r in REPEATS
+        for r in ce.REPEATS
         for name, s in scores.items()
     }
 
@@ -313,7 +316,7 @@ def load_setting_data(parser, args, settings: list[str], explicit: bool):
             if setting.startswith("digits") and "digits" not in data:
                 data["digits"] = load_digits()
             elif setting.startswith("fashion") and "fashion" not in data:
-                data["fashion"] = load_fashion_mnist(args.data_root)
+                data["fashion"] = load_fashion_mnist(args.data_root, args.download)
             elif setting == "canaries":
                 import transformers  # noqa: F401
                 from canary_exposure import CATEGORIES
