@@ -193,12 +193,16 @@ def test_curvature_by_layer(examples, tmp_path):
     cnn = {layer for _, layer in aurocs["digits-cnn"]}
     assert cnn == {"input", "conv 1", "conv 2", "hidden", "logits", "loss, mean"}
     # 500 digits, 50 labels flipped, 15 epochs, scored 5 times: seed 0 gives 0.823, 0.840, 0.863,
-    # 0.823 at the input, after each hidden layer and at the logits (seeds 0-2: 0.82-0.89), and
-    # 0.998 for the mean loss. The quick CNN (300 digits, 6 epochs) memorizes none of its
-    # flipped labels yet: its curvature is near chance, its run checked for form only.
+    # 0.823 at the input, after each hidden layer and at the logits (seeds 0-2: 0.82-0.91), and
+    # 0.998 for the mean loss (seeds 0-2: 0.994-0.998). The quick CNN (300 digits, 6 epochs)
+    # has memorized 0-3% of its flipped labels (seeds 0-2): its curvature is near chance, its
+    # run is checked for form only.
     assert min(mlp[layer] for layer in ("input", "hidden 1", "hidden 2", "logits")) > 0.7
     assert mlp["loss, mean"] > 0.9
     if canaries:
         layers = {layer for _, layer in aurocs["canaries"]}
         assert layers == {"embeddings", "block 0", "block 1", "logits", "loss, mean"}
         assert {rep for rep, _ in aurocs["canaries"]} == {1, 4, 16}
+        # Canaries inserted 16 times are told from held-out ones by their mean loss (seed 0:
+        # 1.000): the quick GPT-2 has learned them.
+        assert aurocs["canaries"][(16, "loss, mean")][0] > 0.8
