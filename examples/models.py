@@ -27,6 +27,21 @@ def mlp(in_features: int, num_classes: int, hidden: int = 256) -> nn.Module:
     )
 
 
+def cnn(
+    num_classes: int, image_size: int, channels: tuple[int, int] = (16, 32), hidden: int = 128
+) -> nn.Module:
+    """A small ReLU CNN on (N, 1, S, S) images: two blocks of a 3x3 convolution, ReLU and 2x2
+    max pooling, then a hidden fully connected layer (S must be divisible by 4)."""
+    if image_size % 4:
+        raise ValueError(f"image_size must be divisible by 4 (two 2x2 poolings), got {image_size}")
+    flat = channels[1] * (image_size // 4) ** 2
+    return nn.Sequential(
+        nn.Conv2d(1, channels[0], 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(channels[0], channels[1], 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(flat, hidden), nn.ReLU(), nn.Linear(hidden, num_classes),
+    )  # fmt: skip
+
+
 class BatchedMLP(nn.Module):
     """K independent copies of :func:`mlp` applied at once: (K, B, in) -> (K, B, classes).
 
