@@ -28,6 +28,7 @@ from torch.overrides import TorchFunctionMode
 from . import torch_ops
 from ._model_state import ieee_float32
 from .estimators import METHODS, Batch, Estimator, Objective
+from .layer import MODEL_INPUT
 
 __all__ = [
     "check_settings",
@@ -387,8 +388,10 @@ class ModelCheck:
         # model is as precise as a float32 scoring, which the scorer accepts).
         floor = max(torch.finfo(x.dtype).eps, torch.finfo(torch.float32).eps)
         watch = _Watch(floor)
+        inputs = _InputVersions(part, long)
         with watch:
             passes = self.measure(part, long, rows, state)
+        inputs.check()
         state.check()
         self.check_precision(watch.reduced, x)
         if watch.random is not None or (_python_rng_state(), _generator_states()) != rng:
@@ -454,6 +457,15 @@ class ModelCheck:
                 grad = None
                 if loss.requires_grad:
                     (grad,) = torch.autograd.grad(loss.sum(), xr, allow_unused=True)
+                tap = getattr(self.objective, "tap", None)
+                if grad is None and self.estimator.needs_gradient and tap is not None:
+                    raise RuntimeError(
+                        f"the loss does not depend, through autograd, on the activation scored "
+                        f"at {tap.where()}: the probes perturb the first floating tensor of the "
+                        f"module's output ({tap.perturbed}), and the "
+                        f"forward does not use it or cuts it (detach(), torch.no_grad). Pass as "
+                        f"at the module that computes the tensor the rest of the model uses."
+                    )
             if loss.is_floating_point():
                 eps[0] = max(eps[0], torch.finfo(loss.dtype).eps)
             losses.append(loss.detach().double())
@@ -691,6 +703,39 @@ class _State:
             f"models. Make forward leave it unchanged when scoring (e.g. update it only in "
             f"train mode), or score a copy whose update is switched off."
         )
+
+
+class _InputVersions:
+    """The version counters of the model's keyword inputs in the check's batches (the rows
+    the model sees; shared inputs are the caller's own tensors): a forward that writes into one
+    in place is named, rather than blamed as randomness when the next pass sees other values.
+    (x itself is copied before every call and may be written.)"""
+
+    def __init__(self, *batches: Batch) -> None:
+        self.watched: list[tuple[str, Tensor, int]] = []
+        self.shared: list[tuple[Tensor, Tensor]] = []  # the caller's tensors, to put back
+        seen: set[int] = set()
+        for batch in batches:
+            for name, value in itertools.chain(batch.inputs.items(), batch.shared.items()):
+                if name != MODEL_INPUT and isinstance(value, Tensor) and id(value) not in seen:
+                    seen.add(id(value))
+                    self.watched.append((name, value, value._version))
+                    if name in batch.shared:
+                        self.shared.append((value, value.detach().clone()))
+
+    def check(self) -> None:
+        for name, value, version in self.watched:
+            if value._version != version:
+                with torch.no_grad():
+                    for tensor, found in self.shared:
+                        tensor.copy_(found)
+                raise RuntimeError(
+                    f"the model's forward writes into its input {name!r} in place (e.g. "
+                    f"{name}.mul_(...)): the scorer copies x before every call, but not the "
+                    f"model's other inputs, so each pass would see the values the last one left "
+                    f"(the caller's tensors are put back as found). Make forward write into a copy "
+                    f"({name} = {name} * ... rather than {name}.mul_(...))."
+                )
 
 
 def _module_of(model: Callable[..., Any]) -> nn.Module | None:
