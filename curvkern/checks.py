@@ -413,6 +413,16 @@ class ModelCheck:
                 passes = self.measure(part, long, rows)
             found = self.compare(passes, k, per, eps, part, rows)
         if found is not None:
+            attribute = state.changed_attribute()
+            if attribute is not None:
+                raise RuntimeError(
+                    f"the model's forward changed its tensor attribute {attribute!r} (a plain "
+                    f"attribute, not a registered buffer) during the check pass, and two "
+                    f"evaluations of the same rows differed: every scoring pass would see "
+                    f"another model (e.g. a call counter or a running statistic kept in "
+                    f"forward). Make forward leave it unchanged when scoring (e.g. update it "
+                    f"only in train mode), or score a copy whose update is switched off."
+                )
             raise RuntimeError(found + _per_sample_note(batch))
         self.checked.add(key)
 
@@ -656,6 +666,7 @@ class _State:
         if module is None:
             return
         self.found = {n: t.detach().clone() for n, t in module.named_buffers()}
+        self.found_attributes = _tensor_attributes(module)
         self.mark()
 
     def mark(self) -> None:
@@ -665,6 +676,29 @@ class _State:
             return
         self.buffers = {n: t.detach().clone() for n, t in module.named_buffers()}
         self.params = {n: (id(p), p._version) for n, p in module.named_parameters()}
+        self.attributes = _tensor_attributes(module)
+
+    def changed_attribute(self) -> str | None:
+        """The qualified name of a plain tensor attribute (not a registered buffer) whose values
+        changed since :meth:`mark`, after putting them back as found; None if none did.
+
+        Asked only once the check has refused: a forward may legitimately keep tensors it does
+        not read back (an activation saved for inspection), so a change alone is no refusal."""
+        if self.module is None:
+            return None
+        now = _tensor_attributes(self.module, copy=False)
+        changed = None
+        for n, before in self.attributes.items():
+            t = now.get(n)
+            if t is not None and t.shape == before.shape and not torch.equal(t.detach(), before):
+                changed = n
+                break
+        if changed is not None:
+            owners = dict(self.module.named_modules())
+            for n, found in self.found_attributes.items():
+                owner, _, attribute = n.rpartition(".")
+                setattr(owners[owner], attribute, found.clone())
+        return changed
 
     def check(self) -> None:
         """Refuses a buffer or parameter changed since :meth:`mark`, naming it, after putting
@@ -736,6 +770,18 @@ class _InputVersions:
                     f"(the caller's tensors are put back as found). Make forward write into a copy "
                     f"({name} = {name} * ... rather than {name}.mul_(...))."
                 )
+
+
+def _tensor_attributes(module: nn.Module, copy: bool = True) -> dict[str, Tensor]:
+    """The plain tensor attributes (in ``__dict__``, not parameters or buffers) of module and
+    its submodules, by qualified name (copies, unless ``copy`` is False)."""
+    found = {}
+    for prefix, m in module.named_modules():
+        for name, value in vars(m).items():
+            if isinstance(value, Tensor):
+                key = f"{prefix}.{name}" if prefix else name
+                found[key] = value.detach().clone() if copy else value
+    return found
 
 
 def _module_of(model: Callable[..., Any]) -> nn.Module | None:

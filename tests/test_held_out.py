@@ -186,7 +186,7 @@ def _input_for(case):
 
 
 @pytest.mark.parametrize("case", RANDOM)
-@pytest.mark.parametrize("method", ["fd", "zo"])
+@pytest.mark.parametrize("method", METHODS)
 def test_other_randomness_is_refused_every_time(case, method):
     x, y = _input_for(case)
     for _ in range(FRESH):
@@ -320,6 +320,59 @@ def test_state_change_through_a_partial_is_refused():
 
     with pytest.raises(RuntimeError, match=r"'ema'"):
         CurvatureScorer(functools.partial(ema), n_probes=2).score(x, y)
+
+
+class TensorAttributeCounter(nn.Module):
+    """A call counter kept in a plain tensor attribute (not a registered buffer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = smooth_classifier()
+        self.calls = torch.zeros((), dtype=torch.float64)
+
+    def forward(self, x):
+        self.calls += 1
+        return self.body(x) / (1 + 0.1 * self.calls)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_state_in_a_plain_tensor_attribute_is_named_and_put_back(method):
+    # was: refused as "random at scoring time", the counter left at 3
+    model = TensorAttributeCounter()
+    x, y = labelled_batch(8)
+    with pytest.raises(RuntimeError, match=r"changed its tensor attribute 'calls'") as e:
+        CurvatureScorer(model, method=method, n_probes=2).score(x, y)
+    assert "random" not in str(e.value)
+    assert float(model.calls) == 0
+
+
+def test_a_tensor_attribute_the_forward_only_writes_is_no_refusal():
+    # an activation saved for inspection changes every call but is never read back
+    class Saves(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = smooth_classifier()
+            self.last = torch.zeros(())
+
+        def forward(self, x):
+            out = self.body(x)
+            self.last = out.detach()
+            return out
+
+    x, y = labelled_batch(8)
+    got = CurvatureScorer(Saves(), n_probes=2).score(x, y).curvature
+    want = CurvatureScorer(smooth_classifier(), n_probes=2).score(x, y).curvature
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_random_loss_function_is_refused(method):
+    def noisy(output, y):
+        return F.cross_entropy(output + 1e-3 * torch.randn_like(output), y, reduction="none")
+
+    x, y = labelled_batch(8)
+    with pytest.raises(RuntimeError, match=r"random at scoring time.*torch\.randn_like drew"):
+        CurvatureScorer(smooth_classifier(), noisy, method=method, n_probes=2).score(x, y)
 
 
 # --- in-place writes into the inputs --------------------------------------------------------
@@ -526,6 +579,46 @@ def test_dict_layer_whose_first_tensor_is_unused():
     with pytest.warns(UserWarning, match=r"differences exactly zero.*does not change with x"):
         s = CurvatureScorer(Net(), method="zo", n_probes=2, at="heads").score(x, y)
     assert (s.curvature == 0).all()
+
+
+class LstmClassifier(nn.Module):
+    """Classifies by the LSTM's final hidden state, not its output sequence."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lstm = nn.LSTM(6, 8, batch_first=True).double()
+        self.head = nn.Linear(8, 4).double()
+
+    def forward(self, x):
+        _, (hidden, _) = self.lstm(x)
+        return self.head(hidden[-1])
+
+
+def test_lstm_tapped_where_its_output_sequence_is_unused():
+    x = torch.randn(6, 5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(6) % 4
+    for method in ("fd", "hvp"):
+        with pytest.raises(RuntimeError, match=r"at='lstm'.*entry 0 of a tuple"):
+            CurvatureScorer(LstmClassifier(), method=method, n_probes=2, at="lstm").score(x, y)
+    with pytest.warns(UserWarning, match=r"differences exactly zero"):
+        CurvatureScorer(LstmClassifier(), method="zo", n_probes=2, at="lstm").score(x, y)
+
+
+def test_probe_mask_at_a_layer_is_in_the_activation_shape():
+    x, y = labelled_batch(8)
+    scorer = CurvatureScorer(smooth_classifier(), n_probes=2, at="2")
+    x_shaped = torch.ones(8, 6, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"probe_mask must have shape .*\(8, 16\).*got \(8, 6\)"):
+        scorer.score(x, y, probe_mask=x_shaped)
+    mask = torch.ones(8, 16, dtype=torch.bool)
+    mask[2] = False
+    with pytest.warns(SampleWarning, match=r"id 2\) have an all-zero"):
+        s = scorer.score(x, y, probe_mask=mask)
+    assert int(s.n_probes[2]) == 0 and math.isnan(float(s.curvature[2]))
+    full = scorer.score(x, y)
+    keep = torch.arange(8) != 2
+    torch.testing.assert_close(s.curvature[keep], full.curvature[keep], rtol=1e-12, atol=0)
 
 
 def test_resnet_layer_followed_by_in_place_residual_and_relu():
