@@ -912,3 +912,78 @@ def test_cli_refuses_a_shuffled_copy_of_the_data(tmp_path, monkeypatch, capsys):
     assert "holds scores of other data" in capsys.readouterr().err
     assert main(["report", "scores.npz", "--data", "shuffled.npz", "--out", "r.html"]) == 2
     assert "holds scores of other data" in capsys.readouterr().err
+
+
+def test_all_zero_mask_with_adaptive_probes_and_per_position():
+    x, y = labelled_batch(6)
+    mask = torch.ones(6, 6, dtype=torch.bool)
+    mask[4] = False
+    scorer = CurvatureScorer(smooth_classifier(), n_probes=2, rtol=0.05, max_probes=8)
+    with pytest.warns(SampleWarning, match=r"id 4\) have an all-zero"):
+        s = scorer.score(x, y, probe_mask=mask)
+    assert int(s.n_probes[4]) == 0 and math.isnan(float(s.curvature[4]))
+    assert torch.isfinite(s.curvature[torch.arange(6) != 4]).all()
+    ids = torch.randint(1, 30, (3, 5), generator=torch.Generator().manual_seed(0))
+    probe_mask = torch.ones_like(ids, dtype=torch.bool)
+    probe_mask[1] = False
+    with pytest.warns(SampleWarning, match=r"id 1\)"):
+        s = TokenScorer(tiny_bert(), n_probes=2).score(
+            ids, torch.tensor([0, 1, 2]), probe_mask=probe_mask, per_position=True
+        )
+    assert s.curvature_map[1].isnan().all() and torch.isfinite(s.curvature_map[[0, 2]]).all()
+
+
+def test_bart_with_scaled_embeddings_matches_scoring_its_embeddings():
+    # BART with scale_embedding=True scales inside its embedding module: the token scorer
+    # perturbs the scaled vectors, which the model also takes as inputs_embeds
+    transformers = pytest.importorskip("transformers")
+    from curvkern.losses import sequence_cross_entropy
+
+    config = transformers.BartConfig(
+        vocab_size=32, d_model=8, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=16, decoder_ffn_dim=16,
+        max_position_embeddings=16, scale_embedding=True,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    bart = transformers.BartForConditionalGeneration(config).double().eval()
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 32, (3, 6), generator=gen)
+    attention = torch.ones_like(ids)
+    attention[2, 4:] = 0
+    labels = torch.randint(3, 32, (3, 4), generator=gen)
+    got = TokenScorer(bart, sequence_cross_entropy, n_probes=2).score(
+        ids, labels, attention_mask=attention, labels=labels
+    )
+    embeds = bart.model.encoder.embed_tokens(ids).detach()
+
+    def on_embeddings(e, attention_mask, labels):
+        return bart(inputs_embeds=e, attention_mask=attention_mask, labels=labels)
+
+    want = CurvatureScorer(on_embeddings, sequence_cross_entropy, n_probes=2).score(
+        embeds, labels, attention_mask=attention, labels=labels, probe_mask=attention.bool()
+    )
+    torch.testing.assert_close(got.curvature, want.curvature, rtol=1e-9, atol=0)
+
+
+def test_huggingface_callback_scores_the_float32_vit_under_accelerate_bf16():
+    accelerate = pytest.importorskip("accelerate")
+    transformers = pytest.importorskip("transformers")
+    from curvkern.integrations.huggingface import CurvatureCallback
+
+    x, y = images(4)
+    items = [{"pixel_values": p, "label": int(c)} for p, c in zip(x, y, strict=True)]
+    accelerate.state.AcceleratorState._reset_state(True)
+    try:
+        accelerator = accelerate.Accelerator(mixed_precision="bf16", cpu=True)
+        prepared = accelerator.prepare(tiny_vit(torch.float32))
+    finally:
+        accelerate.state.AcceleratorState._reset_state(True)
+    with pytest.raises(RuntimeError, match=r"computes in torch\.bfloat16"):
+        CurvatureScorer(prepared, _logits_ce, input_key="pixel_values", n_probes=2).score(x, y)
+    callback = CurvatureCallback(items, batch_size=4, n_probes=2)
+    callback.on_epoch_end(None, transformers.TrainerState(epoch=1.0), None, model=prepared)
+    plain = tiny_vit(torch.float32)
+    want = CurvatureScorer(plain, _logits_ce, input_key="pixel_values", n_probes=2).score(
+        x, y, torch.arange(4)
+    )
+    torch.testing.assert_close(callback.tracker.history[-1], want.curvature, rtol=0, atol=0)
