@@ -740,35 +740,34 @@ class _State:
 
 
 class _InputVersions:
-    """The version counters of the model's keyword inputs in the check's batches (the rows
-    the model sees; shared inputs are the caller's own tensors): a forward that writes into one
-    in place is named, rather than blamed as randomness when the next pass sees other values.
-    (x itself is copied before every call and may be written.)"""
+    """The model's keyword inputs in the check's batches (the rows the model sees; shared
+    inputs are the caller's own tensors), as found: a forward that writes other values into
+    one in place is named, rather than blamed as randomness when the next pass sees other
+    values. (x itself is copied before every call and may be written.)"""
 
     def __init__(self, *batches: Batch) -> None:
-        self.watched: list[tuple[str, Tensor, int]] = []
-        self.shared: list[tuple[Tensor, Tensor]] = []  # the caller's tensors, to put back
+        self.watched: list[tuple[str, Tensor, int, Tensor, bool]] = []
         seen: set[int] = set()
         for batch in batches:
             for name, value in itertools.chain(batch.inputs.items(), batch.shared.items()):
                 if name != MODEL_INPUT and isinstance(value, Tensor) and id(value) not in seen:
                     seen.add(id(value))
-                    self.watched.append((name, value, value._version))
-                    if name in batch.shared:
-                        self.shared.append((value, value.detach().clone()))
+                    found = value.detach().clone()
+                    self.watched.append((name, value, value._version, found, name in batch.shared))
 
     def check(self) -> None:
-        for name, value, version in self.watched:
-            if value._version != version:
-                with torch.no_grad():
-                    for tensor, found in self.shared:
-                        tensor.copy_(found)
+        for name, value, version, found, _ in self.watched:
+            if value._version != version and not torch.equal(value.detach(), found):
+                with torch.no_grad():  # the caller's tensors put back as found
+                    for _, tensor, _, before, shared in self.watched:
+                        if shared:
+                            tensor.copy_(before)
                 raise RuntimeError(
                     f"the model's forward writes into its input {name!r} in place (e.g. "
                     f"{name}.mul_(...)): the scorer copies x before every call, but not the "
                     f"model's other inputs, so each pass would see the values the last one left "
-                    f"(the caller's tensors are put back as found). Make forward write into a copy "
-                    f"({name} = {name} * ... rather than {name}.mul_(...))."
+                    f"(the caller's tensors are put back as found). Make forward write into a "
+                    f"copy ({name} = {name} * ... rather than {name}.mul_(...))."
                 )
 
 

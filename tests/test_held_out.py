@@ -455,6 +455,23 @@ def test_in_place_write_into_a_shared_keyword_is_named_and_put_back(method):
     assert torch.equal(scale, torch.ones(6, dtype=torch.float64))
 
 
+def test_an_in_place_op_that_leaves_a_keyword_input_as_it_was_is_no_refusal():
+    class Clamps(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = smooth_classifier()
+
+        def forward(self, x, weight):
+            return self.body(x * weight.clamp_(0, 1))  # a 0/1 weight: the same values
+
+    x, y = labelled_batch(6)
+    weight = (torch.arange(36).view(6, 6) % 3 > 0).double()
+    got = CurvatureScorer(Clamps(), n_probes=2).score(x, y, weight=weight).curvature
+    body = smooth_classifier()
+    want = CurvatureScorer(lambda v, weight: body(v * weight), n_probes=2)
+    torch.testing.assert_close(got, want.score(x, y, weight=weight).curvature, rtol=0, atol=0)
+
+
 # --- all-zero probe masks -------------------------------------------------------------------
 
 
