@@ -28,6 +28,7 @@ from torch.overrides import TorchFunctionMode
 from . import torch_ops
 from ._model_state import ieee_float32
 from .estimators import METHODS, Batch, Estimator, Objective
+from .layer import MODEL_INPUT
 
 __all__ = [
     "check_settings",
@@ -392,8 +393,10 @@ class ModelCheck:
         # model is as precise as a float32 scoring, which the scorer accepts).
         floor = max(torch.finfo(x.dtype).eps, torch.finfo(torch.float32).eps)
         watch = _Watch(floor)
+        inputs = _InputVersions(part, long)
         with watch:
             passes = self.measure(part, long, rows, state)
+        inputs.check()
         state.check()
         self.check_precision(watch.reduced, x)
         if watch.random is not None or (_python_rng_state(), _generator_states()) != rng:
@@ -415,6 +418,16 @@ class ModelCheck:
                 passes = self.measure(part, long, rows)
             found = self.compare(passes, k, per, eps, part, rows)
         if found is not None:
+            attribute = state.changed_attribute()
+            if attribute is not None:
+                raise RuntimeError(
+                    f"the model's forward changed its tensor attribute {attribute!r} (a plain "
+                    f"attribute, not a registered buffer) during the check pass, and two "
+                    f"evaluations of the same rows differed: every scoring pass would see "
+                    f"another model (e.g. a call counter or a running statistic kept in "
+                    f"forward). Make forward leave it unchanged when scoring (e.g. update it "
+                    f"only in train mode), or score a copy whose update is switched off."
+                )
             raise RuntimeError(found + _per_sample_note(batch))
         self.checked.add(key)
 
@@ -459,6 +472,15 @@ class ModelCheck:
                 grad = None
                 if loss.requires_grad:
                     (grad,) = torch.autograd.grad(loss.sum(), xr, allow_unused=True)
+                tap = getattr(self.objective, "tap", None)
+                if grad is None and self.estimator.needs_gradient and tap is not None:
+                    raise RuntimeError(
+                        f"the loss does not depend, through autograd, on the activation scored "
+                        f"at {tap.where()}: the probes perturb the first floating tensor of the "
+                        f"module's output ({tap.perturbed}), and the "
+                        f"forward does not use it or cuts it (detach(), torch.no_grad). Pass as "
+                        f"at the module that computes the tensor the rest of the model uses."
+                    )
             if loss.is_floating_point():
                 eps[0] = max(eps[0], torch.finfo(loss.dtype).eps)
             losses.append(loss.detach().double())
@@ -650,6 +672,7 @@ class _State:
         if module is None:
             return
         self.found = {n: t.detach().clone() for n, t in module.named_buffers()}
+        self.found_attributes = _tensor_attributes(module)
         self.mark()
 
     def mark(self) -> None:
@@ -659,6 +682,29 @@ class _State:
             return
         self.buffers = {n: t.detach().clone() for n, t in module.named_buffers()}
         self.params = {n: (id(p), p._version) for n, p in module.named_parameters()}
+        self.attributes = _tensor_attributes(module)
+
+    def changed_attribute(self) -> str | None:
+        """The qualified name of a plain tensor attribute (not a registered buffer) whose values
+        changed since :meth:`mark`, after putting them back as found; None if none did.
+
+        Asked only once the check has refused: a forward may legitimately keep tensors it does
+        not read back (an activation saved for inspection), so a change alone is no refusal."""
+        if self.module is None:
+            return None
+        now = _tensor_attributes(self.module, copy=False)
+        changed = None
+        for n, before in self.attributes.items():
+            t = now.get(n)
+            if t is not None and t.shape == before.shape and not torch.equal(t.detach(), before):
+                changed = n
+                break
+        if changed is not None:
+            owners = dict(self.module.named_modules())
+            for n, found in self.found_attributes.items():
+                owner, _, attribute = n.rpartition(".")
+                setattr(owners[owner], attribute, found.clone())
+        return changed
 
     def check(self) -> None:
         """Refuses a buffer or parameter changed since :meth:`mark`, naming it, after putting
@@ -697,6 +743,50 @@ class _State:
             f"models. Make forward leave it unchanged when scoring (e.g. update it only in "
             f"train mode), or score a copy whose update is switched off."
         )
+
+
+class _InputVersions:
+    """The model's keyword inputs in the check's batches (the rows the model sees; shared
+    inputs are the caller's own tensors), as found: a forward that writes other values into
+    one in place is named, rather than blamed as randomness when the next pass sees other
+    values. (x itself is copied before every call and may be written.)"""
+
+    def __init__(self, *batches: Batch) -> None:
+        self.watched: list[tuple[str, Tensor, int, Tensor, bool]] = []
+        seen: set[int] = set()
+        for batch in batches:
+            for name, value in itertools.chain(batch.inputs.items(), batch.shared.items()):
+                if name != MODEL_INPUT and isinstance(value, Tensor) and id(value) not in seen:
+                    seen.add(id(value))
+                    found = value.detach().clone()
+                    self.watched.append((name, value, value._version, found, name in batch.shared))
+
+    def check(self) -> None:
+        for name, value, version, found, _ in self.watched:
+            if value._version != version and not torch.equal(value.detach(), found):
+                with torch.no_grad():  # the caller's tensors put back as found
+                    for _, tensor, _, before, shared in self.watched:
+                        if shared:
+                            tensor.copy_(before)
+                raise RuntimeError(
+                    f"the model's forward writes into its input {name!r} in place (e.g. "
+                    f"{name}.mul_(...)): the scorer copies x before every call, but not the "
+                    f"model's other inputs, so each pass would see the values the last one left "
+                    f"(the caller's tensors are put back as found). Make forward write into a "
+                    f"copy ({name} = {name} * ... rather than {name}.mul_(...))."
+                )
+
+
+def _tensor_attributes(module: nn.Module, copy: bool = True) -> dict[str, Tensor]:
+    """The plain tensor attributes (in ``__dict__``, not parameters or buffers) of module and
+    its submodules, by qualified name (copies, unless ``copy`` is False)."""
+    found = {}
+    for prefix, m in module.named_modules():
+        for name, value in vars(m).items():
+            if isinstance(value, Tensor):
+                key = f"{prefix}.{name}" if prefix else name
+                found[key] = value.detach().clone() if copy else value
+    return found
 
 
 def _module_of(model: Callable[..., Any]) -> nn.Module | None:

@@ -153,6 +153,7 @@ class LayerTap:
         # calls a capture pass saw (curvkern.text: the call on input_ids); else at_call's.
         self.choose: Callable[[list[Call], Tensor], int] | None = None
         self.index = 0 if at_call is None else at_call
+        self.perturbed = "its output"  # which entry of the output is perturbed (capture sets it)
 
     def where(self) -> str:
         call = "" if self.at_call is None else f", call {self.at_call}"
@@ -221,6 +222,10 @@ class LayerTap:
                 f"module that returns token ids)"
             )
         a = found[1]
+        # What is perturbed, for errors: which entry of a tuple or mapping output.
+        self.perturbed = (
+            "its output" if found[0] is None else f"entry {found[0]!r} of {_describe(output)}"
+        )
         if a.dim() < 1 or a.shape[0] != x.shape[0]:
             raise ValueError(
                 f"the activation of {self.where()} has shape {tuple(a.shape)}, whose first "
