@@ -136,6 +136,12 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
     parser.add_argument("--samples", type=int, default=None, help="samples scored per model")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
+    parser.add_argument(
+        "--only",
+        default=None,
+        metavar="TEXT",
+        help="run only the models whose name contains TEXT (e.g. Fashion, ResNet)",
+    )
     args = parser.parse_args(argv)
     quick = args.quick
     samples = args.samples or (32 if quick else 512)
@@ -173,6 +179,8 @@ def main(argv=None) -> list[dict]:
         )  # fmt: skip
     except ImportError:
         print("ResNet-18: torchvision is not installed; skipped")
+    if args.only is not None:
+        setups = [setup for setup in setups if args.only in setup[0]]
     rows = []
     for name, model, xx, yy, train, epochs in setups:
         count = min(samples, len(xx)) if "ResNet" not in name or quick else min(samples, 256)

@@ -157,6 +157,7 @@ class CurvatureScorer:
             model = model.module
         self.model = model
         self.loss_fn: LossFn = losses.cross_entropy if loss_fn is None else loss_fn
+        self._loss_name = qualified_name(self.loss_fn)  # what tracker files record
         self.input_key = input_key
         self.h = float(h)
         self.n_probes = int(n_probes)
@@ -244,7 +245,7 @@ class CurvatureScorer:
         out_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         if x.shape[0] == 0:
             empty = CurvatureScores.empty(
-                self.h, self.method, out_dtype, x.device, loss_fn=qualified_name(self.loss_fn)
+                self.h, self.method, out_dtype, x.device, loss_fn=self._loss_name
             )
             if per_position:
                 empty.curvature_map = x.new_zeros((0, x.shape[1]), dtype=out_dtype)
@@ -528,7 +529,7 @@ class CurvatureScorer:
             h=self.h,
             method=self.method,
             curvature_map=None if cmap is None else cmap.to(dtype),
-            loss_fn=qualified_name(self.loss_fn),
+            loss_fn=self._loss_name,
         )
 
 

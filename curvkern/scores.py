@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import math
 from collections.abc import Sequence
 
@@ -221,14 +222,41 @@ SCORE_FIELDS = tuple(
 
 
 def qualified_name(fn) -> str:
-    """``module.qualname`` of a function, a bound method or a callable object (its class), the
-    way a tracker file records the loss function; a functools.partial is named for the function
-    it wraps. Two lambdas of one module share a name: a tracker cannot tell them apart."""
-    while isinstance(fn, functools.partial):
-        fn = fn.func
-    if not hasattr(fn, "__qualname__"):  # a callable object, e.g. nn.CrossEntropyLoss()
-        fn = type(fn)
-    return f"{getattr(fn, '__module__', None) or '?'}.{fn.__qualname__}"
+    """How a tracker file names the loss function: ``module.qualname`` of a function or bound
+    method; a functools.partial as its function with its arguments; a callable object (e.g.
+    nn.CrossEntropyLoss(label_smoothing=0.1)) as its class with its settings (plain attributes,
+    and a short hash of each tensor it holds), so that the same loss with other arguments has
+    another name. Two lambdas of one module share a name: a tracker cannot tell them apart."""
+    if isinstance(fn, functools.partial):
+        arguments = [_setting_text(a) for a in fn.args]
+        arguments += [f"{k}={_setting_text(v)}" for k, v in sorted(fn.keywords.items())]
+        return f"{qualified_name(fn.func)}({', '.join(arguments)})"
+    if hasattr(fn, "__qualname__"):  # a function, a class, a bound method
+        return f"{getattr(fn, '__module__', None) or '?'}.{fn.__qualname__}"
+    kind = type(fn)
+    name = f"{getattr(kind, '__module__', None) or '?'}.{kind.__qualname__}"
+    settings = {
+        k: v
+        for k, v in getattr(fn, "__dict__", {}).items()
+        if not k.startswith("_") and k != "training" and not callable(v)
+    }
+    if isinstance(fn, torch.nn.Module):
+        settings.update(fn.named_buffers(recurse=False))
+        settings.update(fn.named_parameters(recurse=False))
+    if not settings:
+        return name
+    return f"{name}({', '.join(f'{k}={_setting_text(v)}' for k, v in sorted(settings.items()))})"
+
+
+def _setting_text(value) -> str:
+    """A loss setting as text: tensors by shape, dtype and a hash of their values."""
+    if isinstance(value, Tensor):
+        data = value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+        digest = hashlib.sha256(data).hexdigest()[:12]
+        return f"tensor({tuple(value.shape)}, {value.dtype}, sha256:{digest})"
+    if callable(value):
+        return qualified_name(value)
+    return repr(value)
 
 
 def _cat_maps(parts: Sequence[CurvatureScores]) -> Tensor | None:

@@ -944,13 +944,6 @@ def test_metrics_leave_unscored_samples_out():
     assert metrics.topk(s, 4).indices.tolist() == [3, 2, 5, 0]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a tracker tells loss functions apart by qualified name only "
-    "(curvkern.scores.qualified_name): functools.partial(F.cross_entropy, label_smoothing=0.2) "
-    "and an nn.CrossEntropyLoss(label_smoothing=0.2) are named as the plain ones, and their "
-    "scores are averaged with theirs without a word",
-)
 @pytest.mark.parametrize("kind", ["partial", "module"])
 def test_record_refuses_the_same_loss_with_other_arguments(kind):
     if kind == "partial":
