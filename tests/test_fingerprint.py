@@ -2,6 +2,7 @@
 it with the model factory and a fingerprint of the data, and record(), resuming, `curvkern score`
 and `curvkern report --data` refuse what does not match, naming the field."""
 
+import functools
 import json
 
 import numpy as np
@@ -47,7 +48,14 @@ def test_scores_carry_the_name_of_their_loss():
     scorer = CurvatureScorer(model, _abs_loss, n_probes=2)
     assert scorer.score(x, y).loss_fn == f"{__name__}._abs_loss"
     assert score_dataset(scorer, _loader(), progress=False).loss_fn == f"{__name__}._abs_loss"
-    assert qualified_name(nn.CrossEntropyLoss()) == "torch.nn.modules.loss.CrossEntropyLoss"
+    # A loss object is named with its settings, so other settings make another loss.
+    assert qualified_name(nn.CrossEntropyLoss()) == (
+        "torch.nn.modules.loss.CrossEntropyLoss(ignore_index=-100, label_smoothing=0.0, "
+        "reduction='mean')"
+    )
+    weighted = qualified_name(nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0])))
+    assert weighted != qualified_name(nn.CrossEntropyLoss(weight=torch.tensor([1.0, 3.0])))
+    assert qualified_name(functools.partial(_abs_loss, scale=2)) == f"{__name__}._abs_loss(scale=2)"
 
 
 def test_record_refuses_scores_of_another_loss(tmp_path):
