@@ -774,6 +774,28 @@ def _add_merge_parser(sub) -> None:
     merge.add_argument("--out", required=True, metavar="ALL.npz", help="the merged tracker file")
 
 
+def _attach_negative_numbers(argv: list[str]) -> list[str]:
+    """``--opt -1e-3`` as ``--opt=-1e-3``: argparse takes a value in scientific notation that
+    starts with '-' for an option and answers "expected one argument", where the option's own
+    check has the clear message."""
+    out, i = [], 0
+    while i < len(argv):
+        token = argv[i]
+        value = argv[i + 1] if i + 1 < len(argv) else None
+        if token.startswith("--") and "=" not in token and value and value.startswith("-"):
+            try:
+                float(value)
+            except ValueError:
+                pass
+            else:
+                out.append(f"{token}={value}")
+                i += 2
+                continue
+        out.append(token)
+        i += 1
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``curvkern`` console script; returns the exit status."""
     commands = {
@@ -784,6 +806,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "export": cmd_export,
     }
     try:
+        argv = _attach_negative_numbers(sys.argv[1:] if argv is None else list(argv))
         args = build_parser().parse_args(argv)
         if args.command == "score" and launched_distributed():
             return _score_distributed(args)

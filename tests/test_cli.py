@@ -161,6 +161,11 @@ ERRORS = {
     "labels past the model's classes": (["--data", "many_labels.npz"], "labels up to 7"),
     "zero probes": (["--n-probes", "0"], "--n-probes must be at least 1, got 0"),
     "negative h": (["--h", "-1"], "--h must be a positive finite number, got -1.0"),
+    # argparse reads "-1e-3" as an option, not a value: the CLI attaches it to --h first
+    "negative h in scientific notation": (
+        ["--h", "-1e-3"],
+        "--h must be a positive finite number, got -0.001",
+    ),
     "infinite h": (["--h", "inf"], "--h must be a positive finite number, got inf"),
     "h below x's resolution": (["--h", "1e-12"], "--h: h = 1e-12 is below the floating-point"),
     "NaN in the data": (["--data", "nan.npz"], "--data: x in nan.npz has non-finite values"),
