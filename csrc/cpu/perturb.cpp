@@ -36,7 +36,7 @@ void perturb_cpu_kernel(const scalar_t* x,   // (B, D)
                         MaskView<scalar_t> mask, uint64_t seed, int64_t n, int64_t batch,
                         int64_t dim, scalar_t h, int64_t offset) {
   cpu::for_each_sample_block<scalar_t, kMasked>(
-      mask, batch, dim, [&](int64_t b, int64_t blk, int64_t j0, int len, const scalar_t* m) {
+      mask, batch, dim, [=](int64_t b, int64_t blk, int64_t j0, int len, const scalar_t* m) {
         const scalar_t* xb = x + b * dim + j0;
         for (int64_t k = 0; k < n; ++k) {
           const ProbeWords r = probe_block(seed, 0, ids[b], offset + k, blk);

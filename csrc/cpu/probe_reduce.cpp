@@ -65,7 +65,7 @@ void row_norms_cpu(const scalar_t* g0,  // (B, D)
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t nblk = (dim + kProbeBlock - 1) / kProbeBlock;
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(dim, 1));
-  at::parallel_for(0, n * batch, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n * batch, grain, [=](int64_t begin, int64_t end) {
     alignas(64) acc_t sign[kProbeBlock];    // (128,) m * r of the block
     alignas(64) acc_t weight[kProbeBlock];  // (128,) m of the block
     // (k, b) of the row, stepped along with it: a 64-bit division per row costs as much as
