@@ -82,10 +82,10 @@ def classification_stats(output, y: Tensor) -> Tensor:
         output: the model's output at the unperturbed inputs (any form :func:`logits_of` takes).
         y: the targets of the batch, (B,).
     Returns:
-        (B, 4) float64 tensor, columns (margin, p_label, correct, el2n) as in
-        :class:`curvkern.CurvatureScores`; all NaN unless the logits have shape (B, C), C >= 2,
-        and y holds (B,) integer labels, and NaN in the rows whose label is outside [0, C)
-        (e.g. an ignore index).
+        (B, 4) float64 tensor (the transposed view of a contiguous (4, B) one), columns
+        (margin, p_label, correct, el2n) as in :class:`curvkern.CurvatureScores`; all NaN
+        unless the logits have shape (B, C), C >= 2, and y holds (B,) integer labels, and NaN
+        in the rows whose label is outside [0, C) (e.g. an ignore index).
     """
     try:
         logits = logits_of(output)
