@@ -82,10 +82,10 @@ def classification_stats(output, y: Tensor) -> Tensor:
         output: the model's output at the unperturbed inputs (any form :func:`logits_of` takes).
         y: the targets of the batch, (B,).
     Returns:
-        (B, 4) float64 tensor, columns (margin, p_label, correct, el2n) as in
-        :class:`curvkern.CurvatureScores`; all NaN unless the logits have shape (B, C), C >= 2,
-        and y holds (B,) integer labels, and NaN in the rows whose label is outside [0, C)
-        (e.g. an ignore index).
+        (B, 4) float64 tensor (the transposed view of a contiguous (4, B) one), columns
+        (margin, p_label, correct, el2n) as in :class:`curvkern.CurvatureScores`; all NaN
+        unless the logits have shape (B, C), C >= 2, and y holds (B,) integer labels, and NaN
+        in the rows whose label is outside [0, C) (e.g. an ignore index).
     """
     try:
         logits = logits_of(output)
@@ -105,23 +105,32 @@ def classification_stats(output, y: Tensor) -> Tensor:
         or y.dtype == torch.bool
     ):
         return torch.full((batch, 4), math.nan, dtype=torch.float64, device=device)
-    logits = logits.detach().double()
     classes = logits.shape[1]
+    # Classes along dim 0, (C, B): the reductions over classes then run across contiguous rows
+    # of B, which for few classes is several times faster than along rows of C (a float64
+    # softmax of (256, 10): 6 us against 40 us over dim 1). One copy makes it and converts.
+    logits = logits.detach().t().to(torch.float64, memory_format=torch.contiguous_format)
     # Every label in [0, C) (the common case) is seen from the smallest and largest alone.
     valid = None
-    if batch and not (0 <= int(y.min()) and int(y.max()) < classes):
-        valid = (y >= 0) & (y < classes)
-        y = torch.where(valid, y, 0)
-    label = y.long().unsqueeze(1)  # (B, 1)
-    own = logits.gather(1, label).squeeze(1)
-    others = logits.scatter(1, label, -math.inf).amax(1)
-    prob = torch.softmax(logits, dim=1)
-    p_label = prob.gather(1, label)  # (B, 1)
-    correct = (logits.argmax(1) == label.squeeze(1)).double()
+    if batch:
+        low, high = y.aminmax()
+        if not (0 <= int(low) and int(high) < classes):
+            valid = (y >= 0) & (y < classes)
+            y = torch.where(valid, y, 0)
+    label = y.long().unsqueeze(0)  # (1, B)
+    own = logits.gather(0, label)  # (1, B)
+    others = logits.scatter(0, label, -math.inf).amax(0, keepdim=True)
+    prob = torch.softmax(logits, dim=0)
+    p_label = prob.gather(0, label)  # (1, B)
+    # max's index is argmax's (the first largest), in a seventh of argmax's time over dim 0;
+    # likewise the square root of the sum of squares for vector_norm.
+    correct = (logits.max(0, keepdim=True).indices == label).double()
     # prob minus the one-hot label, written as one scatter (the same values as subtracting
     # one_hot, in a fraction of the small operations: this runs on every scored batch).
-    el2n = torch.linalg.vector_norm(prob.scatter(1, label, p_label - 1.0), dim=1)
-    stats = torch.stack([own - others, p_label.squeeze(1), correct, el2n], dim=1)
+    diff = prob.scatter(0, label, p_label - 1.0)
+    el2n = diff.mul_(diff).sum(0, keepdim=True).sqrt_()
+    # (4, B) built row by row (one contiguous copy each), returned as its (B, 4) transpose.
+    stats = torch.cat([own - others, p_label, correct, el2n]).t()
     if valid is None:
         return stats
     return stats.masked_fill(~valid.unsqueeze(1), math.nan)

@@ -472,35 +472,36 @@ class CurvatureScorer:
     ) -> CurvatureScores:
         # Without rtol every sample had n_probes probes: n is then a Python number, the same
         # values in fewer operations than a (B,) tensor of counts.
-        n = float(self.n_probes) if self.rtol is None else count.double().unsqueeze(1)
-        # Every (B,) field is a column of one (B, F) table: the finiteness check, the NaNs and
-        # the conversion to the output dtype are then one operation each, whatever F.
-        mean, stderr = _mean_and_stderr(sums[:, 0::2], sums[:, 1::2], n)  # (B, 2) each
+        n = float(self.n_probes) if self.rtol is None else count.double().unsqueeze(0)  # (1, B)
+        # Every (B,) field is a row of one (F, B) table: the finiteness check, the NaNs and the
+        # conversion to the output dtype are then one operation each, whatever F, and each
+        # field comes out as a contiguous row without a transposing copy.
+        probe_sums = sums.t()  # (4, B)
+        mean, stderr = _mean_and_stderr(probe_sums[0::2], probe_sums[1::2], n)  # (2, B) each
         table = torch.cat(
             [
                 # curvature, its stderr, trace, its stderr
-                torch.stack([mean, stderr], dim=2).reshape(-1, 4),
-                sums[:, 1:2] / n,
-                base.loss.unsqueeze(1),
-                base.grad_norm.unsqueeze(1),
-                base.stats,
-            ],
-            dim=1,
+                torch.stack([mean, stderr], dim=1).reshape(4, -1),
+                probe_sums[1:2] / n,
+                base.loss.unsqueeze(0),
+                base.grad_norm.unsqueeze(0),
+                base.stats.t(),
+            ]
         )
         names = _TABLE_FIELDS
-        curvature = table[:, 0]
+        curvature = table[0]
         if cmap is not None:
-            cmap = cmap / n
+            cmap = cmap / (n if isinstance(n, float) else n.t())
         # NaN by design: grad_norm without a gradient, the classification fields of other outputs.
         checked = names.index("grad_norm") + int(self._estimator.needs_gradient)
         # A finite sum means every checked value is finite (one reduction); the per-sample test
         # runs only where it is not (a finite sum's overflow to inf included).
         bad, n_bad = None, 0
-        if not math.isfinite(float(table[:, :checked].sum())):
-            bad = ~torch.isfinite(table[:, :checked]).all(dim=1)
+        if not math.isfinite(float(table[:checked].sum())):
+            bad = ~torch.isfinite(table[:checked]).all(dim=0)
             n_bad = int(bad.sum())
         if n_bad:
-            table[bad] = math.nan
+            table[:, bad] = math.nan
             if cmap is not None:
                 cmap[bad] = math.nan
             warnings.warn(
@@ -519,9 +520,8 @@ class CurvatureScorer:
         if self._estimator.takes_differences:
             self._estimator.warn_zero_differences(sums, bad, batch, base, self.h)
         self._estimator.warn_rounding(curvature, base, bad, batch, self.h)
-        count = _unmeasured(table, names, count, cmap, batch)
-        # (F, B): each field a contiguous row
-        columns = table.t().to(dtype, memory_format=torch.contiguous_format)
+        count = _unmeasured(table.t(), names, count, cmap, batch)
+        columns = table.to(dtype)  # (F, B): each field a contiguous row
         return CurvatureScores(
             **dict(zip(names, columns.unbind(0), strict=True)),
             ids=batch.ids,

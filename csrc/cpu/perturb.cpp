@@ -36,26 +36,27 @@ void perturb_cpu_kernel(const scalar_t* x,   // (B, D)
                         MaskView<scalar_t> mask, uint64_t seed, int64_t n, int64_t batch,
                         int64_t dim, scalar_t h, int64_t offset) {
   cpu::for_each_sample_block<scalar_t, kMasked>(
-      mask, batch, dim, [&](int64_t b, int64_t blk, int64_t j0, int len, const scalar_t* m) {
+      mask, batch, dim, [=](int64_t b, int64_t blk, int64_t j0, int len, const scalar_t* m) {
         const scalar_t* xb = x + b * dim + j0;
         for (int64_t k = 0; k < n; ++k) {
           const ProbeWords r = probe_block(seed, 0, ids[b], offset + k, blk);
           scalar_t* o = out + (k * batch + b) * dim + j0;
-          if (len == kProbeBlock) {
-            for (int byte = 0; byte < cpu::kBytesPerBlock; ++byte) {
-              const int j = byte * cpu::kSignsPerByte;
-              const scalar_t* sign = cpu::signs_of_byte<scalar_t>(r, byte);
-              if (kMasked) {
-                add_masked_step(xb + j, sign, h, m + j, o + j);
-              } else {
-                add_signed_step(xb + j, sign, h, o + j);
-              }
+          // Whole bytes of signs through the table, in full and partial blocks alike; the
+          // last len % 8 elements of a partial block one by one.
+          const int whole = len / cpu::kSignsPerByte;
+          for (int byte = 0; byte < whole; ++byte) {
+            const int j = byte * cpu::kSignsPerByte;
+            const scalar_t* sign = cpu::signs_of_byte<scalar_t>(r, byte);
+            if (kMasked) {
+              add_masked_step(xb + j, sign, h, m + j, o + j);
+            } else {
+              add_signed_step(xb + j, sign, h, o + j);
             }
-          } else {
-            alignas(64) scalar_t sign[kProbeBlock];  // (len,) signs of the partial block
-            cpu::block_signs(r, len, sign);
-            for (int j = 0; j < len; ++j) {
-              const scalar_t step = sign[j] * h;
+          }
+          if (whole * cpu::kSignsPerByte < len) {
+            const scalar_t* sign = cpu::signs_of_byte<scalar_t>(r, whole);
+            for (int j = whole * cpu::kSignsPerByte; j < len; ++j) {
+              const scalar_t step = sign[j - whole * cpu::kSignsPerByte] * h;
               o[j] = xb[j] + (kMasked ? step * m[j] : step);
             }
           }

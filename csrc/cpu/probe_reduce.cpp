@@ -65,11 +65,13 @@ void row_norms_cpu(const scalar_t* g0,  // (B, D)
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t nblk = (dim + kProbeBlock - 1) / kProbeBlock;
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(dim, 1));
-  at::parallel_for(0, n * batch, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n * batch, grain, [=](int64_t begin, int64_t end) {
     alignas(64) acc_t sign[kProbeBlock];    // (128,) m * r of the block
     alignas(64) acc_t weight[kProbeBlock];  // (128,) m of the block
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t k = row / batch, b = row % batch;
+    // (k, b) of the row, stepped along with it: a 64-bit division per row costs as much as
+    // the arithmetic of a 64-element row.
+    int64_t k = begin / batch, b = begin % batch;
+    for (int64_t row = begin; row < end; ++row, b = b + 1 == batch ? (++k, 0) : b + 1) {
       const scalar_t* gr = g + row * dim;
       const scalar_t* g0r = g0 + b * dim;
       double sq_sum = 0, rd_sum = 0;
@@ -84,7 +86,9 @@ void row_norms_cpu(const scalar_t* g0,  // (B, D)
         const bool per_element = kMasked && !cpu::block_in_one_run(mask, b, j0, len, &run_weight);
         if (kMasked && !per_element && run_weight == scalar_t(0)) continue;
         const ProbeWords r = probe_block(seed, 0, ids[b], offset + k, blk);
-        for (int byte = 0; byte < cpu::kBytesPerBlock; ++byte) {
+        // The bytes holding the block's len signs (a short row's block is partial).
+        const int bytes = (len + cpu::kSignsPerByte - 1) / cpu::kSignsPerByte;
+        for (int byte = 0; byte < bytes; ++byte) {
           const acc_t* eight = cpu::signs_of_byte<acc_t>(r, byte);
           std::copy(eight, eight + cpu::kSignsPerByte, sign + byte * cpu::kSignsPerByte);
         }
