@@ -434,7 +434,13 @@ class Estimator:
         raise NotImplementedError
 
     def warn_zero_differences(
-        self, sums: Tensor, bad: Tensor | None, batch: Batch, base: Base, h: float
+        self,
+        sums: Tensor,
+        bad: Tensor | None,
+        batch: Batch,
+        base: Base,
+        h: float,
+        at: str | None = None,
     ) -> None:
         """Warns about samples whose differences were exactly zero for every probe: those whose
         loss is flat at x to the model's precision (:meth:`flat_at_x`), and the others (a step
@@ -446,6 +452,7 @@ class Estimator:
             batch: the scored samples.
             base: the unperturbed pass.
             h: the step.
+            at: the name of the module whose output x is (scoring at a layer), or None.
         """
         zero = sums[:, 0] == 0
         if bad is not None:
@@ -466,6 +473,12 @@ class Estimator:
             f"training, or weights that were never loaded, also gives this). Check h against "
             f"the scale of x, and that the model's weights are the trained ones."
         )
+        if at is not None:
+            other += (
+                f" Here x is the output of the module at={at!r}: a loss that does not use "
+                f"the entry of its output that is perturbed (the first floating tensor) gives "
+                f"this too."
+            )
         for cause, rows, text in (
             ("ignored labels", ignored, _IGNORED_REASON),
             ("constant output", constant, _CONSTANT_REASON),

@@ -518,7 +518,8 @@ class CurvatureScorer:
                 stacklevel=3,
             )
         if self._estimator.takes_differences:
-            self._estimator.warn_zero_differences(sums, bad, batch, base, self.h)
+            at = None if self._layer is None else self._layer.name
+            self._estimator.warn_zero_differences(sums, bad, batch, base, self.h, at)
         self._estimator.warn_rounding(curvature, base, bad, batch, self.h)
         count = _unmeasured(table.t(), names, count, cmap, batch)
         columns = table.to(dtype)  # (F, B): each field a contiguous row
