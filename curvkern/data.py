@@ -230,6 +230,71 @@ def _image_folder(path: Path, transform: Callable | None) -> Data:
 FINGERPRINT_SAMPLES = 64
 
 
+def items_fingerprint(dataset) -> dict:
+    """A cheap fingerprint of a map-style data set's items, for the trackers of the training
+    callbacks, which see items rather than a data file: N and a SHA-256 of the items at
+    FINGERPRINT_SAMPLES ids spread evenly over 0 .. N-1 (their tensors' and arrays' dtypes,
+    shapes and bytes, numbers and strings, mapping keys in order).
+
+    The items are read twice: a data set that gives other values the second time (random
+    augmentation in ``__getitem__``) is fingerprinted by N alone, rather than refused on every
+    resume.
+
+    Returns:
+        the keys of :func:`fingerprint` ("sample_shape", "dtype" and "labels_sha256" None;
+        "x_sha256" None for a random data set).
+    """
+    n = len(dataset)
+    ids = sorted(set(np.linspace(0, n - 1, FINGERPRINT_SAMPLES).round().astype(int).tolist()))
+    ids = ids if n else []
+    digests = []
+    for _ in range(2):
+        h = hashlib.sha256()
+        for i in ids:
+            _hash_value(dataset[i], h)
+        digests.append(h.hexdigest())
+    return {
+        "num_samples": n,
+        "sample_shape": None,
+        "dtype": None,
+        "labels_sha256": None,
+        "x_sha256": digests[0] if digests[0] == digests[1] else None,
+    }
+
+
+def _hash_value(value, h) -> None:
+    """Feeds an item's content into the hash ``h``: tensors and arrays by dtype, shape and
+    bytes; mappings in key order; sequences in order; pictures by mode, size and bytes; numbers,
+    strings and bytes by value; anything else by its type's name only (its repr may hold an
+    address that changes from run to run)."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().contiguous()
+        h.update(f"tensor{tuple(value.shape)}{value.dtype}".encode())
+        h.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, np.ndarray):
+        h.update(f"array{value.shape}{value.dtype}".encode())
+        if value.dtype != object:
+            h.update(np.ascontiguousarray(value).tobytes())
+        else:
+            for v in value.ravel():
+                _hash_value(v, h)
+    elif isinstance(value, dict):
+        for key in sorted(value, key=str):
+            h.update(f"key:{key}".encode())
+            _hash_value(value[key], h)
+    elif isinstance(value, (list, tuple)):
+        h.update(f"{type(value).__name__}{len(value)}".encode())
+        for v in value:
+            _hash_value(v, h)
+    elif isinstance(value, (bool, int, float, complex, str, bytes, type(None), np.generic)):
+        h.update(f"{type(value).__name__}:{value!r}".encode())
+    elif hasattr(value, "tobytes") and hasattr(value, "mode") and hasattr(value, "size"):
+        h.update(f"picture{value.mode}{value.size}".encode())  # a PIL image
+        h.update(value.tobytes())
+    else:
+        h.update(f"object:{type(value).__qualname__}".encode())
+
+
 def fingerprint(data: Data) -> dict:
     """A cheap fingerprint of DATA, which a tracker file records so that scores of other data
     are refused: N, the sample shape and dtype (.npz) and SHA-256 hashes of all labels and of

@@ -251,7 +251,7 @@ def qualified_name(fn) -> str:
 def _setting_text(value) -> str:
     """A loss setting as text: tensors by shape, dtype and a hash of their values."""
     if isinstance(value, Tensor):
-        data = value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+        data = value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
         digest = hashlib.sha256(data).hexdigest()[:12]
         return f"tensor({tuple(value.shape)}, {value.dtype}, sha256:{digest})"
     if callable(value):

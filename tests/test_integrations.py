@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from curvkern import CurvatureScorer, CurvatureTracker
+from curvkern.data import items_fingerprint
 from curvkern.losses import sequence_cross_entropy
 from curvkern.text import TokenScorer
 
@@ -88,6 +89,41 @@ def test_lightning_callback_last_epoch_equals_the_final_model(tmp_path):
     saved = CurvatureTracker.load(path)
     assert saved.epochs == [0, 1, 2]
     torch.testing.assert_close(saved.mean, callback.tracker.mean.to(saved.mean.dtype))
+
+
+def test_lightning_callback_refuses_to_resume_a_file_of_other_data(tmp_path):
+    from curvkern.integrations.lightning import CurvatureCallback
+
+    torch.manual_seed(0)
+    x, y = _classification_data()
+    pl, module = _lightning_module()
+    path = tmp_path / "curvature.npz"
+    callback = CurvatureCallback(TensorDataset(x, y), batch_size=20, path=path, n_probes=N_PROBES)
+    _fit_lightning(pl, module, callback, x, y, epochs=1)
+    # The same data again resumes; other data of the same N is refused, naming what differs.
+    again = CurvatureCallback(TensorDataset(x, y), batch_size=20, path=path, n_probes=N_PROBES)
+    _fit_lightning(pl, module, again, x, y, epochs=2)
+    assert again.tracker.epochs == [0, 1]
+    other = CurvatureCallback(
+        TensorDataset(x.flip(0), y.flip(0)), batch_size=20, path=path, n_probes=N_PROBES
+    )
+    with pytest.raises(ValueError, match=r"x \(a fixed sample of its rows\)"):
+        _fit_lightning(pl, module, other, x, y, epochs=1)
+
+
+def test_items_fingerprint_ignores_random_augmentation():
+    class Augmented(torch.utils.data.Dataset):
+        def __len__(self):
+            return 10
+
+        def __getitem__(self, i):
+            return torch.rand(3), i % 2
+
+    stable = TensorDataset(torch.arange(30.0).reshape(10, 3), torch.arange(10) % 2)
+    assert items_fingerprint(stable)["x_sha256"] is not None
+    assert items_fingerprint(stable) == items_fingerprint(stable)
+    random = items_fingerprint(Augmented())
+    assert random["num_samples"] == 10 and random["x_sha256"] is None
 
 
 def test_lightning_callback_scores_the_float32_module_in_bf16_mixed_training():

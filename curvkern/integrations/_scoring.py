@@ -8,6 +8,7 @@ from collections.abc import Callable
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from ..data import items_fingerprint
 from ..dataset import IndexedDataset
 from ..tracker import CurvatureTracker
 
@@ -55,6 +56,7 @@ class EpochScoring:
                 f"{type(dataset).__name__}"
             ) from None
         self.dataset = IndexedDataset(dataset)
+        self.items = dataset
         self.batch_size = batch_size
         self.path = path
         self.every_n_epochs = every_n_epochs
@@ -70,7 +72,12 @@ class EpochScoring:
         """Scores the data set as ``epoch``, making the tracker (and its scorer) the first time."""
         if self.tracker is None:
             self.tracker = CurvatureTracker(
-                make_scorer(), self.dataset.num_samples, self.path, keep_history=self.keep_history
+                make_scorer(),
+                self.dataset.num_samples,
+                self.path,
+                keep_history=self.keep_history,
+                # A file resumed with other data is refused (its fingerprint is recorded).
+                data_fingerprint=items_fingerprint(self.items),
             )
         sampler = (
             DistributedSampler(self.dataset, shuffle=False)
