@@ -230,6 +230,13 @@ def _image_folder(path: Path, transform: Callable | None) -> Data:
 FINGERPRINT_SAMPLES = 64
 
 
+def _fingerprint_ids(n: int) -> list[int]:
+    """The ids a fingerprint hashes: FINGERPRINT_SAMPLES spread evenly over 0 .. n-1."""
+    if not n:
+        return []
+    return sorted(set(np.linspace(0, n - 1, FINGERPRINT_SAMPLES).round().astype(int).tolist()))
+
+
 def items_fingerprint(dataset) -> dict:
     """A cheap fingerprint of a map-style data set's items, for the trackers of the training
     callbacks, which see items rather than a data file: N and a SHA-256 of the items at
@@ -245,8 +252,7 @@ def items_fingerprint(dataset) -> dict:
         "x_sha256" None for a random data set).
     """
     n = len(dataset)
-    ids = sorted(set(np.linspace(0, n - 1, FINGERPRINT_SAMPLES).round().astype(int).tolist()))
-    ids = ids if n else []
+    ids = _fingerprint_ids(n)
     digests = []
     for _ in range(2):
         h = hashlib.sha256()
@@ -310,8 +316,7 @@ def fingerprint(data: Data) -> dict:
         (sample_shape and dtype None for an image folder).
     """
     n = len(data)
-    ids = sorted(set(np.linspace(0, n - 1, FINGERPRINT_SAMPLES).round().astype(int).tolist()))
-    ids = ids if n else []
+    ids = _fingerprint_ids(n)
     labels = hashlib.sha256(np.ascontiguousarray(data.labels, dtype="<i8").tobytes()).hexdigest()
     x = hashlib.sha256()
     if data.images is not None:
