@@ -479,6 +479,14 @@ class TableDataset(torch.utils.data.Dataset):
                 digest.update(array.tobytes())
         return shape, dtype
 
+    def picture(self, index: int):
+        """The stored image of ``index`` as a PIL image (RGB), for pictures of an image column."""
+        return _decode_image(self.table[int(index)][self.x_column])
+
+    def stored(self, ids: list[int]) -> np.ndarray:
+        """The stored arrays of ``ids`` of an array column, stacked: (len(ids), ...)."""
+        return np.stack([np.asarray(self.table[int(i)][self.x_column]) for i in ids])
+
     def __getitem__(self, index: int):
         value = self.table[int(index)][self.x_column]
         if self.image:

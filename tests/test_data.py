@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from curvkern.data import DataError, load_data
+from curvkern.data import Data, DataError, load_data
 
 DATA_ERRORS = {
     "npz without y": ("no_y.npz", "missing 'y'"),
@@ -143,3 +143,39 @@ def test_table_errors_are_one_line(tmp_path):
         load_data(tmp_path / "i.parquet")
     scaled = load_data(tmp_path / "i.parquet", transform=lambda t: t.float() / 4)
     assert torch.equal(scaled.dataset[1][0], torch.arange(4.0) / 4)
+
+
+def test_report_pictures_of_table_columns_as_of_arrays_and_files(tmp_path):
+    # The report draws a `datasets`/Parquet source's samples as it draws the same samples from
+    # an .npz (array column: the same intensity scale, the same pixels) or an image folder
+    # (image column: the same thumbnails).
+    datasets = pytest.importorskip("datasets")
+    pandas = pytest.importorskip("pandas")
+    from PIL import Image
+
+    from curvkern.report.pictures import thumbnails
+
+    gen = np.random.default_rng(2)
+    x = gen.random((9, 64)).astype(np.float32)
+    y = np.arange(9) % 3
+    pandas.DataFrame({"x": list(x), "y": y}).to_parquet(tmp_path / "t.parquet")
+    arrays = Data(None, y, ["0", "1", "2"], "t.npz", images=x)
+    ids = [0, 4, 8]
+    table_uris, small, note = thumbnails(load_data(tmp_path / "t.parquet"), ids)
+    assert (table_uris, small, note) == thumbnails(arrays, ids)
+    assert len(table_uris) == 3 and note == "8x8 grey, from 64 values"
+
+    files = []
+    for i in range(3):
+        folder = tmp_path / "folder" / f"c{i}"
+        folder.mkdir(parents=True)
+        pixels = gen.integers(0, 256, (120, 90, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / "p.png")
+        files.append(str(folder / "p.png"))
+    datasets.Dataset.from_dict(
+        {"image": files, "label": [0, 1, 2]},
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")}),
+    ).save_to_disk(str(tmp_path / "hf"))
+    table_uris, _, _ = thumbnails(load_data(tmp_path / "hf"), [0, 2])
+    folder_uris, _, _ = thumbnails(load_data(tmp_path / "folder"), [0, 2])
+    assert table_uris == folder_uris and len(table_uris) == 2

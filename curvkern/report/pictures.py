@@ -8,6 +8,8 @@ import math
 
 import numpy as np
 
+from ..data import TableDataset
+
 THUMB = 96  # longest side, pixels, of a picture from an image file
 
 
@@ -53,19 +55,31 @@ def thumbnails(data, ids: list[int]) -> tuple[dict[int, str], bool, str]:
         uris = {}
         for i in ids:
             with Image.open(data.files[i]) as image:
-                image = image.convert("RGB")
-                image.thumbnail((THUMB, THUMB), Image.Resampling.LANCZOS)
-                uris[i] = _data_uri(image, "JPEG")
+                uris[i] = _thumbnail(image.convert("RGB"))
         return uris, False, f"from the image files, at most {THUMB} px"
-    pictures, note = _picture_layout(np.asarray(data.images))
-    if pictures is None:
-        return {}, False, note
+    table = data.dataset if isinstance(data.dataset, TableDataset) else None
+    if table is not None and table.image:
+        uris = {i: _thumbnail(table.picture(i)) for i in ids}
+        return uris, False, f"from the stored images, at most {THUMB} px"
+    if table is not None:  # an array column: the pictured rows and a sample for the scale
+        spread = list(range(0, len(table), max(1, len(table) // 2000)))
+        sample, _ = _picture_layout(table.stored(spread))
+        rows, note = _picture_layout(table.stored(ids)) if ids else (None, "")
+        if rows is None:
+            return {}, False, note
+        pictures = dict(zip(ids, rows, strict=True))
+    else:
+        every, note = _picture_layout(np.asarray(data.images))
+        if every is None:
+            return {}, False, note
+        sample = every[:: max(1, len(every) // 2000)]
+        pictures = {i: every[i] for i in ids}
     # One intensity scale for the whole data set (0.5 and 99.5 percentiles), so that pictures
     # compare with each other; per-picture stretching would make a faint sample look bold.
-    sample = pictures[:: max(1, len(pictures) // 2000)].astype(np.float64)
+    sample = sample.astype(np.float64)
     low, high = np.nanpercentile(sample, [0.5, 99.5])
     scale = 255.0 / (high - low) if high > low else 1.0
-    height, width = pictures.shape[1:3]
+    height, width = sample.shape[1:3]
     small = max(height, width) <= 48
     uris = {}
     for i in ids:
@@ -74,6 +88,13 @@ def thumbnails(data, ids: list[int]) -> tuple[dict[int, str], bool, str]:
         if small:  # a few hundred bytes as PNG; the browser enlarges it pixelated
             uris[i] = _data_uri(image, "PNG")
         else:
-            image.thumbnail((THUMB, THUMB), Image.Resampling.LANCZOS)
-            uris[i] = _data_uri(image.convert("RGB"), "JPEG")
+            uris[i] = _thumbnail(image.convert("RGB"))
     return uris, small, note
+
+
+def _thumbnail(image) -> str:
+    """A JPEG data URI of an RGB picture, at most THUMB pixels on its longest side."""
+    from PIL import Image
+
+    image.thumbnail((THUMB, THUMB), Image.Resampling.LANCZOS)
+    return _data_uri(image, "JPEG")
