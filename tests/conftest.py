@@ -159,3 +159,20 @@ class Conditioned(nn.Module):
         if self.out == "object":
             return SimpleNamespace(logits=z, hidden_states=None)
         return z
+
+
+def tiny_bert(dtype=torch.float64):
+    """A one-layer BERT sequence classifier from a small random config, in eval mode: (B, T)
+    ids below 30, 3 classes."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(
+        vocab_size=30,
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=16,
+        max_position_embeddings=16,
+        num_labels=3,
+    )
+    torch.manual_seed(0)
+    return transformers.BertForSequenceClassification(config).eval().to(dtype)

@@ -18,7 +18,7 @@ from torch import nn
 from curvkern import CurvatureScorer, CurvatureTracker, SampleWarning
 from curvkern.text import TokenScorer
 
-from .conftest import labelled_batch, smooth_classifier
+from .conftest import labelled_batch, smooth_classifier, tiny_bert
 
 METHODS = ["fd", "hvp", "zo"]
 FRESH = 10  # fresh scorers per random case: a refusal that depends on luck fails
@@ -758,21 +758,6 @@ def test_at_a_layer_whose_output_is_reused_is_refused_or_right():
 
 
 # --- token models ---------------------------------------------------------------------------
-
-
-def tiny_bert(dtype=torch.float64):
-    transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(
-        vocab_size=30,
-        hidden_size=8,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=16,
-        max_position_embeddings=16,
-        num_labels=3,
-    )
-    torch.manual_seed(0)
-    return transformers.BertForSequenceClassification(config).eval().to(dtype)
 
 
 @pytest.mark.parametrize("method", ["fd", "zo"])

@@ -15,7 +15,7 @@ from torch import nn
 from curvkern import CurvatureScorer, SampleWarning
 from curvkern.checks import FD_RESOLVE
 
-from .conftest import labelled_batch, smooth_classifier
+from .conftest import labelled_batch, smooth_classifier, tiny_bert
 
 METHODS = ["fd", "hvp", "zo"]
 
@@ -381,21 +381,6 @@ def test_compiled_model_with_hvp():
     compiled = torch.compile(smooth_classifier(dtype=torch.float32))
     with pytest.raises(RuntimeError, match=r"torch.compile.*model._orig_mod.*method='fd'"):
         CurvatureScorer(compiled, method="hvp", n_probes=2).score(x, y)
-
-
-def tiny_bert():
-    transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(
-        vocab_size=30,
-        hidden_size=8,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=16,
-        max_position_embeddings=16,
-        num_labels=3,
-    )
-    torch.manual_seed(0)
-    return transformers.BertForSequenceClassification(config).double()
 
 
 def test_token_model_on_embeddings_without_input_key():
