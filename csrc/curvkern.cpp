@@ -3,6 +3,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/pass_memory.h"
+
 #ifdef CURVKERN_WITH_CUDA
 #include <cuda.h>
 #endif
@@ -60,6 +62,11 @@ TORCH_LIBRARY(curvkern, m) {
       "rademacher(int seed, Tensor ids, int n_probes, int[] sample_shape, int probe_offset=0, "
       "int stream=0, ScalarType? dtype=None) -> Tensor");
   m.def("cuda_version() -> int", &cuda_version);
+  // The pool for the CPU memory of the scorer's passes (csrc/cpu/pass_memory.cpp).
+  m.def("pool_enter(int keep_bytes) -> bool", &cpu::pool_enter);
+  m.def("pool_exit() -> ()", &cpu::pool_exit);
+  m.def("pool_release() -> int", &cpu::pool_release);
+  m.def("pool_stats() -> int[]", &cpu::pool_stats);
 }
 
 }  // namespace curvkern

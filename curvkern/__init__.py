@@ -8,6 +8,7 @@ Quick use::
 
 from . import losses, metrics, ops, privacy, reference, text, torch_ops
 from ._extension import has_cuda_kernels, has_kernels, kernels_available
+from ._pass_memory import empty_cpu_cache
 from .checkpoints import score_checkpoints
 from .dataset import IndexedDataset, score_dataset
 from .diagnostics import SampleWarning
@@ -35,6 +36,7 @@ __all__ = [
     "has_cuda_kernels",
     "has_kernels",
     "kernels_available",
+    "empty_cpu_cache",
     "ops",
     "reference",
     "torch_ops",

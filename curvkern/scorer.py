@@ -10,6 +10,7 @@ chunks of at most ``max_batch`` rows); its checks of settings, inputs, step and 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import types
 import warnings
@@ -24,6 +25,7 @@ from . import losses, torch_ops
 from . import ops as kernel_ops
 from ._extension import kernels_available, missing_kernels_message
 from ._model_state import PRECISIONS, ieee_float32, reduced_precision_passes, scoring_mode
+from ._pass_memory import pass_memory
 from .checks import (
     ModelCheck,
     StepCheck,
@@ -43,15 +45,14 @@ BACKENDS = ("auto", "kernels", "torch")
 
 # Rows per forward/backward pass on the CPU when max_batch is None: CPU_PASS_ELEMENTS input
 # elements' worth (a pass that fits in cache), and at least CPU_MIN_ROWS (so a large model's
-# weights, re-read by every pass, serve several rows). Measured: see docs/method.md, section
-# Numerics.
+# weights, re-read by every pass, serve several rows). Measured: see docs/method.md, "The CPU
+# pass size".
 CPU_PASS_ELEMENTS = 1 << 18
 CPU_MIN_ROWS = 8
-# And at most CPU_MAX_ROWS: on small inputs the element budget allows thousands of rows, whose
-# activations (megabytes per layer) the allocator returns to the system after every pass and
-# takes back, page by page, in the next (an MLP on 64 features: 1,900 page faults a call at
-# 4,096 rows, 200 at 512). Measured: see docs/method.md, "The CPU pass size".
-CPU_MAX_ROWS = 512
+# And at most CPU_MAX_ROWS: the element budget's own figure for 64-element samples; it bounds
+# only smaller ones. Thousands of rows are fastest for a small model once its passes' memory is
+# kept from pass to pass (_pass_memory); measured: see docs/method.md, "The CPU pass size".
+CPU_MAX_ROWS = 4096
 
 LossFn = Callable[[Any, Tensor], Tensor]
 
@@ -235,39 +236,51 @@ class CurvatureScorer:
         Returns:
             CurvatureScores with (B,) fields, on x's device.
         """
-        check_placement(self.model, x, y)
-        if self._layer is not None:  # at a layer: x is the activation, the model input rides along
-            x, model_inputs = capture_activation(
-                self._layer, self.model, self.input_key, self._estimator, x, model_inputs, self.h
-            )
-        x, y, ids = check_inputs(x, y, ids, self._estimator, self.h)
-        batch = self._make_batch(x, y, ids, probe_mask, per_position, model_inputs)
-        out_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        if x.shape[0] == 0:
-            empty = CurvatureScores.empty(
-                self.h, self.method, out_dtype, x.device, loss_fn=self._loss_name
-            )
-            if per_position:
-                empty.curvature_map = x.new_zeros((0, x.shape[1]), dtype=out_dtype)
-            return empty
-        ops = self._ops_for(x.device)
-        with contextlib.ExitStack() as stack:
-            if torch.is_inference_mode_enabled():
-                stack.enter_context(torch.inference_mode(False))
-            stack.enter_context(self._estimator.context(x.device.type, self.precision))
-            stack.enter_context(scoring_mode(self.model))
-            batch = _outside_inference(batch)
-            if self._estimator.takes_differences:
-                self._step_check.run(batch)
+        # On the CPU, the passes' memory is kept from one call's passes for the next's.
+        with pass_memory(x.device if isinstance(x, Tensor) else None):
+            check_placement(self.model, x, y)
+            if self._layer is not None:
+                # at a layer: x is the activation, the model input rides along
+                x, model_inputs = capture_activation(
+                    self._layer,
+                    self.model,
+                    self.input_key,
+                    self._estimator,
+                    x,
+                    model_inputs,
+                    self.h,
+                )
+            x, y, ids = check_inputs(x, y, ids, self._estimator, self.h)
+            batch = self._make_batch(x, y, ids, probe_mask, per_position, model_inputs)
+            out_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+            if x.shape[0] == 0:
+                empty = CurvatureScores.empty(
+                    self.h, self.method, out_dtype, x.device, loss_fn=self._loss_name
+                )
+                if per_position:
+                    empty.curvature_map = x.new_zeros((0, x.shape[1]), dtype=out_dtype)
+                return empty
+            ops = self._ops_for(x.device)
+            with contextlib.ExitStack() as stack:
+                if torch.is_inference_mode_enabled():
+                    stack.enter_context(torch.inference_mode(False))
+                stack.enter_context(self._estimator.context(x.device.type, self.precision))
+                stack.enter_context(scoring_mode(self.model))
+                batch = _outside_inference(batch)
+                if self._estimator.takes_differences:
+                    self._step_check.run(batch)
 
-            def run(rows: int):
-                self._model_check.run_once(batch, rows)
-                return self._score_batch(ops, batch, rows, per_position)
-
-            result = self._halving.run(
-                run, x.device, self._row_budget(x), fixed=self.max_batch is not None
-            )
-        return self._finalize(*result, batch, out_dtype)
+                result = self._halving.run(
+                    functools.partial(self._passes, ops, batch, per_position),
+                    x.device,
+                    self._row_budget(x),
+                    fixed=self.max_batch is not None,
+                )
+            scores = self._finalize(*result, batch, out_dtype)
+            # The last pass's gradients and the batch freed here, not when score() returns:
+            # inside pass_memory, their blocks go to its pool for the next call.
+            del result, batch
+        return scores
 
     # ------------------------------------------------------------------------------------------
     # The batch
@@ -321,6 +334,11 @@ class CurvatureScorer:
 
     # ------------------------------------------------------------------------------------------
     # The probe schedule: groups of samples, adaptive rounds, chunks of probes
+
+    def _passes(self, ops: types.ModuleType, batch: Batch, per_position: bool, rows: int):
+        """The model check (once per input signature), then :meth:`_score_batch`."""
+        self._model_check.run_once(batch, rows)
+        return self._score_batch(ops, batch, rows, per_position)
 
     def _score_batch(
         self, ops: types.ModuleType, batch: Batch, rows: int, per_position: bool
