@@ -3,13 +3,13 @@
     python3 -m benchmarks.pass_size WORKLOAD ROWS... [--cycles N] [--threads T]
 
 WORKLOAD is a CPU workload of workloads.WORKLOADS or ``deep_mlp`` (64-256-256-10 with ReLU,
-B = 256, n = 10). A ROWS is a number (the scorer, kernels backend, with that max_batch) or a variant of
-workloads.make_variant (``published``, ``scorer-kernels`` with the default pass size, ...). Every
-cycle runs the floor and each ROWS, interleaved
-(common's rotation); prints each one's median wall and process CPU time, and the median over
-cycles of its ratio to the floor in the same cycle, with the smallest and largest, and its median
-page faults a call (minor faults: pages the allocator gave back and the call touched again).
-With one thread (the default here) the CPU time is the work done, however loaded the machine is.
+B = 256, n = 10). A ROWS is a number (the scorer, kernels backend, with that max_batch) or a
+variant of workloads.make_variant (``published``, ``scorer-kernels`` with the default pass size,
+...). Every cycle runs the floor and each ROWS, interleaved (common's rotation); prints each
+one's median wall and process CPU time, the median over cycles of its ratio to the floor in the
+same cycle with the smallest and largest, and its median page faults a call (minor faults: pages
+the allocator gave back and the call touched again). With one thread (the default here) the CPU
+time is the work done, however loaded the machine is.
 """
 
 from __future__ import annotations

@@ -8,8 +8,9 @@ so the CPU measure is the process's resident set size (Linux /proc/self/status):
    (FIXED_MMAP_THRESHOLD) and so returns it to the OS when freed, build the workload; then for
    each variant, run the call once (one-time allocations: oneDNN primitives, autograd's worker
    threads);
-2. return freed memory to the OS (gc, then glibc's malloc_trim), and take the resident size as
-   the baseline;
+2. return freed memory to the OS (gc, the scorer's kept pass memory with
+   ``curvkern.empty_cpu_cache``, then glibc's malloc_trim), and take the resident size as the
+   baseline;
 3. reset the kernel's high-water mark (write "5" to /proc/self/clear_refs, Linux >= 4.0), run
    the call again, and read the high-water mark VmHWM.
 
@@ -40,6 +41,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+import curvkern
 
 __all__ = ["RssPeakJob", "cuda_peak_bytes", "rss_peak_bytes"]
 
@@ -78,6 +81,9 @@ def _status_bytes(key: str) -> int:
 
 def _release_free_memory() -> None:
     gc.collect()
+    # The blocks the scorer keeps for its next passes on the CPU (curvkern._pass_memory): the
+    # measured call must allocate its passes' memory, as a first call would.
+    curvkern.empty_cpu_cache()
     libc_name = ctypes.util.find_library("c")
     if libc_name is not None:
         libc = ctypes.CDLL(libc_name)

@@ -8,11 +8,15 @@ pass size"). Inside :func:`pass_memory`, the compiled library's pool (csrc/cpu/p
 serves this thread's requests of 64 KiB and more from the blocks earlier passes freed; after the
 last scoring call ends it keeps at most :data:`CPU_KEEP_BYTES`, which :func:`empty_cpu_cache`
 gives back. Other threads, and everything outside a scoring call, allocate as before.
+
+``CURVKERN_CPU_POOL=0`` in the environment (read at import) leaves torch's allocator alone: the
+scores are the same; for measuring what the pool saves, or for an allocator of your own.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 
 import torch
@@ -28,12 +32,14 @@ __all__ = ["CPU_KEEP_BYTES", "pass_memory", "empty_cpu_cache", "cpu_cache_stats"
 # only in part, take so long that their page faults no longer matter.
 CPU_KEEP_BYTES = 64 << 20
 
+ENABLED = os.environ.get("CURVKERN_CPU_POOL", "1") != "0"
+
 
 @contextlib.contextmanager
 def pass_memory(device: torch.device | None) -> Iterator[None]:
     """A scoring call's passes on ``device``: on the CPU, with the pool (nothing elsewhere, for
     None, or without the compiled library)."""
-    if device is None or device.type != "cpu" or not has_kernels():
+    if not ENABLED or device is None or device.type != "cpu" or not has_kernels():
         yield
         return
     entered = torch.ops.curvkern.pool_enter(CPU_KEEP_BYTES)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -12,8 +13,7 @@ import torch
 from torch import nn
 
 import curvkern
-from curvkern import CurvatureScorer
-from curvkern import empty_cpu_cache
+from curvkern import CurvatureScorer, empty_cpu_cache
 from curvkern._pass_memory import CPU_KEEP_BYTES, cpu_cache_stats
 
 pytestmark = pytest.mark.skipif(not curvkern.has_kernels(), reason="needs curvkern._C")
@@ -123,6 +123,28 @@ def test_a_block_is_whole_pages_at_least_as_large_as_asked():
     empty_cpu_cache()
 
 
+def test_a_shorter_request_takes_a_kept_block_of_up_to_twice_its_size():
+    page = 4096
+    empty_cpu_cache()
+    assert ops.pool_enter(CPU_KEEP_BYTES)
+    try:
+        block = torch.empty(35 * page, dtype=torch.uint8)
+        del block
+        before = cpu_cache_stats()
+        small = torch.empty(17 * page, dtype=torch.uint8)  # 35 pages > twice 17: a new block
+        assert _delta(before, cpu_cache_stats(), "misses") == 1
+        assert cpu_cache_stats()["kept_bytes"] == 35 * page
+        shorter = torch.empty(18 * page, dtype=torch.uint8)  # 35 <= twice 18: the kept one
+        assert _delta(before, cpu_cache_stats(), "hits") == 1
+        assert cpu_cache_stats()["kept_bytes"] == 0
+        shorter.fill_(3)  # the whole block is the tensor's
+        del small, shorter
+        assert cpu_cache_stats()["kept_bytes"] == (35 + 17) * page  # each at its own size
+    finally:
+        ops.pool_exit()
+    empty_cpu_cache()
+
+
 def test_a_block_kept_past_the_call_goes_back_to_the_system():
     empty_cpu_cache()
     assert ops.pool_enter(CPU_KEEP_BYTES)
@@ -223,12 +245,25 @@ def test_a_fresh_process_scores_without_faulting_its_passes_back_in():
         print(faults(plain), faults(lambda: scorer.score(x, y)))
         """
     )
-    out = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120
-    ).stdout.split()
-    plain, scored = map(float, out)
+
+    def run(pool: str) -> tuple[float, float]:
+        env = dict(os.environ, CURVKERN_CPU_POOL=pool)
+        out = subprocess.run(
+            [sys.executable, "-c", script],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=120,
+            env=env,
+        ).stdout.split()
+        return float(out[0]), float(out[1])
+
+    plain, scored = run("1")
     if plain < 200:
         pytest.skip(f"this allocator keeps freed memory: plain passes fault {plain} times")
     # Each plain pass faults its activations' pages in again (about 2,000 4 KiB pages); the
     # scorer's calls, which make the same passes plus one of 256 rows, almost none.
     assert scored < plain / 10, (plain, scored)
+    # CURVKERN_CPU_POOL=0: torch's allocator alone, and the scorer's calls fault like the passes
+    _, unpooled = run("0")
+    assert unpooled > plain / 2, (plain, unpooled)

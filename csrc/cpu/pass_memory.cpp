@@ -10,8 +10,9 @@
 // its blocks; this is the same idea for the scorer's CPU passes only.
 //
 // How: the allocator below wraps torch's CPU allocator. On a thread inside a scoring scope
-// (pool_enter .. pool_exit), a request of at least kMinBytes is served from the pool's free
-// blocks of exactly that size (rounded to whole pages), or newly allocated; everything else, on
+// (pool_enter .. pool_exit), a request of at least kMinBytes, rounded up to whole pages, is
+// served from the smallest free block in the pool of at least that size and at most twice it
+// (a pass of fewer rows takes a longer pass's blocks), or newly allocated; everything else, on
 // every other thread and outside the scopes, goes to the wrapped allocator unchanged. A pooled
 // block freed while any thread is scoring goes back to the pool; one freed when nobody is
 // (a result the caller kept) goes back to the system. The pool keeps at most `keep` bytes
@@ -30,6 +31,7 @@
 
 #include <cstdint>
 #include <list>
+#include <map>
 #include <mutex>
 #include <unordered_map>
 #include <utility>
@@ -140,10 +142,12 @@ class PassPool final : public c10::Allocator {
     }
   }
 
+  // The smallest kept block of at least `size` bytes and at most twice that (a pass of fewer
+  // rows takes a longer pass's block rather than keeping blocks of its own), or nullptr.
   void* take(size_t size) {
     std::lock_guard<std::mutex> lock(mutex_);
-    auto it = by_size_.find(size);
-    if (it == by_size_.end()) {
+    auto it = by_size_.lower_bound(size);
+    if (it == by_size_.end() || it->first > 2 * size) {
       return nullptr;
     }
     Lru::iterator block = it->second;
@@ -200,8 +204,8 @@ class PassPool final : public c10::Allocator {
   std::once_flag installed_;
   std::mutex mutex_;
   Lru blocks_;
-  std::unordered_multimap<size_t, Lru::iterator> by_size_;
-  std::unordered_map<void*, size_t> sizes_;  // every block the pool made and has not freed
+  std::multimap<size_t, Lru::iterator> by_size_;  // kept blocks by size
+  std::unordered_map<void*, size_t> sizes_;       // every block the pool made and has not freed
   size_t cached_ = 0;
   size_t keep_ = 0;
   int64_t active_ = 0;  // scopes open on all threads
