@@ -36,15 +36,15 @@ ENABLED = os.environ.get("CURVKERN_CPU_POOL", "1") != "0"
 
 
 @contextlib.contextmanager
-def pass_memory(device: torch.device | None) -> Iterator[None]:
+def pass_memory(device: torch.device | None) -> Iterator[bool]:
     """A scoring call's passes on ``device``: on the CPU, with the pool (nothing elsewhere, for
-    None, or without the compiled library)."""
+    None, or without the compiled library); yields whether the pool serves them."""
     if not ENABLED or device is None or device.type != "cpu" or not has_kernels():
-        yield
+        yield False
         return
-    entered = torch.ops.curvkern.pool_enter(CPU_KEEP_BYTES)
+    entered = bool(torch.ops.curvkern.pool_enter(CPU_KEEP_BYTES))
     try:
-        yield
+        yield entered
     finally:
         if entered:
             torch.ops.curvkern.pool_exit()

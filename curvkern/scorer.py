@@ -51,8 +51,12 @@ CPU_PASS_ELEMENTS = 1 << 18
 CPU_MIN_ROWS = 8
 # And at most CPU_MAX_ROWS: the element budget's own figure for 64-element samples; it bounds
 # only smaller ones. Thousands of rows are fastest for a small model once its passes' memory is
-# kept from pass to pass (_pass_memory); measured: see docs/method.md, "The CPU pass size".
+# kept from pass to pass (_pass_memory). Without that pool (no compiled library,
+# CURVKERN_CPU_POOL=0, another CPU allocator installed) glibc faults large passes' activations
+# back in every pass, and CPU_MAX_ROWS_UNPOOLED rows were fastest. Measured: see docs/method.md,
+# "The CPU pass size".
 CPU_MAX_ROWS = 4096
+CPU_MAX_ROWS_UNPOOLED = 512
 
 LossFn = Callable[[Any, Tensor], Tensor]
 
@@ -237,7 +241,7 @@ class CurvatureScorer:
             CurvatureScores with (B,) fields, on x's device.
         """
         # On the CPU, the passes' memory is kept from one call's passes for the next's.
-        with pass_memory(x.device if isinstance(x, Tensor) else None):
+        with pass_memory(x.device if isinstance(x, Tensor) else None) as pooled:
             check_placement(self.model, x, y)
             if self._layer is not None:
                 # at a layer: x is the activation, the model input rides along
@@ -273,7 +277,7 @@ class CurvatureScorer:
                 result = self._halving.run(
                     functools.partial(self._passes, ops, batch, per_position),
                     x.device,
-                    self._row_budget(x),
+                    self._row_budget(x, pooled),
                     fixed=self.max_batch is not None,
                 )
             scores = self._finalize(*result, batch, out_dtype)
@@ -322,13 +326,17 @@ class CurvatureScorer:
             )
         return torch_ops
 
-    def _row_budget(self, x: Tensor) -> int:
+    def _row_budget(self, x: Tensor, pooled: bool) -> int:
+        """Rows a pass: max_batch, a halved budget after CUDA ran out of memory, the CPU's
+        rule (at most CPU_MAX_ROWS with the pass pool, CPU_MAX_ROWS_UNPOOLED without), or on
+        other devices every probe row of the batch at once."""
         if self.max_batch is not None:
             return self.max_batch
         if x.device in self._halving.rows:
             return self._halving.rows[x.device]
         if x.device.type == "cpu":
-            rows = min(CPU_MAX_ROWS, CPU_PASS_ELEMENTS // max(1, x[0].numel()))
+            cap = CPU_MAX_ROWS if pooled else CPU_MAX_ROWS_UNPOOLED
+            rows = min(cap, CPU_PASS_ELEMENTS // max(1, x[0].numel()))
             return max(CPU_MIN_ROWS, rows)
         return self._estimator.rows_per_probe * self.n_probes * x.shape[0]
 

@@ -1,4 +1,5 @@
-"""The CPU's default pass size (max_batch=None): 2^18 input elements' worth of rows, at least 8."""
+"""The CPU's default pass size (max_batch=None): 2^18 input elements' worth of rows, at least 8,
+at most 4,096 with the pass pool and 512 without."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from curvkern import CurvatureScorer
+import curvkern
+from curvkern import CurvatureScorer, _pass_memory
 
 
 def _passes(sample_shape: tuple[int, ...], batch: int, n_probes: int) -> list[int]:
@@ -50,3 +52,14 @@ def _passes(sample_shape: tuple[int, ...], batch: int, n_probes: int) -> list[in
 )
 def test_default_cpu_passes(sample_shape, batch, n_probes, want):
     assert _passes(sample_shape, batch, n_probes) == want
+
+
+@pytest.mark.skipif(not curvkern.has_kernels(), reason="the pass pool is in curvkern._C")
+def test_small_inputs_take_large_passes_only_with_the_pass_pool(monkeypatch):
+    """64 features, B = 256, 10 probes: the element budget allows 4,096 rows. With the pool all
+    2,560 probe rows take one pass; without it (CURVKERN_CPU_POOL=0, no compiled library, or
+    another CPU allocator installed) passes of at most 512 rows, which glibc serves without
+    faulting the activations back in every pass (docs/method.md, "The CPU pass size")."""
+    assert _passes((64,), 256, 10) == [256, 2560]
+    monkeypatch.setattr(_pass_memory, "ENABLED", False)
+    assert _passes((64,), 256, 10) == [256] + [512] * 5
