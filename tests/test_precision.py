@@ -188,3 +188,17 @@ def test_precision_accuracy_script_quick(tmp_path):
         assert r["spearman_bf16_vs_hvp_fp32"] > 0.5, r["model"]
         for key in ("spearman_bf16_vs_fd_fp32", "spearman_hvp_fp32_vs_fd_fp32"):
             assert -1 <= r[key] <= 1, (r["model"], key)
+
+
+def test_fd_agrees_with_hvp_where_nothing_has_a_kink():
+    # benchmarks.precision_accuracy --kinks at its smoke size: the same GELU CNN with average
+    # pooling (smooth) and max pooling (a kink wherever a window's maximum changes hands). With
+    # no kink, float64 fd converges to hvp (O(h)): the rankings agree at every h. With max
+    # pooling, fd's steps cross kinks that hvp, the Hessian at x, does not see.
+    pytest.importorskip("sklearn")
+    from benchmarks.precision_accuracy import KINK_STEPS, kinks
+
+    rows = {r["pooling"]: r for r in kinks(quick=True)}
+    for h in KINK_STEPS:
+        assert rows["average"][f"float64 h={h:g}"] > 0.999, (h, rows["average"])
+    assert rows["max"]["float64 h=0.001"] < 0.99, rows["max"]
