@@ -3,8 +3,8 @@
 A scoring call makes the same passes, with the same activations, call after call. On CUDA the
 caching allocator keeps their blocks. On the CPU, glibc gives blocks above its (at first small)
 thresholds back to the system when they are freed, and the next pass faults them in again page by
-page: for a small model that costs as much as a third of the passes (docs/method.md, "The CPU
-pass size"). Inside :func:`pass_memory`, the compiled library's pool (csrc/cpu/pass_memory.cpp)
+page: for a small model that was a third of a call's time (docs/method.md, "The CPU pass
+size"). Inside :func:`pass_memory`, the compiled library's pool (csrc/cpu/pass_memory.cpp)
 serves this thread's requests of 64 KiB and more from the blocks earlier passes freed; after the
 last scoring call ends it keeps at most :data:`CPU_KEEP_BYTES`, which :func:`empty_cpu_cache`
 gives back. Other threads, and everything outside a scoring call, allocate as before.
@@ -28,7 +28,7 @@ __all__ = ["CPU_KEEP_BYTES", "pass_memory", "empty_cpu_cache", "cpu_cache_stats"
 # What the pool keeps between scoring calls: glibc's own largest trim threshold (64 MiB on 64-bit
 # systems, twice its largest dynamic mmap threshold), i.e. no more free memory than glibc itself
 # may keep after a process has freed a large tensor. A small model's passes fit (the MLP of the
-# benchmarks: about 12 MiB at 2,560 rows); a large model's passes, which the pool then serves
+# benchmarks: about 10 MiB at 2,560 rows); a large model's passes, which the pool then serves
 # only in part, take so long that their page faults no longer matter.
 CPU_KEEP_BYTES = 64 << 20
 
