@@ -269,6 +269,8 @@ def test_a_fresh_process_scores_without_faulting_its_passes_back_in():
     # Each plain pass faults its activations' pages in again (about 600 to 2,000 4 KiB pages);
     # the scorer's calls, which make the same passes plus one of 256 rows, none (measured: 0).
     assert scored < plain / 50, (plain, scored)
-    # CURVKERN_CPU_POOL=0: torch's allocator alone, and the scorer's passes fault as the plain
+    # CURVKERN_CPU_POOL=0: torch's allocator alone, and the scorer's passes fault as plain ones
+    # do (measured over 9 fresh processes: 0.3 to 2.2 times as often; glibc's thresholds move
+    # with each process's order of frees), where with the pool they fault none.
     plain, unpooled = run("0")
-    assert unpooled > plain / 2, (plain, unpooled)
+    assert unpooled > plain / 10, (plain, unpooled)
