@@ -33,6 +33,7 @@ def _delta(before: dict, after: dict, key: str) -> int:
 
 
 def test_a_call_keeps_its_passes_memory_for_the_next():
+    empty_cpu_cache()  # nothing kept from earlier tests' calls
     model, x, y = _mlp_batch()
     scorer = CurvatureScorer(model, n_probes=10)
     first = scorer.score(x, y)  # with the model check's passes
