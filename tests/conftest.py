@@ -161,6 +161,18 @@ class Conditioned(nn.Module):
         return z
 
 
+def small_cnn(seed=0, dtype=torch.float32):
+    """A smooth small CNN (tanh, average pooling): (B, 3, s, s) images -> (B, 4) logits."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.Tanh(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16, 4),
+    ).to(dtype)
+
+
 def tiny_bert(dtype=torch.float64):
     """A one-layer BERT sequence classifier from a small random config, in eval mode: (B, T)
     ids below 30, 3 classes."""

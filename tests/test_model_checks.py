@@ -15,20 +15,9 @@ from torch import nn
 from curvkern import CurvatureScorer, SampleWarning
 from curvkern.checks import FD_RESOLVE
 
-from .conftest import labelled_batch, smooth_classifier, tiny_bert
+from .conftest import labelled_batch, small_cnn, smooth_classifier, tiny_bert
 
 METHODS = ["fd", "hvp", "zo"]
-
-
-def small_cnn(seed=0, dtype=torch.float32):
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1),
-        nn.Tanh(),
-        nn.AdaptiveAvgPool2d(2),
-        nn.Flatten(),
-        nn.Linear(16, 4),
-    ).to(dtype)
 
 
 def images(batch=8, dtype=torch.float32):
