@@ -18,47 +18,12 @@ import curvkern
 from curvkern.losses import sequence_cross_entropy
 from curvkern.text import TokenScorer
 
+from .test_text import EXACT, H, bert, gpt2, pad, sequences
+
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 
-VOCAB, HIDDEN, PAD = 40, 16, 0
-H = 1e-4
-EXACT = {"rtol": 1e-9, "atol": 1e-12}
 FIELDS = ("curvature", "curvature_stderr", "trace", "frobenius_sq", "loss", "grad_norm")
-
-
-def bert():
-    torch.manual_seed(0)
-    config = transformers.BertConfig(
-        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=32, max_position_embeddings=32, num_labels=3, pad_token_id=PAD,
-    )  # fmt: skip
-    return transformers.BertForSequenceClassification(config).double().eval()
-
-
-def gpt2():
-    torch.manual_seed(1)
-    config = transformers.GPT2Config(
-        vocab_size=VOCAB, n_embd=HIDDEN, n_layer=2, n_head=2, n_positions=32,
-        bos_token_id=1, eos_token_id=1, pad_token_id=PAD,
-    )  # fmt: skip
-    return transformers.GPT2LMHeadModel(config).double().eval()
-
-
-def sequences(lengths, seed):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(1, VOCAB, (n,), generator=gen) for n in lengths]
-
-
-def pad_to_longest(seqs, side):
-    """(input_ids, attention_mask) (B, T) with T the longest length, as padding=True gives."""
-    length = max(len(s) for s in seqs)
-    input_ids = torch.full((len(seqs), length), PAD)
-    mask = torch.zeros(len(seqs), length, dtype=torch.long)
-    for b, s in enumerate(seqs):
-        span = slice(0, len(s)) if side == "right" else slice(length - len(s), length)
-        input_ids[b, span], mask[b, span] = s, 1
-    return input_ids, mask
 
 
 def labels_of(kind, input_ids, attention_mask, rows):
@@ -73,7 +38,7 @@ def check_alone_equals_batch(kind, side, lengths, backend):
     scorer = TokenScorer(model, loss_fn, h=H, n_probes=3, backend=backend)
     seqs = sequences(lengths, seed=len(lengths))
     ids = torch.tensor([5, 2, 8, 0])[: len(seqs)]
-    input_ids, attention_mask = pad_to_longest(seqs, side)
+    input_ids, attention_mask = pad(seqs, side)
     rows = slice(0, len(seqs))
     batch = scorer.score(input_ids, labels_of(kind, input_ids, attention_mask, rows), ids,
                          attention_mask=attention_mask, per_position=True)  # fmt: skip
