@@ -141,15 +141,8 @@ def load_data(
             "defined at finite inputs: fix or drop those samples"
         )
     labels = y.astype(np.int64)
-    if "classes" in arrays:
-        classes = [str(c) for c in arrays["classes"].tolist()]
-    else:
-        classes = [str(c) for c in range(int(labels.max()) + 1 if len(labels) else 0)]
-    if len(labels) and (labels.min() < 0 or labels.max() >= len(classes)):
-        raise DataError(
-            f"--data: labels in {source} must lie in [0, {len(classes)}), got "
-            f"{labels.min()} .. {labels.max()}"
-        )
+    names = arrays["classes"].tolist() if "classes" in arrays else None
+    classes = _classes(labels, names, "--data", source)
     dataset = torch.utils.data.TensorDataset(torch.from_numpy(x), torch.from_numpy(labels))
     return Data(dataset, labels, classes, str(source), images=x)
 
@@ -518,6 +511,20 @@ def _decode_image(value):
     return image.convert("RGB")
 
 
+def _classes(labels: np.ndarray, names: list | None, option: str, source: str) -> list[str]:
+    """The class names (``names``, else 0 .. the largest label), once every label is checked to
+    index them; ``option`` names the command-line option an error points at."""
+    if names is None:
+        names = range(int(labels.max()) + 1 if len(labels) else 0)
+    classes = [str(c) for c in names]
+    if len(labels) and (labels.min() < 0 or labels.max() >= len(classes)):
+        raise DataError(
+            f"{option}: labels in {source} must lie in [0, {len(classes)}), got "
+            f"{labels.min()} .. {labels.max()}"
+        )
+    return classes
+
+
 def _table_data(
     table_source: tuple[str, object], source: str, transform, x_column, y_column
 ) -> Data:
@@ -532,14 +539,8 @@ def _table_data(
             f"got {labels.dtype} of shape {labels.shape}"
         )
     labels = labels.astype(np.int64)
-    feature = table.features[y_column]
-    names = getattr(feature, "names", None)
-    classes = [str(c) for c in (names or range(int(labels.max()) + 1 if len(labels) else 0))]
-    if len(labels) and (labels.min() < 0 or labels.max() >= len(classes)):
-        raise DataError(
-            f"--y-column: labels in {source} must lie in [0, {len(classes)}), got "
-            f"{labels.min()} .. {labels.max()}"
-        )
+    names = getattr(table.features[y_column], "names", None) or None
+    classes = _classes(labels, names, "--y-column", source)
     image = _is_image_column(table.features[x_column])
     dataset = TableDataset(table, x_column, labels, transform, image)
     if not image and len(dataset):

@@ -56,10 +56,7 @@ def all_gather_rows(ids: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
         return ids, values
     device = _collective_device()
     world = dist.get_world_size()
-    count = torch.tensor([ids.numel()], device=device)
-    counts = [torch.zeros_like(count) for _ in range(world)]
-    dist.all_gather(counts, count)
-    counts = [int(c) for c in counts]
+    counts = _gather_flag(ids.numel())  # the collective check_ranks and fail_ranks make
     if min(counts) == _FAILED:  # a rank failed and called fail_ranks (see there)
         _raise_failed(None)
     rows = max(counts)
