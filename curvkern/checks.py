@@ -324,8 +324,8 @@ class ModelCheck:
         objective: the model and loss on rows of a batch.
         estimator: the method (hvp compares again in IEEE float32 before refusing).
         h: the scorer's step (the check's own perturbed rows use it).
-        precision: returns the scorer's compute precision for method 'hvp' ("fp32" where
-            the scorer has none): "bf16" admits bfloat16/float16 ops inside the forward.
+        precision: the scorer's compute precision for method 'hvp': "bf16" admits
+            bfloat16/float16 ops inside the forward.
     """
 
     def __init__(
@@ -334,7 +334,7 @@ class ModelCheck:
         objective: Objective,
         estimator: Estimator,
         h: float = 1e-3,
-        precision: Callable[[], str] = lambda: "fp32",
+        precision: str = "fp32",
     ):
         self.model = model
         self.objective = objective
@@ -567,9 +567,9 @@ class ModelCheck:
                 f"accelerate, accelerator.unwrap_model(model, keep_fp32_wrapper=False)), or "
                 f"use method='hvp' with precision='bf16'."
             )
-        if self.precision() != "bf16":
+        if self.precision != "bf16":
             raise RuntimeError(
-                f"method='hvp' with precision={self.precision()!r}: {cause}. Pass "
+                f"method='hvp' with precision={self.precision!r}: {cause}. Pass "
                 f"precision='bf16' to score it in reduced precision, or score a float32 "
                 f"forward (remove the autocast from forward)."
             )
@@ -673,7 +673,6 @@ class _State:
             return
         self.found = {n: t.detach().clone() for n, t in module.named_buffers()}
         self.found_attributes = _tensor_attributes(module)
-        self.mark()
 
     def mark(self) -> None:
         """Remembers the state that :meth:`check` compares against."""
@@ -827,7 +826,7 @@ def _random_message(what: str) -> str:
 def _per_sample_note(batch: Batch) -> str:
     """For a refusal where the model has per-sample keyword inputs: which were taken as
     per-sample (their first dimension is B) and how to pass one that is shared."""
-    inputs = {k: v for k, v in batch.inputs.items() if not k.startswith("\0")}  # not ours
+    inputs = {k: v for k, v in batch.inputs.items() if k != MODEL_INPUT}  # the user's only
     if not inputs:
         return ""
     names = ", ".join(f"{k!r} (shape {tuple(v.shape)})" for k, v in inputs.items())
@@ -907,20 +906,6 @@ def fd_mismatch(a: _Evaluation, b: _Evaluation, diff: Tensor, eps: float) -> int
     bad = finite & (change > floor) & (change > FD_RESOLVE * diff)
     bad |= finite_a != finite_b
     return int(bad.nonzero()[0, 0]) if bool(bad.any()) else None
-
-
-def mismatch(expected: Tensor, got: Tensor, eps: float) -> int | None:
-    """Index of the first row where ``got`` differs from ``expected`` by more than CHECK_ULPS
-    ulps (machine epsilon ``eps``) of the largest |loss| (both non-finite counts as equal), or
-    None."""
-    if got.numel() == 0:
-        return None
-    finite = torch.isfinite(expected) & torch.isfinite(got)
-    scale = float(expected[finite].abs().max()) if bool(finite.any()) else 0.0
-    tol = CHECK_ULPS * eps * max(scale, torch.finfo(torch.float32).tiny)
-    differ = ((expected - got).abs() > tol) & finite
-    differ |= torch.isfinite(expected) != torch.isfinite(got)
-    return int(differ.nonzero()[0, 0]) if bool(differ.any()) else None
 
 
 def check_int(name: str, value, low: int, high: int | None = None) -> None:

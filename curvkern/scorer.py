@@ -191,7 +191,7 @@ class CurvatureScorer:
             self._objective,
             self._estimator,
             self.h,
-            precision=lambda: getattr(self, "precision", "fp32"),
+            precision=self.precision,
         )
 
     def __repr__(self) -> str:

@@ -235,9 +235,10 @@ class TokenScorer:
         batch, length = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        self._check_padding_labels(y, attention_mask.bool(), model_inputs)
+        real = attention_mask.bool()
+        self._check_padding_labels(y, real, model_inputs)
 
-        shift = _left_aligned(attention_mask.bool()) if batch and length else None
+        shift = _left_aligned(real) if batch and length else None
         if shift is not None:
 
             def per_token(t):

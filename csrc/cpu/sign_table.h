@@ -14,7 +14,6 @@ namespace curvkern {
 namespace cpu {
 
 constexpr int kSignsPerByte = 8;
-constexpr int kBytesPerBlock = static_cast<int>(kProbeBlock / kSignsPerByte);
 
 template <typename T>
 struct SignTable {
