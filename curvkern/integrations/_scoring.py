@@ -56,7 +56,6 @@ class EpochScoring:
                 f"{type(dataset).__name__}"
             ) from None
         self.dataset = IndexedDataset(dataset)
-        self.items = dataset
         self.batch_size = batch_size
         self.path = path
         self.every_n_epochs = every_n_epochs
@@ -77,7 +76,7 @@ class EpochScoring:
                 self.path,
                 keep_history=self.keep_history,
                 # A file resumed with other data is refused (its fingerprint is recorded).
-                data_fingerprint=items_fingerprint(self.items),
+                data_fingerprint=items_fingerprint(self.dataset.dataset),
             )
         sampler = (
             DistributedSampler(self.dataset, shuffle=False)

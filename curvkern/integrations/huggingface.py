@@ -188,30 +188,30 @@ class CurvatureCallback(ScoringCallback, TrainerCallback):
 
     def _make_scorer(self, model):
         first = self.dataset[0]
-        # Items that are not dicts, or a column that cannot be a tensor, fail here, named.
-        collate([(first, 0, 0)])
-        labels = first.get("labels", first.get("label"))
-        labels = None if labels is None else _as_tensor(labels)
+        # Items that are not dicts, without an input or labels, or with a column that cannot be
+        # a tensor, fail here, named.
+        _, y, _, _ = collate([(first, 0, 0)])
         if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
             return self._seq2seq_scorer(model, first)
+        labels = y[0]
         kwargs = self.scorer_kwargs
         if "input_ids" in first:
             tokens = len(first["input_ids"])
-            if labels is not None and labels.dim() >= 1 and labels.shape[0] != tokens:
+            if labels.dim() >= 1 and labels.shape[0] != tokens:
                 raise ValueError(
                     f"item 0 has labels of shape {tuple(labels.shape)} but {tokens} input_ids: "
                     "a class label is one number per item (labels=3, not [3]) and per-token "
                     "labels have one per input token; for an encoder-decoder model (labels "
                     "for the decoder) its config must say is_encoder_decoder=True"
                 )
-            if labels is not None and labels.dim() >= 1 and "loss_fn" not in kwargs:
+            if labels.dim() >= 1 and "loss_fn" not in kwargs:
                 raise ValueError(
                     "the items' labels are per token (a causal or masked LM): pass "
                     "loss_fn=curvkern.losses.sequence_cross_entropy (shift=True for a causal "
                     "LM) to CurvatureCallback; the default loss takes one class label per item"
                 )
             return TokenScorer(model, **kwargs)
-        if labels is not None and labels.dim() >= 1 and "loss_fn" not in kwargs:
+        if labels.dim() >= 1 and "loss_fn" not in kwargs:
             raise ValueError(
                 f"item 0 has labels of shape {tuple(labels.shape)}; the default loss takes "
                 "one class label per item (label=3, not [3]): store it as a number, or pass "
