@@ -236,6 +236,7 @@ class TrackerFile:
         history: keep_history=True: {epoch: {field: (N,)}} with every current field.
         state: keep_history=False: the running statistics' arrays (as Running.arrays() names).
         last: keep_history=False: the last epoch's {field: (N,)}, if any epoch.
+        metadata: the file's metadata, as read.
     """
 
     format: int
@@ -244,6 +245,7 @@ class TrackerFile:
     history: dict[int, dict[str, Tensor]] = field(default_factory=dict)
     state: dict[str, Tensor] = field(default_factory=dict)
     last: dict[str, Tensor] | None = None
+    metadata: dict = field(default_factory=dict)
 
 
 def read_tracker(
@@ -261,7 +263,7 @@ def read_tracker(
     fmt = check_index(path, metadata, num_samples, keep_history, settings)
     dtype = torch.float64 if metadata.get("dtype") == "float64" else torch.float32
     epochs = arrays["epochs"].tolist()
-    out = TrackerFile(fmt, dtype, epochs)
+    out = TrackerFile(fmt, dtype, epochs, metadata=metadata)
     if fmt == 1:  # (E, N) arrays in the one file; rewritten as format 2 at the next save
         for i, epoch in enumerate(epochs):
             out.history[epoch] = _complete({k: v[i] for k, v in arrays.items()}, path, num_samples)
@@ -482,12 +484,14 @@ def locked(path: str | os.PathLike, timeout: float | None = None) -> Iterator[No
         os.close(fd)  # releases the lock
 
 
-def save_id(path: Path) -> str | None:
+def save_id(path: Path, metadata: dict | None = None) -> str | None:
     """What identifies the version of the file at ``path`` that a writer last read or wrote:
-    the random ``save_id`` in its metadata (None: no file)."""
+    the random ``save_id`` in its metadata (None: no file). ``metadata``: the file's, where
+    the caller has just read it."""
     if not path.exists():
         return None
-    metadata = read_metadata(path)
+    if metadata is None:
+        metadata = read_metadata(path)
     if "save_id" in metadata:
         return metadata["save_id"]
     st = path.stat()  # a file of an older curvkern: its inode, time and size

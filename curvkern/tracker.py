@@ -491,10 +491,9 @@ class CurvatureTracker:
         )
         self._dtype = stored.dtype
         if not self._read_only:
-            metadata = io.read_metadata(path)
-            unchecked = io.check_origin(path, metadata, self._origin, what="this tracker")
+            unchecked = io.check_origin(path, stored.metadata, self._origin, what="this tracker")
             io.warn_unchecked(path, unchecked, stacklevel=5)
-            self._disk_id = metadata.get("save_id") or io.save_id(path)
+            self._disk_id = io.save_id(path, stored.metadata)
         if self.keep_history:
             self._epochs.update(stored.history)
             if stored.format == 1:  # rewritten as the current format at the next save
