@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .diagnostics import _outside_caller_level
 from .scores import SCORE_FIELDS
 
 __all__ = [
@@ -409,15 +410,16 @@ def check_origin(path: Path, metadata: dict, ours: Mapping, what: str = "this ru
     return unchecked
 
 
-def warn_unchecked(path: Path, unchecked: Sequence[str], stacklevel: int = 3) -> None:
-    """The warning for a file that does not record the origin entries in ``unchecked``."""
+def warn_unchecked(path: Path, unchecked: Sequence[str]) -> None:
+    """The warning for a file that does not record the origin entries in ``unchecked``,
+    pointing at the first caller outside curvkern."""
     if unchecked:
         warnings.warn(
             f"{path} does not record {', '.join(unchecked)} (written by an older curvkern, or "
             "from Python without them), so they cannot be checked against this run: make sure "
             "they are the ones the file was scored with",
             UserWarning,
-            stacklevel=stacklevel,
+            stacklevel=_outside_caller_level(),
         )
 
 

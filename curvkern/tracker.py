@@ -492,7 +492,7 @@ class CurvatureTracker:
         self._dtype = stored.dtype
         if not self._read_only:
             unchecked = io.check_origin(path, stored.metadata, self._origin, what="this tracker")
-            io.warn_unchecked(path, unchecked, stacklevel=5)
+            io.warn_unchecked(path, unchecked)
             self._disk_id = io.save_id(path, stored.metadata)
         if self.keep_history:
             self._epochs.update(stored.history)

@@ -111,8 +111,11 @@ def test_older_files_load_with_a_warning_naming_what_is_not_checked(tmp_path):
     tracker.score_epoch(_loader(), 0, progress=False)
     _strip_origin(path)
     scorer = CurvatureScorer(_model(), _abs_loss, n_probes=2)
-    with pytest.warns(UserWarning, match="does not record loss_fn, model .*cannot be checked"):
+    with pytest.warns(
+        UserWarning, match="does not record loss_fn, model .*cannot be checked"
+    ) as record:
         resumed = CurvatureTracker(scorer, N, path, model_factory="m:f")
+    assert record[0].filename == __file__  # the user's line, not curvkern's
     assert resumed.epochs == [0]
     assert CurvatureTracker.load(path).epochs == [0]  # read-only: nothing to check, no warning
     # The next save records this tracker's origin, which is checked from then on.
