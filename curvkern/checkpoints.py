@@ -139,9 +139,8 @@ def score_checkpoints(
     tracker = CurvatureTracker(scorer, num_samples, path, keep_history=keep_history)
     done = set(tracker.epochs)
     pending = [(e, p) for e, p in checkpoint_epochs(checkpoints) if e not in done]
-    map_location = device if device is not None else _model_device(model) or "cpu"
     with restored_state(model):
         for epoch, file in pending:
-            load_checkpoint(model, file, map_location)
+            load_checkpoint(model, file, device)  # None: the model's device (see there)
             tracker.score_epoch(loader, epoch, progress=progress, device=device)
     return tracker
