@@ -76,6 +76,11 @@ def _as_array(values, name: str, dtype=np.float64) -> np.ndarray:
         raise TypeError(f"{name} must be a tensor or array of numbers, got {type(values)}") from e
 
 
+def _check_target_pair(target_scores, target_keep) -> None:
+    if (target_scores is None) != (target_keep is None):
+        raise ValueError("target_scores and target_keep go together: give both or neither")
+
+
 def _check_finite(a: np.ndarray, name: str, layout: str) -> None:
     bad = ~np.isfinite(a)
     if bad.any():
@@ -108,10 +113,7 @@ def _check_inputs(
             f"queries), got {s.shape}"
         )
     m, n = s.shape[:2]
-    keep_raw = (
-        shadow_keep.detach().cpu().numpy() if isinstance(shadow_keep, Tensor) else shadow_keep
-    )
-    keep_raw = np.asarray(keep_raw)
+    keep_raw = _as_array(shadow_keep, "shadow_keep", dtype=None)
     if keep_raw.shape != (m, n):
         raise ValueError(
             f"shadow_keep must have shape (M, N) = {(m, n)} like shadow_scores' first two "
@@ -571,14 +573,11 @@ def export_lira(
         The paths of the M shadow experiment folders, then those of the T target folders.
     """
     s, keep = _scores_3d(shadow_scores, shadow_keep)
-    if (target_scores is None) != (target_keep is None):
-        raise ValueError("target_scores and target_keep go together: give both or neither")
+    _check_target_pair(target_scores, target_keep)
     targets: list[tuple[np.ndarray, np.ndarray]] = []
     if target_scores is not None:
         t = _as_array(target_scores, "target_scores")
-        t_keep = np.asarray(
-            target_keep.detach().cpu().numpy() if isinstance(target_keep, Tensor) else target_keep
-        )
+        t_keep = _as_array(target_keep, "target_keep", dtype=None)
         if t_keep.ndim == 1:
             t, t_keep = t[None], t_keep[None]
         per_model = np.shape(shadow_scores)[1:]
@@ -657,14 +656,13 @@ def privacy_meter_arrays(
         )
     s, keep = _scores_3d(shadow_scores, shadow_keep)
     signals, members = s[:, :, 0].T, keep.T
-    if (target_scores is None) != (target_keep is None):
-        raise ValueError("target_scores and target_keep go together: give both or neither")
+    _check_target_pair(target_scores, target_keep)
     if target_scores is not None:
         t = _as_array(target_scores, "target_scores")
-        t_keep = target_keep.cpu().numpy() if isinstance(target_keep, Tensor) else target_keep
+        t_keep = _as_array(target_keep, "target_keep", dtype=None)
         if t.shape != (s.shape[1],):
             raise ValueError(f"target_scores must have shape (N,) = ({s.shape[1]},), got {t.shape}")
-        _, t_keep, t = _check_inputs(t[None], np.asarray(t_keep)[None], t)
+        _, t_keep, t = _check_inputs(t[None], t_keep[None], t)
         signals = np.concatenate([signals, t], axis=1)
         members = np.concatenate([members, t_keep.T], axis=1)
     return signals, members
